@@ -1,0 +1,45 @@
+# ferry: `make demo` and `make test` are all a fresh Debian 12 machine needs.
+# Every target is idempotent: it installs or builds only what is missing or stale.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP_HOST := $(VENV)/.host-packages
+STAMP_VENV := $(VENV)/.installed
+NATIVE_SOURCES := $(wildcard ext/*.pyx ext/*.pxd ext/*.h) setup.py
+STAMP_BUILD := agent/_native/.built
+
+.PHONY: setup build demo test bench clean
+
+setup: $(STAMP_BUILD)
+
+$(STAMP_HOST): scripts/install-host-packages.sh
+	@./scripts/install-host-packages.sh
+	@mkdir -p $(VENV) && touch $@
+
+$(STAMP_VENV): $(STAMP_HOST) pyproject.toml
+	@[ -x $(PY) ] || { echo "ferry setup: creating virtualenv $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	@echo "ferry setup: installing Python dependencies into $(VENV)"
+	@$(PY) -m pip install -q --disable-pip-version-check --upgrade pip setuptools wheel "Cython>=3.0"
+	@$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -e '.[test]'
+	@touch $@
+
+$(STAMP_BUILD): $(STAMP_VENV) $(NATIVE_SOURCES)
+	@echo "ferry setup: building native extensions"
+	@$(PY) setup.py -q build_ext --inplace >/dev/null
+	@touch $@
+
+build: $(STAMP_BUILD)
+
+demo: setup
+	@$(PY) -m agent.demo
+
+test: setup
+	@$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	@$(PY) -m bench scan
+	@$(PY) -m bench channel
+
+clean:
+	rm -rf build agent/_native/*.so agent/_native/*.c ext/*.c ext/*.html $(STAMP_BUILD)

@@ -1,0 +1,64 @@
+"""The `ferry` command line: parses arguments and hands each subcommand to its module."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from agent import __version__
+from agent.errors import FerryError
+
+log = logging.getLogger("ferry")
+
+# Each subcommand module exposes `add_parser(subparsers)` which registers its parser and
+# sets `func` (args -> exit code). Listed here so `ferry --help` shows them in this order.
+SUBCOMMAND_MODULES: tuple[str, ...] = ()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser with every subcommand registered."""
+    parser = argparse.ArgumentParser(
+        prog="ferry",
+        description="Live-migrate QEMU/KVM virtual machines between hosts.",
+    )
+    parser.add_argument("--version", action="version", version=f"ferry {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output (-v info, -vv debug)")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    import importlib
+
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).add_parser(subparsers)
+    return parser
+
+
+def setup_logging(verbosity: int) -> None:
+    """One line per message on stderr; -v and -vv lower the threshold."""
+    level = logging.WARNING - 10 * min(verbosity, 2)
+    logging.basicConfig(level=level, format="ferry: %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `ferry` console script; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    try:
+        return func(args)
+    except FerryError as exc:
+        log.debug("command failed", exc_info=True)
+        print(f"ferry: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("ferry: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
