@@ -4,6 +4,8 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
+# pip's output goes to a log that is shown only when it fails, so a good run stays quiet.
+PIP    := $(PY) -m pip install -q --disable-pip-version-check
 STAMP_HOST := $(VENV)/.host-packages
 STAMP_VENV := $(VENV)/.installed
 NATIVE_SOURCES := $(wildcard ext/*.pyx ext/*.pxd ext/*.h) setup.py
@@ -20,13 +22,13 @@ $(STAMP_HOST): scripts/install-host-packages.sh
 $(STAMP_VENV): $(STAMP_HOST) pyproject.toml
 	@[ -x $(PY) ] || { echo "ferry setup: creating virtualenv $(VENV)"; $(PYTHON) -m venv $(VENV); }
 	@echo "ferry setup: installing Python dependencies into $(VENV)"
-	@$(PY) -m pip install -q --disable-pip-version-check --upgrade pip setuptools wheel "Cython>=3.0"
-	@$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -e '.[test]'
+	@$(PIP) --upgrade pip setuptools wheel "Cython>=3.0" >$(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
+	@$(PIP) --no-build-isolation -e '.[test]' >$(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
 	@touch $@
 
 $(STAMP_BUILD): $(STAMP_VENV) $(NATIVE_SOURCES)
 	@echo "ferry setup: building native extensions"
-	@$(PY) setup.py -q build_ext --inplace >/dev/null
+	@$(PY) setup.py -q build_ext --inplace >$(VENV)/build.log 2>&1 || { cat $(VENV)/build.log; exit 1; }
 	@touch $@
 
 build: $(STAMP_BUILD)
