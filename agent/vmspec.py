@@ -1,0 +1,395 @@
+"""The VM description two agents exchange, and the destination's checked rewrite of its argv.
+
+The destination never runs a remote argv as given (DESIGN §6): every option must be in
+OPTIONS below, paths must lie under the destination's allowed roots, and everything that
+names a host resource (RAM file, monitors, serial and log files, pidfile) is replaced by a
+path inside the destination's own VM directory. Guest-visible configuration (machine,
+CPUs, devices) is kept exactly, because the device state that follows must match it.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.errors import UserError
+
+PAGE_SIZE = 4096
+RAM_BACKEND_TYPE = "memory-backend-file"
+SIZE_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+# -m without a suffix means MiB (QEMU's default unit for -m), unlike object sizes (bytes).
+M_DEFAULT_SUFFIX = "m"
+
+
+class Policy(enum.Enum):
+    """What the destination does with one QEMU option."""
+
+    FLAG = "flag"            # no value; kept
+    KEEP = "keep"            # value kept as given (guest-visible configuration)
+    DROP_FLAG = "drop-flag"  # no value; dropped (host-side behaviour the agent controls)
+    DROP = "drop"            # value dropped (host-side resource the agent replaces)
+    PATH = "path"            # value is a file the destination must read; under allowed roots
+    MEMORY = "memory"        # -m: checked against the RAM backend
+    OBJECT = "object"        # -object: only memory-backend-file, rewritten
+    CHARDEV = "chardev"      # -chardev: paths rewritten into the VM directory
+    SERIAL = "serial"        # -serial: file: targets rewritten into the VM directory
+    MON = "mon"              # -mon: dropped with the chardev it uses
+    DRIVE = "drive"          # -drive: file= under allowed roots
+    BLOCKDEV = "blockdev"    # -blockdev: filename= under allowed roots
+    NETDEV = "netdev"        # -netdev / -nic: only host-independent back ends
+
+
+OPTIONS: dict[str, Policy] = {
+    # guest-visible configuration, kept verbatim
+    "-name": Policy.KEEP, "-machine": Policy.KEEP, "-M": Policy.KEEP, "-smp": Policy.KEEP,
+    "-cpu": Policy.KEEP, "-accel": Policy.KEEP, "-device": Policy.KEEP, "-global": Policy.KEEP,
+    "-rtc": Policy.KEEP, "-boot": Policy.KEEP, "-append": Policy.KEEP, "-vga": Policy.KEEP,
+    "-display": Policy.KEEP, "-overcommit": Policy.KEEP, "-msg": Policy.KEEP,
+    "-uuid": Policy.KEEP, "-k": Policy.KEEP, "-action": Policy.KEEP, "-sandbox": Policy.KEEP,
+    "-enable-kvm": Policy.FLAG, "-nodefaults": Policy.FLAG, "-no-user-config": Policy.FLAG,
+    "-nographic": Policy.FLAG, "-no-reboot": Policy.FLAG, "-no-shutdown": Policy.FLAG,
+    "-no-hpet": Policy.FLAG,
+    # files the guest boots from: read on the destination, so they must be allowed there
+    "-kernel": Policy.PATH, "-initrd": Policy.PATH, "-bios": Policy.PATH, "-dtb": Policy.PATH,
+    # host resources the destination agent replaces with its own
+    "-qmp": Policy.DROP, "-monitor": Policy.DROP, "-pidfile": Policy.DROP, "-D": Policy.DROP,
+    "-incoming": Policy.DROP, "-runas": Policy.DROP, "-chroot": Policy.DROP,
+    "-daemonize": Policy.DROP_FLAG, "-S": Policy.DROP_FLAG,
+    "-m": Policy.MEMORY, "-object": Policy.OBJECT, "-chardev": Policy.CHARDEV,
+    "-serial": Policy.SERIAL, "-mon": Policy.MON,
+    "-drive": Policy.DRIVE, "-blockdev": Policy.BLOCKDEV,
+    "-netdev": Policy.NETDEV, "-nic": Policy.NETDEV,
+}
+VALUE_LESS = {Policy.FLAG, Policy.DROP_FLAG}
+# Network back ends that need nothing of the host beyond QEMU itself.
+PORTABLE_NETDEVS = {"user", "hubport", "none"}
+CHARDEV_PATH_KEYS = ("path", "logfile")
+
+
+# ---------------------------------------------------------------------------- parsing
+
+def parse_size(text: str, default_suffix: str = "") -> int:
+    """Bytes in a QEMU size such as 1G, 1048584K or 4096 (case-insensitive suffix)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([bkmgtBKMGT]?)\s*", text)
+    if not match:
+        raise UserError(f"not a size: {text!r}")
+    suffix = (match.group(2) or default_suffix).lower()
+    return int(match.group(1)) * SIZE_SUFFIXES[suffix]
+
+
+def parse_keyval(text: str, implied_key: str | None = None) -> list[tuple[str, str | None]]:
+    """QEMU's `a=b,c=d` option syntax (`,,` escapes a comma); a leading bare word gets
+    `implied_key` (e.g. the driver of -chardev), other bare words map to None."""
+    parts: list[str] = []
+    current: list[str] = []
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if char == ",":
+            if text[i + 1:i + 2] == ",":
+                current.append(",")
+                i += 2
+                continue
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+        i += 1
+    parts.append("".join(current))
+    pairs: list[tuple[str, str | None]] = []
+    for index, part in enumerate(parts):
+        if "=" in part:
+            key, value = part.split("=", 1)
+            pairs.append((key, value))
+        elif index == 0 and implied_key is not None:
+            pairs.append((implied_key, part))
+        elif part:
+            pairs.append((part, None))
+    return pairs
+
+
+def format_keyval(pairs: Iterable[tuple[str, str | None]]) -> str:
+    """Inverse of parse_keyval (values re-escaped); keys are always written explicitly."""
+    out = []
+    for key, value in pairs:
+        out.append(key if value is None else f"{key}={value.replace(',', ',,')}")
+    return ",".join(out)
+
+
+def keyval_get(pairs: Sequence[tuple[str, str | None]], key: str) -> str | None:
+    """The value of the last `key` in pairs (QEMU lets later keys win), or None."""
+    found = None
+    for k, v in pairs:
+        if k == key:
+            found = v
+    return found
+
+
+def keyval_set(pairs: list[tuple[str, str | None]], key: str, value: str) -> None:
+    """Replace every `key` in pairs with one `key=value` at the first one's place (or append)."""
+    positions = [i for i, (k, _) in enumerate(pairs) if k == key]
+    if not positions:
+        pairs.append((key, value))
+        return
+    pairs[positions[0]] = (key, value)
+    for i in reversed(positions[1:]):
+        del pairs[i]
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    """One QEMU command-line option and its value (None for flags)."""
+
+    name: str
+    value: str | None = None
+
+    def argv(self) -> list[str]:
+        return [self.name] if self.value is None else [self.name, self.value]
+
+
+def split_options(args: Sequence[str]) -> list[Option]:
+    """QEMU options (without the binary) as Option objects; unknown options are refused."""
+    options: list[Option] = []
+    i = 0
+    while i < len(args):
+        raw = args[i]
+        if not raw.startswith("-"):
+            raise UserError(f"unexpected QEMU argument {raw!r} (not an option)")
+        name = "-" + raw.lstrip("-")  # QEMU accepts --opt as -opt
+        policy = OPTIONS.get(name)
+        if policy is None:
+            raise UserError(
+                f"QEMU option {name} is not accepted by the destination "
+                f"(known options: {', '.join(sorted(OPTIONS))})")
+        if policy in VALUE_LESS:
+            options.append(Option(name))
+            i += 1
+            continue
+        if i + 1 >= len(args):
+            raise UserError(f"QEMU option {name} needs a value")
+        options.append(Option(name, args[i + 1]))
+        i += 2
+    return options
+
+
+# ---------------------------------------------------------------------------- description
+
+@dataclass(frozen=True, slots=True)
+class VmSpec:
+    """What the source tells the destination about a VM: enough to start its twin."""
+
+    name: str
+    argv: tuple[str, ...]          # the source QEMU's options, binary excluded
+    ram_size: int                  # bytes of the shared RAM backend
+    ram_backend_id: str
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.name):
+            raise UserError(f"invalid VM name {self.name!r}: use letters, digits, '_', '.', '-'")
+        if self.ram_size <= 0 or self.ram_size % PAGE_SIZE:
+            raise UserError(f"RAM size {self.ram_size} is not a positive multiple of {PAGE_SIZE}")
+
+    @property
+    def npages(self) -> int:
+        return self.ram_size // PAGE_SIZE
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "argv": list(self.argv), "ram_size": self.ram_size,
+                "ram_backend_id": self.ram_backend_id}
+
+    @classmethod
+    def from_json(cls, data: dict) -> VmSpec:
+        try:
+            argv = data["argv"]
+            if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+                raise TypeError("argv must be a list of strings")
+            return cls(name=str(data["name"]), argv=tuple(argv), ram_size=int(data["ram_size"]),
+                       ram_backend_id=str(data["ram_backend_id"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"malformed VM description: {exc}") from exc
+
+
+def ram_backend_of(options: Sequence[Option]) -> tuple[str, int, str, bool]:
+    """(id, size, mem-path, share) of the memory-backend-file the machine uses as RAM."""
+    machine_backend = None
+    for opt in options:
+        if opt.name in ("-machine", "-M") and opt.value:
+            machine_backend = keyval_get(parse_keyval(opt.value, "type"), "memory-backend")
+            if machine_backend is not None:
+                break
+    for opt in options:
+        if opt.name != "-object" or opt.value is None:
+            continue
+        pairs = parse_keyval(opt.value, "qom-type")
+        if keyval_get(pairs, "qom-type") != RAM_BACKEND_TYPE:
+            continue
+        backend_id = keyval_get(pairs, "id") or ""
+        if machine_backend is not None and backend_id != machine_backend:
+            continue
+        size = keyval_get(pairs, "size")
+        if size is None:
+            raise UserError(f"memory backend {backend_id!r} has no size")
+        share = keyval_get(pairs, "share") in ("on", "yes", "true")
+        return backend_id, parse_size(size), keyval_get(pairs, "mem-path") or "", share
+    raise UserError("the VM's RAM is not a memory-backend-file object (see `ferry vm start`)")
+
+
+# ---------------------------------------------------------------------------- destination
+
+@dataclass(frozen=True, slots=True)
+class DestinationPaths:
+    """Where the destination keeps one incoming VM's host resources."""
+
+    vm_dir: Path
+    ram_path: Path
+    qmp_path: Path
+    serial_log: Path
+    pidfile: Path
+    qemu_log: Path
+    incoming_path: Path            # unix socket QEMU listens on for device state
+
+    @classmethod
+    def under(cls, vm_dir: Path, ram_dir: Path, name: str) -> DestinationPaths:
+        return cls(vm_dir=vm_dir, ram_path=ram_dir / f"ferry-{name}-{os.getpid()}.ram",
+                   qmp_path=vm_dir / "qmp.sock", serial_log=vm_dir / "serial.log",
+                   pidfile=vm_dir / "qemu.pid", qemu_log=vm_dir / "qemu.log",
+                   incoming_path=vm_dir / "incoming.sock")
+
+
+@dataclass(slots=True)
+class _Rewrite:
+    """Working state while the destination rewrites an argv."""
+
+    roots: tuple[Path, ...]
+    paths: DestinationPaths
+    out: list[str] = field(default_factory=list)
+    dropped_chardevs: set[str] = field(default_factory=set)
+    serial_count: int = 0
+    chardev_count: int = 0
+
+
+def is_under(path: Path, roots: Sequence[Path]) -> bool:
+    """Whether path (resolved, symlinks followed) lies inside one of roots."""
+    resolved = path.resolve()
+    return any(resolved == root.resolve() or resolved.is_relative_to(root.resolve())
+               for root in roots)
+
+
+def require_allowed(path_text: str, roots: Sequence[Path], what: str) -> None:
+    """Refuse a path the destination may not use, naming the roots it may use."""
+    path = Path(path_text)
+    if not path.is_absolute() or not is_under(path, roots):
+        raise UserError(
+            f"{what} {path_text!r} is outside the destination's allowed paths "
+            f"({', '.join(str(r) for r in roots)}); start its agent with --allow-path")
+
+
+def destination_argv(spec: VmSpec, paths: DestinationPaths, roots: Sequence[Path],
+                     qemu_binary: str) -> list[str]:
+    """The argv the destination runs for spec: checked, with host resources its own."""
+    options = split_options(spec.argv)
+    backend_id, size, _, _ = ram_backend_of(options)
+    if size != spec.ram_size or backend_id != spec.ram_backend_id:
+        raise UserError("VM description disagrees with its argv about the RAM backend")
+    # Chardevs used only by monitors go with them; guest-visible ones are kept.
+    mon_chardevs = {keyval_get(parse_keyval(o.value or ""), "chardev")
+                    for o in options if o.name == "-mon"}
+    state = _Rewrite(roots=tuple(roots), paths=paths,
+                     dropped_chardevs={c for c in mon_chardevs if c})
+    for opt in options:
+        _rewrite_option(opt, state)
+    state.out += [
+        "-qmp", f"unix:{paths.qmp_path},server=on,wait=off",
+        "-pidfile", str(paths.pidfile),
+        "-D", str(paths.qemu_log),
+        "-S", "-incoming", "defer",
+    ]
+    return [qemu_binary, *state.out]
+
+
+def _rewrite_option(opt: Option, st: _Rewrite) -> None:
+    policy = OPTIONS[opt.name]
+    value = opt.value or ""
+    if policy in (Policy.FLAG, Policy.KEEP, Policy.MEMORY):
+        st.out += opt.argv()
+    elif policy in (Policy.DROP, Policy.DROP_FLAG, Policy.MON):
+        return
+    elif policy is Policy.PATH:
+        require_allowed(value, st.roots, f"{opt.name} file")
+        st.out += opt.argv()
+    elif policy is Policy.OBJECT:
+        pairs = parse_keyval(value, "qom-type")
+        qom_type = keyval_get(pairs, "qom-type")
+        if qom_type != RAM_BACKEND_TYPE:
+            raise UserError(f"-object {qom_type} is not accepted by the destination "
+                            f"(only {RAM_BACKEND_TYPE} RAM backends)")
+        keyval_set(pairs, "mem-path", str(st.paths.ram_path))
+        keyval_set(pairs, "share", "on")
+        st.out += ["-object", format_keyval(pairs)]
+    elif policy is Policy.CHARDEV:
+        pairs = parse_keyval(value, "backend")
+        if keyval_get(pairs, "id") in st.dropped_chardevs:
+            return
+        backend = keyval_get(pairs, "backend")
+        if backend not in ("null", "file", "socket", "ringbuf", "pipe"):
+            raise UserError(f"-chardev {backend} is not accepted by the destination")
+        for key in CHARDEV_PATH_KEYS:
+            if keyval_get(pairs, key) is not None:
+                st.chardev_count += 1
+                keyval_set(pairs, key, str(st.paths.vm_dir / f"chardev{st.chardev_count}.{key}"))
+        if backend == "socket" and keyval_get(pairs, "path") is None:
+            raise UserError("-chardev socket over TCP is host-specific and not accepted")
+        st.out += ["-chardev", format_keyval(pairs)]
+    elif policy is Policy.SERIAL:
+        if value.startswith("file:") or value == "stdio":
+            st.serial_count += 1
+            suffix = "" if st.serial_count == 1 else f".{st.serial_count}"
+            st.out += ["-serial", f"file:{st.paths.serial_log}{suffix}"]
+        elif value in ("none", "null") or value.startswith("chardev:"):
+            st.out += opt.argv()
+        else:
+            raise UserError(f"-serial {value} is host-specific and not accepted")
+    elif policy is Policy.DRIVE:
+        pairs = parse_keyval(value)
+        file = keyval_get(pairs, "file")
+        if file:
+            require_allowed(file, st.roots, "disk")
+        st.out += opt.argv()
+    elif policy is Policy.BLOCKDEV:
+        for filename in _blockdev_filenames(value):
+            require_allowed(filename, st.roots, "disk")
+        st.out += opt.argv()
+    elif policy is Policy.NETDEV:
+        backend = parse_keyval(value, "type")[0][1]
+        if backend not in PORTABLE_NETDEVS:
+            raise UserError(f"{opt.name} {backend} is host-specific and not accepted "
+                            f"(accepted: {', '.join(sorted(PORTABLE_NETDEVS))})")
+        st.out += opt.argv()
+
+
+def _blockdev_filenames(value: str) -> list[str]:
+    """Every `filename` in a -blockdev, in key=value or JSON form (nested nodes too)."""
+    if value.lstrip().startswith("{"):
+        try:
+            tree = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"malformed -blockdev JSON: {exc}") from exc
+        found: list[str] = []
+
+        def walk(node: object) -> None:
+            if isinstance(node, dict):
+                for key, item in node.items():
+                    if key == "filename" and isinstance(item, str):
+                        found.append(item)
+                    walk(item)
+            elif isinstance(node, list):
+                for item in node:
+                    walk(item)
+        walk(tree)
+        return found
+    return [v for k, v in parse_keyval(value) if v and (k == "filename" or k.endswith(".filename"))]
