@@ -1,0 +1,1 @@
+"""Orchestration of one live migration: states, convergence, source and destination roles."""
