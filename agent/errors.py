@@ -31,3 +31,7 @@ class QemuError(FerryError):
 
 class VmNotMigratableError(UserError):
     """The VM is not set up so that ferry can migrate it (e.g. RAM not a shared file)."""
+
+
+class BatchError(ProtocolError):
+    """A page batch from the peer is malformed; nothing of it was applied."""
