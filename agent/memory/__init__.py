@@ -1,0 +1,1 @@
+"""Guest RAM: reading it, writing it, and finding which pages changed."""
