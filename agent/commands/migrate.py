@@ -1,0 +1,118 @@
+"""`ferry migrate`: ask the local agent to move a VM, show progress, print the report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from agent.commands.common import add_home_argument, human_bytes, parse_rate, resolve_home
+from agent.errors import UserError
+from agent.service.control import ControlClient
+
+PAGE_SIZE = 4096
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("migrate", help="live-migrate a VM to a trusted peer",
+                              description="Live-migrate a running VM to a trusted peer agent.")
+    p.add_argument("vm", nargs="?", help="name of a VM the local agent knows")
+    p.add_argument("--to", required=True, metavar="PEER", help="trusted peer name")
+    p.add_argument("--qmp", metavar="PATH", help="QMP socket of a VM started by other tools")
+    add_home_argument(p)
+    p.add_argument("--downtime-ms", type=int, default=300, metavar="N",
+                   help="longest acceptable pause of the guest (default 300)")
+    p.add_argument("--bandwidth", metavar="RATE", help="cap on the wire rate, e.g. 500M")
+    p.add_argument("--compress", default="auto", metavar="auto|off|zstd:N",
+                   help="compression of page data (default auto)")
+    p.add_argument("--no-dedup", action="store_true", help="do not send pages as references")
+    p.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                   help="pre-copy time budget before the timeout action (default 120)")
+    p.add_argument("--timeout-action", choices=("abort", "force"), default="abort",
+                   help="when pre-copy does not converge: roll back (default) or switch over")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON line")
+    p.set_defaults(func=run)
+
+
+def request_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The control request for these arguments (validated here for early, clear errors)."""
+    if bool(args.vm) == bool(args.qmp):
+        raise UserError("name a VM, or give --qmp PATH for a VM started by other tools")
+    if args.downtime_ms <= 0:
+        raise UserError("--downtime-ms must be positive")
+    return {"op": "migrate", "vm": args.vm, "qmp": args.qmp, "to": args.to,
+            "downtime_ms": args.downtime_ms,
+            "bandwidth": parse_rate(args.bandwidth) if args.bandwidth else None,
+            "compress": args.compress, "dedup": not args.no_dedup,
+            "timeout_s": args.timeout, "timeout_action": args.timeout_action}
+
+
+def progress_line(event: dict[str, Any]) -> str:
+    """One line of live progress."""
+    parts = [f"{event.get('phase', '?'):<13}", f"round {event.get('round', 0)}"]
+    if "pages_left" in event:
+        parts.append(f"{event['pages_left']} pages left")
+    if "dirty_pages_per_s" in event:
+        parts.append(f"dirty {human_bytes(event['dirty_pages_per_s'] * PAGE_SIZE)}/s")
+    parts.append(f"{human_bytes(event.get('throughput_bps', 0))}/s")
+    if "eta_s" in event:
+        parts.append(f"ETA {event['eta_s']:.1f} s")
+    if event.get("throttle"):
+        parts.append(f"throttled {event['throttle']:.0%}")
+    return "  ".join(parts)
+
+
+def report_text(report: dict[str, Any]) -> str:
+    """The human-readable report."""
+    lines = [f"migration {report.get('status')}: {report.get('vm')} -> {report.get('peer')}"]
+    if report.get("error"):
+        lines.append(f"  error:        {report['error']}")
+    lines += [
+        f"  total:        {report.get('total_ms')} ms",
+        f"  downtime:     {report.get('downtime_ms')} ms",
+        f"  rounds:       {report.get('rounds')}",
+        f"  RAM:          {human_bytes(report.get('ram_bytes', 0))}",
+        f"  pages:        {report.get('data_pages')} data, {report.get('zero_pages')} zero, "
+        f"{report.get('dedup_pages')} dedup",
+        f"  on the wire:  {human_bytes(report.get('wire_bytes', 0))} "
+        f"(compression {report.get('compression_ratio')}x)",
+    ]
+    if report.get("dest_pid"):
+        lines.append(f"  destination:  QEMU pid {report['dest_pid']}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    request = request_from_args(args)
+    home = resolve_home(args)
+    live = sys.stderr.isatty() and not args.json
+    report: dict[str, Any] | None = None
+    with ControlClient(home / "control.sock", timeout=None) as client:
+        client.send(request)
+        replies = client.replies()
+        while report is None:
+            try:
+                for reply in replies:
+                    if reply.get("event") == "progress":
+                        if live:
+                            sys.stderr.write("\r\x1b[K" + progress_line(reply))
+                            sys.stderr.flush()
+                        continue
+                    if reply.get("ok") is False:
+                        raise UserError(reply.get("error", "the agent refused the migration"))
+                    report = reply
+                    break
+                else:
+                    raise UserError("the agent closed the connection before the report")
+            except KeyboardInterrupt:
+                # Ask the agent to roll back and keep reading: the report says how it ended.
+                sys.stderr.write("\nferry: cancelling (the source VM keeps running)...\n")
+                client.send({"op": "cancel"})
+    if live:
+        sys.stderr.write("\r\x1b[K")
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(report_text(report))
+    return 0 if report.get("status") == "completed" else 1

@@ -1,0 +1,66 @@
+"""`ferry vm start` and `ferry vm list`: migratable VMs kept in an agent's home."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from agent import vm
+from agent.commands.common import add_home_argument, human_bytes, resolve_home
+from agent.errors import UserError
+from agent.service import vms
+from agent.service.config import load_config
+from agent.vmspec import PAGE_SIZE, parse_size
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("vm", help="start and list migratable VMs",
+                              description="Start and list the VMs an agent knows.")
+    sub = p.add_subparsers(dest="vm_command", metavar="ACTION", required=True)
+    start = sub.add_parser("start", help="start a migratable VM (shared RAM file, QMP socket)")
+    start.add_argument("name")
+    start.add_argument("--memory", required=True, metavar="SIZE", help="guest RAM, e.g. 1G")
+    start.add_argument("--cpus", type=int, default=1, metavar="N")
+    add_home_argument(start)
+    start.add_argument("qemu_args", nargs=argparse.REMAINDER, metavar="-- QEMU ARGS",
+                       help="extra QEMU arguments after --, e.g. -- -kernel guest.elf")
+    start.set_defaults(func=run_start)
+    listing = sub.add_parser("list", help="list the VMs this agent knows")
+    add_home_argument(listing)
+    listing.set_defaults(func=run_list)
+
+
+def run_start(args: argparse.Namespace) -> int:
+    config = load_config(resolve_home(args))
+    size = parse_size(args.memory, default_suffix="m")
+    if size <= 0 or size % PAGE_SIZE:
+        raise UserError(f"--memory {args.memory}: must be a positive multiple of 4 KiB")
+    if vms.is_running(config, args.name):
+        raise UserError(f"a VM named {args.name} already runs on this agent")
+    extra = [a for a in args.qemu_args if a != "--"] if args.qemu_args else []
+    vm_dir = config.vms_dir / args.name
+    vm_dir.mkdir(parents=True, exist_ok=True)
+    spec = vm.LaunchSpec.in_directory(vm_dir, args.name, size, ram_dir=config.ram_dir,
+                                      cpus=args.cpus, extra_args=tuple(extra),
+                                      qemu_binary=config.qemu_path())
+    process = asyncio.run(vm.launch(spec))
+    vms.register(config, vms.VmRecord(name=args.name, pid=process.pid,
+                                      qmp_path=str(spec.qmp_path), ram_path=str(spec.ram_path),
+                                      vm_dir=str(vm_dir), managed=True))
+    process.detach()
+    print(f"started {args.name}: pid {process.pid}, {human_bytes(size)} RAM in "
+          f"{spec.ram_path}, QMP {spec.qmp_path} ({process.accel.accel.value})")
+    return 0
+
+
+def run_list(args: argparse.Namespace) -> int:
+    config = load_config(resolve_home(args))
+    records = vms.list_vms(config)
+    if not records:
+        print(f"no VMs in {config.vms_dir}")
+        return 0
+    print(f"{'NAME':<20} {'PID':>8}  {'STATE':<8} QMP")
+    for record in records:
+        state = "running" if record.alive() else "gone"
+        print(f"{record.name:<20} {record.pid:>8}  {state:<8} {record.qmp_path}")
+    return 0

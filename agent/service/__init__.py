@@ -1,0 +1,1 @@
+"""The ferry agent daemon: configuration, control socket, local VMs, migration jobs."""

@@ -1,0 +1,118 @@
+"""The agent's typed configuration: defaults in code, `agent.toml` in its home, then flags."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from agent.errors import UserError
+
+CONFIG_FILE = "agent.toml"
+DEFAULT_PORT = 7370
+DEFAULT_QEMU = "qemu-system-x86_64"
+# tmpfs: a VM's RAM file must live in memory; /dev/shm is tmpfs on every Debian host.
+DEFAULT_RAM_DIR = Path("/dev/shm")
+
+
+def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """HOST:PORT (or HOST, or [V6]:PORT) as a (host, port) pair."""
+    host, sep, port = text.rpartition(":")
+    if not sep or "]" in port:
+        host, port = text, str(default_port)
+    host = host.strip("[]")
+    try:
+        number = int(port)
+    except ValueError:
+        raise UserError(f"bad address {text!r}: port must be a number") from None
+    if not host or not 0 < number < 65536:
+        raise UserError(f"bad address {text!r}: expected HOST:PORT")
+    return host, number
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """Everything an agent needs to know about its host."""
+
+    home: Path
+    listen: tuple[str, int] = ("127.0.0.1", DEFAULT_PORT)
+    allow_paths: tuple[Path, ...] = ()
+    qemu_binary: str = DEFAULT_QEMU
+    ram_dir: Path = DEFAULT_RAM_DIR
+    control_group: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def control_socket(self) -> Path:
+        return self.home / "control.sock"
+
+    @property
+    def vms_dir(self) -> Path:
+        return self.home / "vms"
+
+    @property
+    def run_dir(self) -> Path:
+        """Sockets and scratch files of running jobs."""
+        return self.home / "run"
+
+    @property
+    def journal_dir(self) -> Path:
+        return self.home / "journal"
+
+    @property
+    def roots(self) -> tuple[Path, ...]:
+        """Directories the agent may read VM files from or create them in."""
+        return (self.home, *self.allow_paths)
+
+    def qemu_path(self) -> str:
+        """Absolute path of the configured QEMU binary, or a clear error."""
+        found = shutil.which(self.qemu_binary)
+        if found is None:
+            raise UserError(f"QEMU binary {self.qemu_binary!r} not found; install "
+                            f"qemu-system-x86 or set qemu_binary in {self.home / CONFIG_FILE}")
+        return found
+
+    def with_overrides(self, **changes: Any) -> AgentConfig:
+        """A copy with the given fields replaced (flags given on the command line)."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def load_config(home: Path) -> AgentConfig:
+    """Defaults, then `agent.toml` in home if it exists."""
+    config = AgentConfig(home=home)
+    path = home / CONFIG_FILE
+    if not path.exists():
+        return config
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from exc
+    changes: dict[str, Any] = {}
+    if "listen" in data:
+        changes["listen"] = parse_address(str(data["listen"]))
+    if "allow_paths" in data:
+        changes["allow_paths"] = tuple(Path(p) for p in data["allow_paths"])
+    if "qemu_binary" in data:
+        changes["qemu_binary"] = str(data["qemu_binary"])
+    if "ram_dir" in data:
+        changes["ram_dir"] = Path(data["ram_dir"])
+    if "control_group" in data:
+        import grp
+        try:
+            changes["control_group"] = grp.getgrnam(str(data["control_group"])).gr_gid
+        except KeyError:
+            raise UserError(f"{path}: no group {data['control_group']!r}") from None
+    unknown = set(data) - {"listen", "allow_paths", "qemu_binary", "ram_dir", "control_group"}
+    if unknown:
+        raise UserError(f"{path}: unknown settings {', '.join(sorted(unknown))}")
+    return replace(config, **changes)
+
+
+def ensure_home(home: Path) -> None:
+    """Create the agent's home (private: it holds the identity key)."""
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not os.access(home, os.W_OK):
+        raise UserError(f"agent home {home} is not writable")

@@ -1,0 +1,222 @@
+"""The local control socket: JSON lines between the CLI and its agent over a unix socket.
+
+A request is one JSON object with an "op". Simple ops get one reply line
+({"ok": true, ...} or {"ok": false, "error": ...}); long ops (migrate) stream
+{"event": "progress", ...} lines and end with {"event": "result", ...}. While a long op
+runs, the client may send {"op": "cancel"} on the same connection; closing the
+connection cancels it too. Callers are checked with SO_PEERCRED: root, the agent's own
+user, or members of the configured group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from agent.errors import FerryError, LocalError, UserError
+
+log = logging.getLogger(__name__)
+
+MAX_LINE = 1 << 20
+SOCKET_MODE = 0o660
+_UCRED = struct.Struct("3i")  # pid, uid, gid
+
+Reply = dict[str, Any]
+# A handler gets the request and a `send` for streaming events; it returns the final reply.
+Handler = Callable[[dict[str, Any], Callable[[Reply], Awaitable[None]], asyncio.Event],
+                   Awaitable[Reply]]
+
+
+class AgentUnreachableError(UserError):
+    """No agent answers on the control socket."""
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a unix socket."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, gid = _UCRED.unpack(raw)
+    return pid, uid, gid
+
+
+def caller_allowed(uid: int, gid: int, allowed_gid: int | None) -> bool:
+    """Root, the agent's own user, or a member of the control group may drive the agent."""
+    if uid in (0, os.getuid()):
+        return True
+    if allowed_gid is None:
+        return False
+    if gid == allowed_gid:
+        return True
+    try:
+        import grp
+        import pwd
+        name = pwd.getpwuid(uid).pw_name
+        return name in grp.getgrgid(allowed_gid).gr_mem
+    except KeyError:
+        return False
+
+
+class ControlServer:
+    """Serves the control socket, dispatching each request to a handler by its op."""
+
+    def __init__(self, path: Path, handlers: dict[str, Handler], *,
+                 group: int | None = None) -> None:
+        self.path = path
+        self.handlers = handlers
+        self.group = group
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        if self.path.exists() or self.path.is_symlink():
+            # A stale socket from a crashed agent: refuse only if someone still answers.
+            if _socket_answers(self.path):
+                raise LocalError(f"another agent already serves {self.path}")
+            self.path.unlink()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._server = await asyncio.start_unix_server(self._serve, path=str(self.path),
+                                                       limit=MAX_LINE)
+        os.chmod(self.path, SOCKET_MODE)
+        if self.group is not None:
+            os.chown(self.path, -1, self.group)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            sock = writer.get_extra_info("socket")
+            _, uid, gid = peer_credentials(sock)
+            if not caller_allowed(uid, gid, self.group):
+                await _write(writer, {"ok": False, "error": f"uid {uid} may not use this agent"})
+                return
+            line = await reader.readline()
+            if not line:
+                return
+            await self._dispatch(line, reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def _dispatch(self, line: bytes, reader: asyncio.StreamReader,
+                        writer: asyncio.StreamWriter) -> None:
+        try:
+            request = json.loads(line)
+            if not isinstance(request, dict):
+                raise ValueError("request must be a JSON object")
+            handler = self.handlers.get(str(request.get("op")))
+            if handler is None:
+                raise ValueError(f"unknown op {request.get('op')!r}")
+        except ValueError as exc:
+            await _write(writer, {"ok": False, "error": f"bad request: {exc}"})
+            return
+        cancel = asyncio.Event()
+        watcher = asyncio.create_task(_watch_for_cancel(reader, cancel))
+
+        async def send(event: Reply) -> None:
+            await _write(writer, event)
+
+        try:
+            reply = await handler(request, send, cancel)
+        except FerryError as exc:
+            log.debug("control op %s failed", request.get("op"), exc_info=True)
+            reply = {"ok": False, "error": str(exc)}
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+        with contextlib.suppress(ConnectionError):
+            await _write(writer, reply)
+
+
+async def _watch_for_cancel(reader: asyncio.StreamReader, cancel: asyncio.Event) -> None:
+    """Set `cancel` when the client asks for it or hangs up."""
+    while True:
+        line = await reader.readline()
+        if not line:
+            cancel.set()
+            return
+        with contextlib.suppress(ValueError):
+            if json.loads(line).get("op") == "cancel":
+                cancel.set()
+                return
+
+
+async def _write(writer: asyncio.StreamWriter, obj: Reply) -> None:
+    writer.write(json.dumps(obj).encode() + b"\n")
+    await writer.drain()
+
+
+def _socket_answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+            return True
+        except OSError:
+            return False
+
+
+# ---------------------------------------------------------------------------- client
+
+class ControlClient:
+    """The CLI's side: one connection, one request, its replies as they come."""
+
+    def __init__(self, path: Path, timeout: float | None = 10.0) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(str(path))
+        except OSError as exc:
+            self.sock.close()
+            raise AgentUnreachableError(
+                f"no ferry agent on {path} ({exc.strerror}); start one with "
+                f"`ferry agent --home {path.parent}`") from exc
+        self._file = self.sock.makefile("rb")
+
+    def close(self) -> None:
+        self._file.close()
+        self.sock.close()
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def send(self, request: Reply) -> None:
+        self.sock.sendall(json.dumps(request).encode() + b"\n")
+
+    def replies(self) -> Iterator[Reply]:
+        """Each reply line until the connection ends."""
+        for line in self._file:
+            yield json.loads(line)
+
+    def call(self, request: Reply) -> Reply:
+        """Send a simple request and return its one reply (error replies raise)."""
+        self.send(request)
+        for reply in self.replies():
+            if reply.get("ok") is False:
+                raise UserError(reply.get("error", "the agent refused the request"))
+            return reply
+        raise LocalError(f"the agent on {self.path} closed the connection without a reply")
+
+
+async def iterate_lines(reader: asyncio.StreamReader) -> AsyncIterator[Reply]:
+    """Reply lines from an asyncio stream (used by tests driving the agent)."""
+    while line := await reader.readline():
+        yield json.loads(line)
