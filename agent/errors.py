@@ -35,3 +35,33 @@ class VmNotMigratableError(UserError):
 
 class BatchError(ProtocolError):
     """A page batch from the peer is malformed; nothing of it was applied."""
+
+
+class QmpConnectError(QemuError):
+    """No QMP session could be opened (no socket, nobody listening, no greeting in time)."""
+
+
+class QmpCommandError(QemuError):
+    """QEMU answered a QMP command with an error; carries QEMU's error class and text."""
+
+    def __init__(self, command: str, error_class: str, desc: str) -> None:
+        super().__init__(f"QEMU refused {command}: {desc} ({error_class})")
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+
+
+class QmpTimeoutError(QemuError):
+    """QEMU did not answer a command, or an awaited event did not come, in time."""
+
+
+class QmpDisconnectedError(QemuError):
+    """The QMP connection ended (QEMU quit or died) while we still needed it."""
+
+
+class QemuStartError(QemuError):
+    """A QEMU we launched exited or never opened its QMP socket."""
+
+
+class GuestBuildError(LocalError):
+    """The test guest could not be assembled or linked (binutils missing or failing)."""
