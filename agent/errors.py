@@ -1,5 +1,7 @@
 """The one error tree of ferry: every failure is a FerryError saying whose fault it was."""
 
+from enum import IntEnum
+
 
 class FerryError(Exception):
     """Root of every error ferry raises on purpose."""
@@ -65,3 +67,132 @@ class QemuStartError(QemuError):
 
 class GuestBuildError(LocalError):
     """The test guest could not be assembled or linked (binutils missing or failing)."""
+
+
+# --- The secure channel (agent/wire, agent/net): every way a link to a peer can fail. ---
+
+class WireCode(IntEnum):
+    """Why a channel ended; sent to the peer in an ERROR message when the link still allows."""
+
+    NOT_FERRY = 1
+    """The first bytes were not a ferry preamble (garbage before the handshake)."""
+    VERSION_MISMATCH = 2
+    """The two agents speak different wire protocol versions."""
+    HANDSHAKE_FAILED = 3
+    """A Noise handshake message was malformed or failed authentication."""
+    UNTRUSTED_PEER = 4
+    """The peer's static key is not in the trusted peers list."""
+    FRAME_TOO_LARGE = 5
+    """A frame's length prefix exceeds the frame size limit."""
+    FRAME_TOO_SHORT = 6
+    """A frame is too short to hold its authentication tag."""
+    AUTH_FAILED = 7
+    """A frame failed AES-GCM authentication (tampered with, or sealed under another key)."""
+    REPLAYED = 8
+    """A frame's sequence number was already used: a replayed frame."""
+    OUT_OF_ORDER = 9
+    """A frame's sequence number skips ahead: a frame was dropped or reordered."""
+    UNKNOWN_TYPE = 10
+    """A frame carries a message type code this agent does not know."""
+    MALFORMED_MESSAGE = 11
+    """A message's payload does not fit its type (e.g. a control payload that is not JSON)."""
+    UNEXPECTED_MESSAGE = 12
+    """A valid message arrived in a state that does not allow it."""
+    TRAILING_DATA = 13
+    """Bytes arrived after the peer said GOODBYE."""
+    TRUNCATED = 14
+    """The stream ended inside a frame, or without GOODBYE."""
+    NONCE_EXHAUSTED = 15
+    """A direction used up its 2**64 - 1 nonces (never happens in practice)."""
+
+
+class WireError(ProtocolError):
+    """The peer's bytes broke the secure channel protocol; `code` says how."""
+
+    code: WireCode = WireCode.MALFORMED_MESSAGE
+
+    def __init__(self, message: str, code: WireCode | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class NotFerryPeerError(WireError):
+    """The other end does not speak ferry's wire protocol at all."""
+
+    code = WireCode.NOT_FERRY
+
+
+class VersionMismatchError(WireError):
+    """Both ends speak ferry, but different versions of the wire protocol."""
+
+    code = WireCode.VERSION_MISMATCH
+
+    def __init__(self, local_version: int, peer_version: int) -> None:
+        super().__init__(f"peer speaks ferry wire protocol version {peer_version}, this agent "
+                         f"speaks version {local_version}: run the same ferry release on both hosts")
+        self.local_version = local_version
+        self.peer_version = peer_version
+
+
+class HandshakeError(WireError):
+    """A Noise handshake message was malformed or did not authenticate."""
+
+    code = WireCode.HANDSHAKE_FAILED
+
+
+class FrameError(WireError):
+    """A transport frame was oversized, tampered with, replayed or out of order."""
+
+
+class MessageError(WireError):
+    """An authentic frame carried a message of unknown type, bad payload or at the wrong time."""
+
+
+class StreamEndError(WireError):
+    """The byte stream ended where it must not (inside a frame, without GOODBYE) or went on after GOODBYE."""
+
+
+class PeerReportedError(PeerError):
+    """The peer told us it hit an error and closed the channel; carries the peer's code and text."""
+
+    def __init__(self, code: int, message: str) -> None:
+        try:
+            name = WireCode(code).name
+        except ValueError:
+            name = f"code {code}"
+        super().__init__(f"peer closed the channel: {message} ({name})")
+        self.code = code
+        self.peer_message = message
+
+
+class UntrustedPeerError(TrustError):
+    """This agent refused the peer: its static key is not in our trusted peers."""
+
+    code = WireCode.UNTRUSTED_PEER
+
+    def __init__(self, public_key_b64: str, fingerprint: str, detail: str = "") -> None:
+        super().__init__(
+            f"refused peer with untrusted key {fingerprint}{detail}; if this is the host you "
+            f"expect, trust it with: ferry trust NAME {public_key_b64} --address HOST:PORT")
+        self.public_key_b64 = public_key_b64
+        self.fingerprint = fingerprint
+
+
+class RefusedByPeerError(TrustError):
+    """The peer refused us: our static key is not in its trusted peers."""
+
+    def __init__(self, our_key_b64: str, our_fingerprint: str) -> None:
+        super().__init__(
+            f"the peer does not trust this host's key {our_fingerprint}; on the peer run: "
+            f"ferry trust NAME {our_key_b64} --address HOST:PORT  (NAME and address of this host)")
+        self.our_key_b64 = our_key_b64
+        self.our_fingerprint = our_fingerprint
+
+
+class ChannelClosedError(PeerError):
+    """The channel is closed: the peer said GOODBYE, or this side closed it."""
+
+
+class PeerTimeoutError(PeerError):
+    """The peer did not answer (connect, handshake, send or receive) within the timeout."""
