@@ -1,0 +1,278 @@
+"""Pure-Python twin of agent._native.codec: the specification of the per-block codec loops.
+
+Every function and class here has the same signature and result as its Cython counterpart;
+the tests compare the two on generated inputs. agent.codec builds the public API on top.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+import xxhash
+
+from agent.batch_format import (
+    HASH_SIZE,
+    HEADER_SIZE,
+    INDEX_MASK,
+    KIND_SHIFT,
+    MAX_DATA_BYTES,
+    MAX_ENTRIES,
+    WORD_SIZE,
+    EntryKind,
+    block_shift,
+)
+from agent.errors import BatchError
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer, WriteableBuffer
+
+# A home slot and the next few: a lookup or insert never looks further, so the index is a
+# cache (verified on use against sent_hashes), never a source of truth.
+PROBE_LIMIT = 8
+_EMPTY = 0  # slot value: block index + 1, so that zeroed memory is an empty table
+
+_ZERO = EntryKind.ZERO << KIND_SHIFT
+_COPY = EntryKind.COPY << KIND_SHIFT
+_DATA = EntryKind.DATA << KIND_SHIFT
+
+
+def block_hash(block: ReadableBuffer) -> bytes:
+    """XXH3-128 of block as HASH_SIZE bytes: low64 then high64, little-endian."""
+    return xxhash.xxh3_128_intdigest(block).to_bytes(HASH_SIZE, "little")
+
+
+def _split(h: bytes) -> tuple[int, int]:
+    if len(h) != HASH_SIZE:
+        raise ValueError(f"a hash is {HASH_SIZE} bytes, not {len(h)}")
+    return int.from_bytes(h[:8], "little"), int.from_bytes(h[8:], "little")
+
+
+def _hash_count(sent_hashes: ReadableBuffer) -> int:
+    with memoryview(sent_hashes) as view:
+        nbytes = view.nbytes
+    if nbytes % HASH_SIZE:
+        raise ValueError(f"sent_hashes of {nbytes} bytes is not {HASH_SIZE} bytes per block")
+    return nbytes // HASH_SIZE
+
+
+class DedupIndex:
+    """Open-addressing table from a block's 128-bit hash to a block holding that content.
+
+    A slot keeps the low 64 bits of the hash as a tag and the block index; whether the block
+    still holds the content is read from sent_hashes on every use, so stale slots cost a
+    missed match at worst and are the first to be overwritten.
+    """
+
+    def __init__(self, nblocks: int) -> None:
+        if not 0 <= nblocks <= INDEX_MASK:
+            raise ValueError(f"cannot index {nblocks} blocks")
+        self.nblocks = nblocks
+        # Twice the blocks, rounded up to a power of two: live keys stay under half load.
+        self.capacity = max(16, 1 << (2 * nblocks - 1).bit_length()) if nblocks else 16
+        self._mask = self.capacity - 1
+        self._tags = [0] * self.capacity
+        self._values = [_EMPTY] * self.capacity
+
+    def _holds(self, sent: memoryview, block: int, lo: int, hi: int) -> bool:
+        at = block * HASH_SIZE
+        return sent[at:at + HASH_SIZE] == lo.to_bytes(8, "little") + hi.to_bytes(8, "little")
+
+    def _find(self, lo: int, hi: int, sent: memoryview) -> int:
+        home = hi & self._mask
+        for probe in range(PROBE_LIMIT):
+            slot = (home + probe) & self._mask
+            value = self._values[slot]
+            if value == _EMPTY:
+                return -1  # inserts fill the first free slot, so the key is not further on
+            block = value - 1
+            if self._tags[slot] == lo and block < self.nblocks and self._holds(sent, block, lo, hi):
+                return block
+        return -1
+
+    def _put(self, lo: int, hi: int, index: int, sent: memoryview) -> None:
+        home = hi & self._mask
+        stale = -1
+        for probe in range(PROBE_LIMIT):
+            slot = (home + probe) & self._mask
+            value = self._values[slot]
+            if value == _EMPTY:
+                target = stale if stale >= 0 else slot
+                self._tags[target], self._values[target] = lo, index + 1
+                return
+            block = value - 1
+            tag = self._tags[slot]
+            if tag == lo and self._holds(sent, block, lo, hi):
+                self._values[slot] = index + 1
+                return
+            at = block * HASH_SIZE
+            if stale < 0 and int.from_bytes(sent[at:at + 8], "little") != tag:
+                stale = slot
+        target = stale if stale >= 0 else home  # full window of live keys: evict the home slot
+        self._tags[target], self._values[target] = lo, index + 1
+
+    def _check(self, sent_hashes: ReadableBuffer) -> memoryview:
+        if _hash_count(sent_hashes) != self.nblocks:
+            raise ValueError(f"sent_hashes does not hold {self.nblocks} hashes")
+        return memoryview(sent_hashes).cast("B")
+
+    def lookup(self, h: bytes, sent_hashes: ReadableBuffer) -> int:
+        """A block whose sent hash is h, or -1."""
+        lo, hi = _split(h)
+        return self._find(lo, hi, self._check(sent_hashes))
+
+    def insert(self, h: bytes, index: int, sent_hashes: ReadableBuffer) -> None:
+        """Remember that block index holds content with hash h."""
+        lo, hi = _split(h)
+        if not 0 <= index < self.nblocks:
+            raise ValueError(f"block {index} outside {self.nblocks} blocks")
+        self._put(lo, hi, index, self._check(sent_hashes))
+
+
+def _check_encode_args(block_size: int, max_entries: int, data_capacity: int) -> None:
+    block_shift(block_size)
+    if not 1 <= max_entries <= MAX_ENTRIES:
+        raise ValueError(f"max_entries must be between 1 and {MAX_ENTRIES}, not {max_entries}")
+    if (data_capacity < block_size or data_capacity % block_size
+            or data_capacity > MAX_DATA_BYTES):
+        raise ValueError(f"data capacity {data_capacity} is not a whole number of "
+                         f"{block_size}-byte blocks up to {MAX_DATA_BYTES} bytes")
+
+
+def encode_blocks(src: ReadableBuffer, base: int, block_size: int, indices: ReadableBuffer,
+                  start: int, sent_hashes: WriteableBuffer, index: DedupIndex | None,
+                  max_entries: int, data_capacity: int,
+                  ) -> tuple[bytearray, int, int, int, int, int, int, int, int, int]:
+    """Classify indices[start:] into entries until a budget is full; update sent_hashes.
+
+    src holds blocks base, base+1, ...; indices are u64 block indices. Returns
+    (buf, head, data_start, data_end, next_start, entries, zero, copy, data, unchanged):
+    buf[head:head+HEADER_SIZE] is left for the header, the entry words follow up to
+    data_start, then the raw DATA bytes up to data_end. An index outside src or sent_hashes
+    ends the batch before it; ValueError if it is the first one (nothing changed then).
+    """
+    _check_encode_args(block_size, max_entries, data_capacity)
+    nblocks = _hash_count(sent_hashes)
+    if index is not None and index.nblocks != nblocks:
+        raise ValueError(f"dedup index is for {index.nblocks} blocks, not {nblocks}")
+    with memoryview(src) as raw_src, memoryview(indices) as raw_idx, \
+            memoryview(sent_hashes) as raw_sent:
+        source = raw_src.cast("B")
+        wanted = raw_idx.cast("B").cast("Q")
+        sent = raw_sent.cast("B")
+        if not 0 <= start <= len(wanted):
+            raise ValueError(f"start {start} outside {len(wanted)} indices")
+        src_blocks = source.nbytes // block_size
+        zero_block = bytes(block_size)
+        zero_hash = block_hash(zero_block)
+        words: list[int] = []
+        data = bytearray()
+        entries = zero = copy = ndata = unchanged = 0
+        pos = start
+        while pos < len(wanted):
+            if entries >= max_entries or len(data) + block_size > data_capacity:
+                break
+            i = wanted[pos]
+            if not (base <= i < base + src_blocks and i < nblocks):
+                if pos == start:
+                    raise ValueError(f"block {i} outside the source (blocks {base}.."
+                                     f"{base + src_blocks - 1}) or the {nblocks} sent hashes")
+                break
+            at = (i - base) * block_size
+            block = bytes(source[at:at + block_size])  # the copy that is hashed and sent
+            is_zero = block == zero_block
+            h = zero_hash if is_zero else block_hash(block)
+            slot = slice(i * HASH_SIZE, (i + 1) * HASH_SIZE)
+            pos += 1
+            if sent[slot] == h:
+                unchanged += 1
+                continue
+            entries += 1
+            if is_zero:
+                sent[slot] = h
+                words.append(_ZERO | i)
+                zero += 1
+                continue
+            # Look up before recording h for i, so a stale slot of i's own cannot shadow
+            # another block that really holds h.
+            lo, hi = _split(h)
+            j = index._find(lo, hi, sent) if index is not None else -1
+            sent[slot] = h
+            if j >= 0 and j != i:
+                words += (_COPY | i, j)
+                copy += 1
+            else:
+                words.append(_DATA | i)
+                data += block
+                ndata += 1
+            if index is not None:
+                index._put(lo, hi, i, sent)
+    buf = bytearray(HEADER_SIZE) + struct.pack(f"<{len(words)}Q", *words)
+    data_start = len(buf)
+    buf += data
+    return buf, 0, data_start, len(buf), pos, entries, zero, copy, ndata, unchanged
+
+
+def check_entries(entries: ReadableBuffer, count: int, nblocks: int) -> tuple[int, int, int]:
+    """(zero, copy, data) counts of count entries that must fill entries exactly; else BatchError."""
+    with memoryview(entries) as raw:
+        view = raw.cast("B")
+        if view.nbytes % WORD_SIZE:
+            raise BatchError(f"entry section of {view.nbytes} bytes is not whole words")
+        words = struct.unpack(f"<{view.nbytes // WORD_SIZE}Q", view)
+    counts = {EntryKind.ZERO: 0, EntryKind.COPY: 0, EntryKind.DATA: 0}
+    pos = 0
+    for entry in range(count):
+        if pos >= len(words):
+            raise BatchError(f"entry {entry} lies beyond the entry section")
+        word = words[pos]
+        pos += 1
+        kind, i = word >> KIND_SHIFT, word & INDEX_MASK
+        if kind not in counts:
+            raise BatchError(f"entry {entry} has no valid kind ({kind})")
+        if i >= nblocks:
+            raise BatchError(f"entry {entry} names block {i} of {nblocks}")
+        counts[EntryKind(kind)] += 1
+        if kind == EntryKind.COPY:
+            if pos >= len(words):
+                raise BatchError(f"COPY entry {entry} lost its source word")
+            j = words[pos]
+            pos += 1
+            if j >= nblocks or j == i:
+                raise BatchError(f"COPY entry {entry} copies block {i} from block {j} of "
+                                 f"{nblocks}")
+    if pos != len(words):
+        raise BatchError(f"{len(words) - pos} words left after {count} entries")
+    return counts[EntryKind.ZERO], counts[EntryKind.COPY], counts[EntryKind.DATA]
+
+
+def apply_entries(entries: ReadableBuffer, count: int, data: ReadableBuffer,
+                  dst: WriteableBuffer, block_size: int) -> None:
+    """Check the entries against dst and data (BatchError, nothing written), then apply in order."""
+    block_shift(block_size)
+    with memoryview(dst) as raw_dst, memoryview(data) as raw_data, \
+            memoryview(entries) as raw_entries:
+        out = raw_dst.cast("B")
+        payload = raw_data.cast("B")
+        _, _, ndata = check_entries(raw_entries, count, out.nbytes // block_size)
+        if ndata * block_size != payload.nbytes:
+            raise BatchError(f"{ndata} DATA entries need {ndata * block_size} bytes, "
+                             f"not {payload.nbytes}")
+        words = struct.unpack(f"<{raw_entries.nbytes // WORD_SIZE}Q", raw_entries.cast("B"))
+        zero_block = bytes(block_size)
+        pos = taken = 0
+        for _ in range(count):
+            word = words[pos]
+            pos += 1
+            kind, i = word >> KIND_SHIFT, word & INDEX_MASK
+            block = slice(i * block_size, (i + 1) * block_size)
+            if kind == EntryKind.ZERO:
+                if out[block] != zero_block:  # leave never-written tmpfs pages unallocated
+                    out[block] = zero_block
+            elif kind == EntryKind.COPY:
+                j = words[pos]
+                pos += 1
+                out[block] = out[j * block_size:(j + 1) * block_size]
+            else:
+                out[block] = payload[taken:taken + block_size]
+                taken += block_size

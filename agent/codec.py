@@ -1,0 +1,314 @@
+"""Page batches: RAM pages and disk blocks as ZERO / COPY / DATA entries plus one zstd frame.
+
+The per-block loops are native (ext/codec.pyx) unless FERRY_PURE_PYTHON=1 asks for the
+twin (agent/_codec_py.py); BACKEND says which. Both give the same bytes. This module adds
+the per-batch parts: header, zstd, strict parsing.
+
+Batch layout (all integers little-endian; names from agent.batch_format; docs/wire-batch.md):
+
+    header   24 bytes  magic b"FBAT", u8 version (1), u8 log2(block size), u16 flags,
+                       u32 entry count, u32 COPY entry count, u32 raw DATA bytes,
+                       u32 DATA bytes on the wire (== raw unless FLAG_COMPRESSED)
+    entries  (entry count + COPY count) u64 words, in apply order: kind in the top 2 bits
+             (1 ZERO, 2 COPY, 3 DATA), block index in the low 62; a COPY word is followed by
+             a word holding the source block index
+    data     the DATA entries' blocks back to back, or one zstd frame of them (with its
+             content size) when FLAG_COMPRESSED is set
+
+The destination applies entries in order; that is what makes COPY correct, because the
+source decided each COPY against what the destination holds after the entries before it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
+
+import zstandard
+
+from agent.batch_format import (
+    DEFAULT_COMPRESS_LEVEL,
+    DEFAULT_MAX_DATA_BYTES,
+    DEFAULT_MAX_ENTRIES,
+    FLAG_COMPRESSED,
+    HASH_SIZE,
+    HEADER,
+    HEADER_SIZE,
+    INDEX_MASK,
+    KIND_SHIFT,
+    KNOWN_FLAGS,
+    MAGIC,
+    MAX_DATA_BYTES,
+    MAX_ENTRIES,
+    VERSION,
+    WORD_SIZE,
+    EntryKind,
+    block_shift,
+)
+from agent.errors import BatchError
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer, WriteableBuffer
+
+log = logging.getLogger(__name__)
+
+PURE_PYTHON_ENV = "FERRY_PURE_PYTHON"
+
+BACKEND: str
+if os.environ.get(PURE_PYTHON_ENV) == "1":
+    BACKEND = "python"
+else:
+    try:
+        from agent._native import codec as _backend
+
+        BACKEND = "native"
+    except ImportError as exc:
+        log.warning("native page codec not built (%s); using the pure-Python twin", exc)
+        BACKEND = "python"
+if BACKEND == "python":
+    from agent import _codec_py as _backend  # type: ignore[no-redef]
+
+DedupIndex = _backend.DedupIndex
+block_hash = _backend.block_hash
+
+__all__ = [
+    "BACKEND", "BatchEncoder", "BatchEntry", "DecodedBatch", "DedupIndex", "EncodedBatch",
+    "EntryKind", "apply_batch", "block_hash", "decode_batch", "zero_block_hash",
+]
+
+
+@functools.lru_cache(maxsize=8)
+def zero_block_hash(block_size: int) -> bytes:
+    """The HASH_SIZE-byte hash of an all-zero block: what sent_hashes starts as."""
+    block_shift(block_size)
+    return _backend.block_hash(bytes(block_size))
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedBatch:
+    """One batch ready to send, with what went into it."""
+
+    payload: memoryview | bytes
+    entry_count: int
+    zero_count: int
+    copy_count: int
+    data_count: int
+    unchanged_count: int
+    raw_data_bytes: int
+    compressed: bool
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes on the wire."""
+        return len(self.payload)
+
+    def __bytes__(self) -> bytes:
+        return bytes(self.payload)
+
+
+def _u64_view(indices: ReadableBuffer) -> memoryview:
+    view = memoryview(indices)
+    return view if view.format == "Q" else view.cast("B").cast("Q")
+
+
+class BatchEncoder:
+    """Source side: turns dirty block indices into batches, keeping sent_hashes and dedup.
+
+    sent_hashes (HASH_SIZE bytes per block, writable, shared with the tracker) says what the
+    destination holds; every encode updates it as if the batch will be applied, so a batch
+    that is encoded but never applied leaves sent_hashes ahead of the destination and the
+    transfer must start over. src holds the blocks (a read-only mmap of RAM, say); a disk's
+    last partial block must be padded. Not thread-safe: one encoder per stream.
+    """
+
+    def __init__(self, src: ReadableBuffer | None, block_size: int,
+                 sent_hashes: WriteableBuffer, *, dedup: bool = True,
+                 compress_level: int | None = DEFAULT_COMPRESS_LEVEL,
+                 max_data_bytes: int = DEFAULT_MAX_DATA_BYTES,
+                 max_entries: int = DEFAULT_MAX_ENTRIES) -> None:
+        self.block_size = block_size
+        self._shift = block_shift(block_size)
+        with memoryview(sent_hashes) as view:
+            if view.nbytes % HASH_SIZE:
+                raise ValueError(f"sent_hashes of {view.nbytes} bytes is not {HASH_SIZE} "
+                                 f"bytes per block")
+            self.nblocks = view.nbytes // HASH_SIZE
+        if not 1 <= max_entries <= MAX_ENTRIES:
+            raise ValueError(f"max_entries must be between 1 and {MAX_ENTRIES}")
+        if not 0 < max_data_bytes <= MAX_DATA_BYTES:
+            raise ValueError(f"max_data_bytes must be between 1 and {MAX_DATA_BYTES}")
+        # Whole blocks, at least one, so every batch makes progress.
+        self._data_capacity = max(block_size, max_data_bytes - max_data_bytes % block_size)
+        self._src = src
+        self._sent = sent_hashes
+        self._max_entries = max_entries
+        self._impl = _backend  # an encoder keeps the backend it started with (index and loops)
+        self.index = self._impl.DedupIndex(self.nblocks) if dedup else None
+        self._compressor = (zstandard.ZstdCompressor(level=compress_level)
+                            if compress_level is not None else None)
+
+    def encode(self, indices: ReadableBuffer, start: int = 0, *,
+               src: ReadableBuffer | None = None, base: int = 0) -> tuple[EncodedBatch, int]:
+        """Encode indices[start:] (u64 block indices, e.g. array("Q")) until the batch is full.
+
+        Returns the batch and the position to continue from (len(indices) when done). src
+        and base override the source for this call: src then holds blocks base, base+1, ...
+        (a disk extent just read). Blocks whose content the destination already holds
+        produce no entry; a batch may therefore be empty (entry_count 0).
+        """
+        source = self._src if src is None else src
+        if source is None:
+            raise ValueError("no source buffer given")
+        (buf, head, data_start, data_end, next_start, entries, zero, copy, data,
+         unchanged) = self._impl.encode_blocks(
+            source, base, self.block_size, _u64_view(indices), start, self._sent, self.index,
+            self._max_entries, self._data_capacity)
+        raw_len = data_end - data_start
+        view = memoryview(buf)
+        packed = None
+        if self._compressor is not None and raw_len:
+            packed = self._compressor.compress(view[data_start:data_end])
+            if len(packed) >= raw_len:  # incompressible: send it raw, save the receiver work
+                packed = None
+        flags, wire_len = (0, raw_len) if packed is None else (FLAG_COMPRESSED, len(packed))
+        fields = (MAGIC, VERSION, self._shift, flags, entries, copy, raw_len, wire_len)
+        payload: memoryview | bytes
+        if packed is None:
+            HEADER.pack_into(buf, head, *fields)  # the data stays where encode_blocks put it
+            payload = view[head:data_end].toreadonly()
+        else:
+            payload = b"".join((HEADER.pack(*fields), view[head + HEADER_SIZE:data_start], packed))
+        batch = EncodedBatch(payload, entries, zero, copy, data, unchanged, raw_len,
+                             packed is not None)
+        return batch, next_start
+
+
+class BatchEntry(NamedTuple):
+    """One decoded entry: source is the COPY source block, data the DATA block's bytes."""
+
+    kind: EntryKind
+    block: int
+    source: int | None
+    data: memoryview | None
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedBatch:
+    """A batch that passed every check against its target, DATA decompressed."""
+
+    block_size: int
+    nblocks: int
+    entry_count: int
+    entries: memoryview
+    data: memoryview
+    zero_count: int
+    copy_count: int
+    data_count: int
+    compressed: bool
+
+    def __iter__(self) -> Iterator[BatchEntry]:
+        """The entries in apply order, for a destination that writes them elsewhere (NBD).
+
+        One Python step per entry: meant for disks with large blocks, not for RAM pages.
+        """
+        words = struct.unpack(f"<{self.entries.nbytes // WORD_SIZE}Q", self.entries)
+        pos = taken = 0
+        for _ in range(self.entry_count):
+            word = words[pos]
+            pos += 1
+            kind, block = EntryKind(word >> KIND_SHIFT), word & INDEX_MASK
+            if kind == EntryKind.COPY:
+                yield BatchEntry(kind, block, words[pos], None)
+                pos += 1
+            elif kind == EntryKind.DATA:
+                yield BatchEntry(kind, block, None, self.data[taken:taken + self.block_size])
+                taken += self.block_size
+            else:
+                yield BatchEntry(kind, block, None, None)
+
+
+def _decompress(frame: memoryview, raw_len: int) -> memoryview:
+    """The raw DATA bytes of one zstd frame that must hold exactly raw_len bytes."""
+    try:
+        # Refuse a frame that does not declare its size, or declares another one, before
+        # zstd allocates anything: the declared size bounds the output (no bombs).
+        declared = zstandard.frame_content_size(frame)
+        if declared != raw_len:
+            raise BatchError(f"zstd frame declares {declared} bytes, header says {raw_len}")
+        raw = zstandard.ZstdDecompressor().decompress(frame, allow_extra_data=False)
+    except zstandard.ZstdError as exc:
+        raise BatchError(f"DATA section is not a valid zstd frame: {exc}") from exc
+    if len(raw) != raw_len:
+        raise BatchError(f"zstd frame held {len(raw)} bytes, header says {raw_len}")
+    return memoryview(raw)
+
+
+def decode_batch(batch: ReadableBuffer, nblocks: int, block_size: int, *,
+                 max_data_bytes: int = MAX_DATA_BYTES) -> DecodedBatch:
+    """Parse and check a whole batch for a target of nblocks blocks; BatchError if anything
+    is wrong. Nothing is written anywhere; the result may keep views of batch."""
+    shift = block_shift(block_size)
+    view = memoryview(batch).cast("B")
+    if view.nbytes < HEADER_SIZE:
+        raise BatchError(f"batch of {view.nbytes} bytes is shorter than its header")
+    (magic, version, batch_shift, flags, entry_count, copy_count, raw_len,
+     wire_len) = HEADER.unpack_from(view)
+    if magic != MAGIC:
+        raise BatchError(f"not a page batch (magic {magic!r})")
+    if version != VERSION:
+        raise BatchError(f"page batch version {version}, expected {VERSION}")
+    if batch_shift != shift:
+        raise BatchError(f"batch of 2**{batch_shift}-byte blocks for a target of "
+                         f"{block_size}-byte blocks")
+    if flags & ~KNOWN_FLAGS:
+        raise BatchError(f"unknown batch flags {flags:#x}")
+    if entry_count > MAX_ENTRIES or copy_count > entry_count:
+        raise BatchError(f"{entry_count} entries with {copy_count} COPY entries is out of "
+                         f"bounds (at most {MAX_ENTRIES})")
+    if raw_len > min(max_data_bytes, MAX_DATA_BYTES) or raw_len % block_size:
+        raise BatchError(f"{raw_len} DATA bytes is not a whole number of blocks within "
+                         f"{min(max_data_bytes, MAX_DATA_BYTES)}")
+    compressed = bool(flags & FLAG_COMPRESSED)
+    if compressed and not 0 < wire_len < raw_len:
+        raise BatchError(f"compressed DATA of {wire_len} bytes for {raw_len} raw bytes")
+    if not compressed and wire_len != raw_len:
+        raise BatchError(f"uncompressed DATA of {wire_len} bytes, header says {raw_len}")
+    entries_end = HEADER_SIZE + (entry_count + copy_count) * WORD_SIZE
+    if entries_end + wire_len != view.nbytes:
+        raise BatchError(f"batch of {view.nbytes} bytes, header says {entries_end + wire_len}")
+    entries = view[HEADER_SIZE:entries_end]
+    zero, copy, data = _backend.check_entries(entries, entry_count, nblocks)
+    if copy != copy_count:
+        raise BatchError(f"{copy} COPY entries, header says {copy_count}")
+    if data * block_size != raw_len:
+        raise BatchError(f"{data} DATA entries need {data * block_size} bytes, header says "
+                         f"{raw_len}")
+    payload = view[entries_end:]
+    raw = _decompress(payload, raw_len) if compressed else payload
+    return DecodedBatch(block_size, nblocks, entry_count, entries, raw, zero, copy, data,
+                        compressed)
+
+
+def apply_batch(decoded: DecodedBatch, dst: WriteableBuffer) -> None:
+    """Write a decoded batch into dst (the destination's RAM mmap, say), entries in order.
+
+    The entries are checked again against dst first, so nothing is written unless all of
+    the batch can be.
+    """
+    with memoryview(dst) as view:
+        if view.readonly:
+            raise ValueError("destination buffer is read-only")
+        if view.nbytes < decoded.nblocks * decoded.block_size:
+            raise ValueError(f"destination of {view.nbytes} bytes is smaller than the "
+                             f"{decoded.nblocks} blocks the batch was checked against")
+        target = view.cast("B")
+        try:
+            _backend.apply_entries(decoded.entries, decoded.entry_count, decoded.data, target,
+                                   decoded.block_size)
+        finally:
+            target.release()
