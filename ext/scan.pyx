@@ -180,11 +180,15 @@ cdef array.array _scan(object buf, object sent, object current, int threads, obj
     if npages == 0:
         return dirty
 
+    cdef uint64_t ndata = 0, total = 0
+    for first, end, data in segment_list:
+        if data:
+            ndata += end - first
+    # A thread per data page at most: filling in the hashes of holes is next to free.
+    cdef int njobs = <int>min(<uint64_t>threads, max(ndata, <uint64_t>1))
     cdef size_t nsegments = len(segment_list)
-    cdef int njobs = <int>min(<uint64_t>threads, npages)
     cdef Segment *segments = <Segment *>malloc(nsegments * sizeof(Segment))
     cdef Job *jobs = <Job *>malloc(njobs * sizeof(Job))
-    cdef uint64_t ndata = 0, total = 0
     cdef size_t s
     cdef int t
     try:
@@ -194,22 +198,15 @@ cdef array.array _scan(object buf, object sent, object current, int threads, obj
             segments[s].first = first
             segments[s].end = end
             segments[s].data = data
-            if data:
-                ndata += end - first
         for t in range(njobs):
             jobs[t].pages = pages.ptr()
             jobs[t].sent = old.ptr() if old is not None else NULL
             jobs[t].current = new.ptr()
             jobs[t].segments = segments
             jobs[t].nsegments = nsegments
-            # Split so that each thread reads the same number of data pages; holes cost
-            # next to nothing. Without data, split the pages evenly.
-            if t == 0:
-                jobs[t].lo = 0
-            elif ndata:
-                jobs[t].lo = _nth_data_page(segment_list, t * ndata // njobs)
-            else:
-                jobs[t].lo = t * npages // njobs
+            # Contiguous shares holding the same number of data pages each; a share also
+            # takes the holes before its first data page. (t > 0 implies ndata >= njobs.)
+            jobs[t].lo = _nth_data_page(segment_list, t * ndata // njobs) if t else 0
             if t:
                 jobs[t - 1].hi = jobs[t].lo
             jobs[t].ndirty = 0
@@ -306,15 +303,17 @@ def bitmap_to_indices(bitmap, uint64_t npages):
         raise ValueError(f"bitmap of {raw.view.len} bytes is too short for {npages} pages")
     cdef const unsigned char *bits = raw.ptr()
     cdef array.array pages = array.clone(_INDEX_TEMPLATE, npages, False)
-    cdef uint64_t page, n = 0
+    cdef uint64_t byte, page, n = 0
+    cdef int bit
     with nogil:
-        for page in range(npages):
-            # Whole zero bytes are the common case in a sparse dirty set.
-            if page & 7 == 0 and bits[page >> 3] == 0 and page + 8 <= npages:
+        for byte in range((npages + 7) // 8):
+            if bits[byte] == 0:        # the common case in a sparse dirty set
                 continue
-            if bits[page >> 3] >> (page & 7) & 1:
-                pages.data.as_ulonglongs[n] = page
-                n += 1
+            for bit in range(8):
+                page = byte * 8 + bit
+                if page < npages and bits[byte] >> bit & 1:
+                    pages.data.as_ulonglongs[n] = page
+                    n += 1
     array.resize(pages, n)
     return pages
 
