@@ -34,6 +34,9 @@ ZERO_PAGE_HASH = bytes(_zero_hash[:FERRY_HASH_SIZE])
 
 cdef array.array _INDEX_TEMPLATE = _array("Q")
 
+cdef enum:
+    _MAX_THREADS = 256
+
 
 # ---- buffers ---------------------------------------------------------------------------
 
@@ -184,8 +187,9 @@ cdef array.array _scan(object buf, object sent, object current, int threads, obj
     for first, end, data in segment_list:
         if data:
             ndata += end - first
-    # A thread per data page at most: filling in the hashes of holes is next to free.
-    cdef int njobs = <int>min(<uint64_t>threads, max(ndata, <uint64_t>1))
+    # A thread per data page at most (filling in the hashes of holes is next to free), and
+    # never more than _MAX_THREADS: the result is the same with any number of threads.
+    cdef int njobs = <int>min(<uint64_t>min(threads, _MAX_THREADS), max(ndata, <uint64_t>1))
     cdef size_t nsegments = len(segment_list)
     cdef Segment *segments = <Segment *>malloc(nsegments * sizeof(Segment))
     cdef Job *jobs = <Job *>malloc(njobs * sizeof(Job))
@@ -212,7 +216,9 @@ cdef array.array _scan(object buf, object sent, object current, int threads, obj
             jobs[t].ndirty = 0
         jobs[njobs - 1].hi = npages
         for t in range(njobs):
-            jobs[t].dirty = <uint64_t *>dirty.data.as_ulonglongs + jobs[t].lo if sent is not None else NULL
+            jobs[t].dirty = NULL
+            if sent is not None:
+                jobs[t].dirty = <uint64_t *>dirty.data.as_ulonglongs + jobs[t].lo
         with nogil:
             _run_jobs(jobs, njobs)
         if sent is not None:

@@ -96,8 +96,9 @@ def test_scan_native_matches_twin(inputs):
     for page in range(npages):
         content = bytes(PAGE) if page in holes else buf[page * PAGE:(page + 1) * PAGE]
         assert current_twin[page * HASH:(page + 1) * HASH] == expected_hash(content)
-    assert list(dirty_twin) == [p for p in range(npages)
-                                if current_twin[p * HASH:(p + 1) * HASH] != sent[p * HASH:(p + 1) * HASH]]
+    hashes = [(current_twin[p * HASH:(p + 1) * HASH], sent[p * HASH:(p + 1) * HASH])
+              for p in range(npages)]
+    assert list(dirty_twin) == [p for p, (now, then) in enumerate(hashes) if now != then]
 
 
 @settings(max_examples=60, deadline=None)

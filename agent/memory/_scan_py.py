@@ -1,7 +1,9 @@
 """Pure-Python twin of agent._native.scan: the specification of the page scanner.
 
 Every function here has the same signature and result as its Cython counterpart; the tests
-compare the two on generated inputs. `threads` is validated but the twin always runs in one.
+compare the two on generated inputs. `threads` is validated but the twin always runs in one
+(the native scanner splits the pages into contiguous shares, one per thread, and caps the
+count; the result never depends on it).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ def page_count(buf: ReadableBuffer) -> int:
     with memoryview(buf) as view:
         nbytes = view.nbytes
     if nbytes % PAGE_SIZE:
-        raise ValueError(f"buffer of {nbytes} bytes is not a whole number of {PAGE_SIZE}-byte pages")
+        raise ValueError(f"buffer of {nbytes} bytes is not a whole number of "
+                         f"{PAGE_SIZE}-byte pages")
     return nbytes // PAGE_SIZE
 
 
@@ -93,7 +96,8 @@ def hash_pages_into(buf: ReadableBuffer, out: WriteableBuffer, *, threads: int =
             rawout.cast("B") as dst:
         for page in range(npages):
             offset = page * PAGE_SIZE
-            dst[page * HASH_SIZE:(page + 1) * HASH_SIZE] = _page_hash(src[offset:offset + PAGE_SIZE])
+            page_bytes = src[offset:offset + PAGE_SIZE]
+            dst[page * HASH_SIZE:(page + 1) * HASH_SIZE] = _page_hash(page_bytes)
 
 
 def scan(buf: ReadableBuffer, sent: ReadableBuffer, current: WriteableBuffer, *,
@@ -122,7 +126,9 @@ def scan(buf: ReadableBuffer, sent: ReadableBuffer, current: WriteableBuffer, *,
 
 
 def _index_array(indices: Iterable[int]) -> array[int]:
-    return indices if isinstance(indices, array) and indices.typecode == "Q" else array("Q", indices)
+    if isinstance(indices, array) and indices.typecode == "Q":
+        return indices
+    return array("Q", indices)
 
 
 def zero_pages(buf: ReadableBuffer, indices: Iterable[int] | None = None) -> array[int]:
