@@ -9,6 +9,7 @@ from collections.abc import Sequence
 # Subcommand -> module with `main(argv) -> int`; add a line here for each new benchmark.
 SUBCOMMANDS: dict[str, str] = {
     "scan": "bench.scan",
+    "codec": "bench.codec",
 }
 
 
