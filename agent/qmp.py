@@ -27,8 +27,17 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from qemu.qmp import ConnectError, EventListener, ExecInterruptedError, ExecuteError, QMPClient
-from qemu.qmp import Message, QMPError, Runstate, StateError
+from qemu.qmp import (
+    ConnectError,
+    EventListener,
+    ExecInterruptedError,
+    ExecuteError,
+    Message,
+    QMPClient,
+    QMPError,
+    Runstate,
+    StateError,
+)
 
 from agent.errors import (
     QemuError,

@@ -12,7 +12,7 @@ import stat
 import struct
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +28,7 @@ MACHINE_TYPE = "pc"
 RAM_BACKEND_ID = "ram0"
 RAM_BACKEND_TYPE = "memory-backend-file"
 SHM_DIR = Path("/dev/shm")
+PAGE_SIZE = 4096
 
 KVM_DEVICE = "/dev/kvm"
 # PVM is a software hypervisor behind /dev/kvm: a tiny guest runs on it, a stock Linux
@@ -216,6 +217,12 @@ class LaunchSpec:
     extra_args: tuple[str, ...] = ()   # e.g. ("-incoming", "defer")
     accel: AccelChoice | None = None   # None: choose_accel() at launch
     qemu_binary: str = QEMU_BINARY
+
+    def __post_init__(self) -> None:
+        if self.ram_size <= 0 or self.ram_size % PAGE_SIZE:
+            raise UserError(f"RAM size {self.ram_size} is not a positive multiple of {PAGE_SIZE}")
+        if self.cpus < 1:
+            raise UserError(f"a VM needs at least one CPU, not {self.cpus}")
 
     @classmethod
     def in_directory(cls, directory: Path, name: str, ram_size: int, *,

@@ -10,9 +10,9 @@ import time
 import pytest
 
 from agent.guest import (
+    ConfigStatus,
     GuestConfig,
     GuestState,
-    ConfigStatus,
     build_guest,
     mailbox,
     page_pattern,

@@ -50,6 +50,13 @@ def test_argv_is_migratable_and_accepted_by_vmspec(tmp_path):
     assert (backend_id, size, mem_path, share) == ("ram0", 64 * MIB, str(spec.ram_path), True)
 
 
+def test_launch_spec_checks_its_sizes(tmp_path):
+    with pytest.raises(UserError, match="multiple"):
+        vm.LaunchSpec.in_directory(tmp_path, "t1", 64 * MIB + 1)
+    with pytest.raises(UserError, match="CPU"):
+        spec_in(tmp_path, cpus=0)
+
+
 def test_read_argv_of_a_missing_process():
     with pytest.raises(QemuError, match="pid"):
         vm.read_argv(2**22 + 12345)
