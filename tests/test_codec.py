@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import random
 import struct
 from array import array
@@ -563,3 +564,18 @@ def test_twin_and_native_check_entries_agree(words, count, nblocks):
         except BatchError as exc:
             results.append(str(exc))
     assert results[0] == results[1]
+
+
+def test_read_only_mmap_source_and_shared_mmap_destination(backend, tmp_path):
+    bs, nblocks = 4096, 32
+    rng = random.Random(13)
+    content = b"".join(guest_block(rng, bs, bytearray(nblocks * bs), nblocks)
+                       for _ in range(nblocks))
+    (tmp_path / "src.ram").write_bytes(content)
+    (tmp_path / "dst.ram").write_bytes(bytes(nblocks * bs))
+    with open(tmp_path / "src.ram", "rb") as fs, open(tmp_path / "dst.ram", "r+b") as fd, \
+            mmap.mmap(fs.fileno(), 0, access=mmap.ACCESS_READ) as src, \
+            mmap.mmap(fd.fileno(), 0) as dst:
+        encoder = codec.BatchEncoder(src, bs, fresh_sent(nblocks, bs), max_data_bytes=8 * bs)
+        sync(encoder, array("Q", range(nblocks)), dst, nblocks, bs)
+        assert dst[:] == content
