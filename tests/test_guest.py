@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
 import struct
@@ -9,6 +10,7 @@ import time
 
 import pytest
 
+from agent import qmp
 from agent.guest import (
     ConfigStatus,
     GuestConfig,
@@ -200,3 +202,47 @@ def test_fill_writes_guest_like_pages(start_guest):
     assert 0.4 < kinds["text"] / 512 < 0.6
     assert 0.15 < kinds["random"] / 512 < 0.35
     assert page_bytes(guest, 0x1000 + 512) == bytes(PAGE)   # nothing beyond the fill
+
+
+async def migrate_shared_ram(src, dst, *, lose_page: int | None) -> None:
+    """What ferry will do, in miniature: stop, copy RAM file to RAM file, migrate device
+    state with x-ignore-shared, resume on the destination. `lose_page` is left unsent."""
+    async with qmp.connect(src.qmp_path) as qs, qmp.connect(dst.qmp_path) as qd:
+        for q in (qs, qd):
+            await q.execute("migrate-set-capabilities", {"capabilities": [
+                {"capability": "x-ignore-shared", "state": True}]})
+        uri = f"unix:{dst.qmp_path.parent / 'migrate.sock'}"
+        await qd.execute("migrate-incoming", {"uri": uri})
+        mark = qs.event_mark()
+        await qs.execute("stop")
+        await qs.wait_event("STOP", after=mark, timeout=5)
+        dst.ram[:] = src.ram[:]
+        if lose_page is not None:
+            dst.ram[lose_page * PAGE:(lose_page + 1) * PAGE] = bytes(PAGE)
+        await qs.execute("migrate", {"uri": uri})
+        deadline = time.monotonic() + 10
+        while (await qs.execute("query-migrate"))["status"] != "completed":
+            assert time.monotonic() < deadline, "device state migration did not complete"
+            await asyncio.sleep(0.01)
+        while (await qd.execute("query-status"))["status"] != "paused":
+            assert time.monotonic() < deadline, "destination did not finish loading"
+            await asyncio.sleep(0.01)
+        mark = qd.event_mark()
+        await qd.execute("cont")
+        await qd.wait_event("RESUME", after=mark, timeout=5)
+
+
+@pytest.mark.qemu
+@pytest.mark.parametrize("lose_page", [None, 0x400 + 77], ids=["complete", "one-page-lost"])
+def test_the_guest_checks_itself_across_a_shared_ram_migration(start_guest, lose_page):
+    config = GuestConfig(ws_pages=300, rate=20_000)
+    src = start_guest(config=config)
+    dst = start_guest(config=config, extra_args=("-incoming", "defer"), wait=False)
+    wait_passes(src, 2)
+    asyncio.run(migrate_shared_ram(src, dst, lose_page=lose_page))
+    state = wait_passes(dst, 3)
+    assert state.running
+    if lose_page is None:
+        assert state.errors == 0
+    else:
+        assert state.errors == 1 and state.first_error_page == lose_page
