@@ -169,20 +169,27 @@ class BatchEncoder:
             source, base, self.block_size, _u64_view(indices), start, self._sent, self.index,
             self._max_entries, self._data_capacity)
         raw_len = data_end - data_start
-        view = memoryview(buf)
         packed = None
         if self._compressor is not None and raw_len:
-            packed = self._compressor.compress(view[data_start:data_end])
+            with memoryview(buf) as view:
+                packed = self._compressor.compress(view[data_start:data_end])
             if len(packed) >= raw_len:  # incompressible: send it raw, save the receiver work
                 packed = None
         flags, wire_len = (0, raw_len) if packed is None else (FLAG_COMPRESSED, len(packed))
         fields = (MAGIC, VERSION, self._shift, flags, entries, copy, raw_len, wire_len)
         payload: memoryview | bytes
         if packed is None:
-            HEADER.pack_into(buf, head, *fields)  # the data stays where encode_blocks put it
-            payload = view[head:data_end].toreadonly()
+            HEADER.pack_into(buf, head, *fields)
+            # Trim in place, so the data stays where encode_blocks put it and the unused
+            # (uninitialised) room around it cannot be reached through the payload; cutting
+            # the front of a bytearray only moves its start.
+            del buf[data_end:]
+            del buf[:head]
+            payload = memoryview(buf).toreadonly()
         else:
-            payload = b"".join((HEADER.pack(*fields), view[head + HEADER_SIZE:data_start], packed))
+            with memoryview(buf) as view:
+                payload = b"".join((HEADER.pack(*fields), view[head + HEADER_SIZE:data_start],
+                                    packed))
         batch = EncodedBatch(payload, entries, zero, copy, data, unchanged, raw_len,
                              packed is not None)
         return batch, next_start

@@ -240,6 +240,8 @@ def test_budget_cuts_batches_and_resumes(backend):
     batches = sync(encoder, array("Q", range(nblocks)), dst, nblocks, bs)
     assert [b.data_count for b, _ in batches] == [3] * 13 + [1]
     assert all(b.nbytes == fmt.HEADER_SIZE + b.data_count * (8 + bs) for b, _ in batches)
+    # The buffer behind a payload holds the payload only, no unused (uninitialised) room.
+    assert all(len(b.payload.obj) == b.nbytes for b, _ in batches)
     assert dst == src
 
 
