@@ -1,7 +1,7 @@
 """The test guest's mailbox: its layout, and reading status / writing config through RAM.
 
-The guest (guest.S, which must agree with every constant here; tests/test_guest_layout.py
-checks) keeps one page at guest-physical MAILBOX_ADDR. On `-machine pc` low RAM is mapped
+The guest (guest.S, which must agree with every constant here, as a test in
+tests/test_guest.py checks) keeps one page at guest-physical MAILBOX_ADDR. On `-machine pc` low RAM is mapped
 1:1, so that page is at the same offset in the VM's shared RAM file, and the host reads it
 without asking QEMU.
 
