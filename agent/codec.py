@@ -78,7 +78,8 @@ block_hash = _backend.block_hash
 
 __all__ = [
     "BACKEND", "BatchEncoder", "BatchEntry", "DecodedBatch", "DedupIndex", "EncodedBatch",
-    "EntryKind", "apply_batch", "block_hash", "decode_batch", "zero_block_hash",
+    "EntryKind", "apply_batch", "block_hash", "decode_and_apply", "decode_batch",
+    "zero_block_hash",
 ]
 
 
@@ -319,3 +320,11 @@ def apply_batch(decoded: DecodedBatch, dst: WriteableBuffer) -> None:
                                    decoded.block_size)
         finally:
             target.release()
+
+
+def decode_and_apply(batch: ReadableBuffer, dst: WriteableBuffer, nblocks: int,
+                     block_size: int) -> int:
+    """Check a whole batch, then write it into dst; the number of entries applied."""
+    decoded = decode_batch(batch, nblocks, block_size)
+    apply_batch(decoded, dst)
+    return decoded.entry_count

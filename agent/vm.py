@@ -11,8 +11,9 @@ import socket
 import stat
 import struct
 import subprocess
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -309,6 +310,10 @@ class QemuProcess:
         self.kill()
         return self._popen.returncode
 
+    def detach(self) -> None:
+        """Let QEMU outlive this handle (and the agent): only reap it when it exits."""
+        threading.Thread(target=self._popen.wait, name=f"reap-{self.pid}", daemon=True).start()
+
     def kill(self) -> None:
         """SIGKILL and reap at once; safe to call any number of times (finalizers)."""
         if self._popen.poll() is None:
@@ -332,10 +337,15 @@ def _is_socket(path: Path) -> bool:
         return False
 
 
-async def launch(spec: LaunchSpec, *, timeout: float = DEFAULT_LAUNCH_TIMEOUT) -> QemuProcess:
-    """Start QEMU for `spec` as a child in its own session and wait for its QMP socket."""
+async def launch(spec: LaunchSpec, *, argv: Sequence[str] | None = None,
+                 timeout: float = DEFAULT_LAUNCH_TIMEOUT) -> QemuProcess:
+    """Start QEMU for `spec` as a child in its own session and wait for its QMP socket.
+
+    `argv` replaces the command line built from spec (the destination runs the checked
+    argv of a migrating VM); spec still names the sockets, logs and files to watch.
+    """
     accel = spec.accel or choose_accel()
-    argv = qemu_argv(spec, accel)
+    argv = qemu_argv(spec, accel) if argv is None else list(argv)
     if _is_socket(spec.qmp_path):
         spec.qmp_path.unlink()  # a stale socket would look ready before QEMU is
     log.debug("starting %s", " ".join(argv))

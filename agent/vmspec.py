@@ -250,7 +250,7 @@ class DestinationPaths:
     qmp_path: Path
     serial_log: Path
     pidfile: Path
-    qemu_log: Path
+    qemu_log: Path                 # QEMU's stdout and stderr
     incoming_path: Path            # unix socket QEMU listens on for device state
 
     @classmethod
@@ -306,7 +306,6 @@ def destination_argv(spec: VmSpec, paths: DestinationPaths, roots: Sequence[Path
     state.out += [
         "-qmp", f"unix:{paths.qmp_path},server=on,wait=off",
         "-pidfile", str(paths.pidfile),
-        "-D", str(paths.qemu_log),
         "-S", "-incoming", "defer",
     ]
     return [qemu_binary, *state.out]

@@ -124,8 +124,10 @@ class DestinationJob:
         os.ftruncate(incoming.ram_fd, spec.ram_size)
         incoming.ram = mmap.mmap(incoming.ram_fd, spec.ram_size, mmap.MAP_SHARED,
                                  mmap.PROT_READ | mmap.PROT_WRITE)
-        incoming.process = await vm.launch_argv(argv, name=spec.name, qmp_path=paths.qmp_path,
-                                                log_path=paths.qemu_log)
+        launch = vm.LaunchSpec(name=spec.name, ram_size=spec.ram_size, ram_path=paths.ram_path,
+                               qmp_path=paths.qmp_path, serial_path=paths.serial_log,
+                               pidfile=paths.pidfile, log_path=paths.qemu_log)
+        incoming.process = await vm.launch(launch, argv=argv)
         incoming.qmp = await qmp_mod.connect(paths.qmp_path)
         await incoming.qmp.execute("migrate-set-capabilities", enable_capabilities())
         await incoming.qmp.execute("migrate-incoming", {"uri": f"unix:{paths.incoming_path}"})
