@@ -41,3 +41,20 @@ def test_no_rate_yet_means_no_switchover_unless_nothing_dirty():
     policy = ConvergencePolicy()
     assert policy.predicted_downtime_s(1, 0.0) == float("inf")
     assert policy.predicted_downtime_s(0, 0.0) == policy.overhead_s
+
+
+def test_dirty_rate_far_above_link_throttles_hard_at_once():
+    policy = ConvergencePolicy(downtime_limit_s=0.01)
+    # link: 10k pages/s; the guest dirtied 20k pages in a 2 s round -> 10k pages/s, twice
+    # what LINK_SHARE allows: half the time stopped at least.
+    policy.observe(stats(0, 20_000, send_s=2.0), 2.0, 20_000, 0.05)
+    decision = policy.observe(RoundStats(1, 20_000, 0.05, 2.0, 0, 2.0), 4.0, 20_000, 0.05)
+    assert decision is Decision.THROTTLE
+    assert policy.throttle_share >= 0.5
+
+
+def test_needed_share_accounts_for_current_throttle():
+    policy = ConvergencePolicy(max_page_rate=10_000, throttle_step=1)  # 50% stopped
+    # 2.5k pages/s while half stopped is 5k pages/s unthrottled: exactly LINK_SHARE.
+    assert policy.needed_share(5_000, 2.0) == 0.0
+    assert policy.needed_share(10_000, 2.0) == 0.5  # 10k/s unthrottled: stop half the time

@@ -90,15 +90,18 @@ def run(args: argparse.Namespace) -> int:
     report: dict[str, Any] | None = None
     with ControlClient(home / "control.sock", timeout=None) as client:
         client.send(request)
-        replies = client.replies()
         while report is None:
             try:
-                for reply in replies:
+                # A fresh iterator after each Ctrl-C: the interrupted one is finished.
+                for reply in client.replies():
                     if reply.get("event") == "progress":
                         if live:
                             sys.stderr.write("\r\x1b[K" + progress_line(reply))
                             sys.stderr.flush()
                         continue
+                    if reply.get("event") == "result":
+                        report = reply
+                        break
                     if reply.get("ok") is False:
                         raise UserError(reply.get("error", "the agent refused the migration"))
                     report = reply

@@ -22,9 +22,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     start.add_argument("--memory", required=True, metavar="SIZE", help="guest RAM, e.g. 1G")
     start.add_argument("--cpus", type=int, default=1, metavar="N")
     add_home_argument(start)
-    start.add_argument("qemu_args", nargs=argparse.REMAINDER, metavar="-- QEMU ARGS",
-                       help="extra QEMU arguments after --, e.g. -- -kernel guest.elf")
-    start.set_defaults(func=run_start)
+    start.epilog = "Extra QEMU arguments follow --, e.g.  ferry vm start web01 --memory 1G -- -kernel guest.elf"
+    start.set_defaults(func=run_start, takes_passthrough=True)
     listing = sub.add_parser("list", help="list the VMs this agent knows")
     add_home_argument(listing)
     listing.set_defaults(func=run_list)
@@ -37,7 +36,7 @@ def run_start(args: argparse.Namespace) -> int:
         raise UserError(f"--memory {args.memory}: must be a positive multiple of 4 KiB")
     if vms.is_running(config, args.name):
         raise UserError(f"a VM named {args.name} already runs on this agent")
-    extra = [a for a in args.qemu_args if a != "--"] if args.qemu_args else []
+    extra = list(args.passthrough)
     vm_dir = config.vms_dir / args.name
     vm_dir.mkdir(parents=True, exist_ok=True)
     spec = vm.LaunchSpec.in_directory(vm_dir, args.name, size, ram_dir=config.ram_dir,

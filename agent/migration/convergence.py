@@ -4,8 +4,9 @@ Each round reports how many pages were dirty and how fast pages went out. The mo
 predicts the downtime of switching over now as: one final scan of RAM, plus sending the
 pages dirtied since the last round at the measured page rate, plus a fixed cost for the
 device state and resuming the destination. When the dirty set stops shrinking the guest
-is throttled harder; when pre-copy still exceeds its time budget the timeout action
-(abort or force) applies.
+is throttled: at once to the share its dirty rate calls for against the link's rate, and
+a step harder after every STALL_ROUNDS rounds without progress. When pre-copy still
+exceeds its time budget the timeout action (abort or force) applies.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ DEFAULT_SWITCHOVER_OVERHEAD_S = 0.035
 NO_PROGRESS_SHARE = 0.9
 # Rounds in a row without progress before throttling harder.
 STALL_ROUNDS = 2
+# Throttle so the guest dirties at most this share of what the link carries.
+LINK_SHARE = 0.5
 # Share of wall time the guest is stopped, step by step, while throttling.
 THROTTLE_STEPS = (0.3, 0.5, 0.7, 0.85, 0.95)
 
@@ -98,9 +101,33 @@ class ConvergencePolicy:
             self.stalled_rounds = 0
             return Decision.CONTINUE
         self.stalled_rounds += 1
-        if self.stalled_rounds >= STALL_ROUNDS and self.throttle_step < len(THROTTLE_STEPS) - 1:
-            self.throttle_step += 1
+        needed = self._step_for(self.needed_share(next_dirty, stats.elapsed_s))
+        if self.stalled_rounds >= STALL_ROUNDS:
+            needed = max(needed, self.throttle_step + 1)
+        needed = min(needed, len(THROTTLE_STEPS) - 1)
+        if needed > self.throttle_step:
+            self.throttle_step = needed
             self.stalled_rounds = 0
             self.best_dirty = next_dirty
             return Decision.THROTTLE
         return Decision.CONTINUE
+
+    def needed_share(self, dirtied: int, over_s: float) -> float:
+        """The stopped share that brings the guest's dirty rate under LINK_SHARE of the
+        link's page rate, from the pages it dirtied in the last round."""
+        if over_s <= 0 or self.max_page_rate <= 0:
+            return 0.0
+        running = 1.0 - self.throttle_share
+        raw_rate = dirtied / over_s / max(running, 0.01)  # what it would dirty unthrottled
+        allowed = LINK_SHARE * self.max_page_rate
+        return 0.0 if raw_rate <= allowed else 1.0 - allowed / raw_rate
+
+    @staticmethod
+    def _step_for(share: float) -> int:
+        """Index of the smallest throttle step at least `share` (-1 for none)."""
+        if share <= 0:
+            return -1
+        for index, step in enumerate(THROTTLE_STEPS):
+            if step >= share:
+                return index
+        return len(THROTTLE_STEPS) - 1

@@ -24,7 +24,7 @@ from agent.errors import FerryError, PeerError, ProtocolError, QemuError, UserEr
 from agent.migration.link import Link, parse_message, send_control
 from agent.migration.qemu_stream import enable_capabilities, wait_migration_done
 from agent.migration.protocol import Kind, Op
-from agent.service import vms
+from agent.service import journal, vms
 from agent.service.config import AgentConfig
 from agent.vmspec import PAGE_SIZE, DestinationPaths, VmSpec, destination_argv
 
@@ -115,6 +115,7 @@ class DestinationJob:
         argv = destination_argv(spec, paths, self.config.roots, self.config.qemu_path())
         self._check_ram_space(spec.ram_size)
         incoming = self.incoming = IncomingVm(spec=spec, paths=paths)
+        self._journal(incoming, pid=0)  # before creating anything a crash could leave
         if vm_dir.exists():
             shutil.rmtree(vm_dir)  # a stale directory of a VM that is not running
         vm_dir.mkdir(parents=True)
@@ -128,6 +129,7 @@ class DestinationJob:
                                qmp_path=paths.qmp_path, serial_path=paths.serial_log,
                                pidfile=paths.pidfile, log_path=paths.qemu_log)
         incoming.process = await vm.launch(launch, argv=argv)
+        self._journal(incoming, pid=incoming.process.pid)
         incoming.qmp = await qmp_mod.connect(paths.qmp_path)
         await incoming.qmp.execute("migrate-set-capabilities", enable_capabilities())
         await incoming.qmp.execute("migrate-incoming", {"uri": f"unix:{paths.incoming_path}"})
@@ -135,6 +137,12 @@ class DestinationJob:
                  incoming.process.pid)
         await send_control(self.link, Op.PREPARED, dest_pid=incoming.process.pid,
                            npages=spec.npages)
+
+    def _journal(self, incoming: IncomingVm, pid: int) -> None:
+        journal.write(self.config, journal.Entry(
+            job=self.job_id, role="destination", step=journal.Step.INCOMING,
+            vm=incoming.spec.name, pid=pid, vm_dir=str(incoming.paths.vm_dir),
+            ram_path=str(incoming.paths.ram_path), peer=self.peer))
 
     def _check_ram_space(self, ram_size: int) -> None:
         usage = shutil.disk_usage(self.config.ram_dir)
@@ -150,10 +158,11 @@ class DestinationJob:
         queue: asyncio.Queue[bytes | memoryview | None] = asyncio.Queue(APPLY_QUEUE_DEPTH)
         applier = asyncio.create_task(self._apply_pages(queue), name="apply-pages")
         qemu_exit = asyncio.create_task(incoming.process.wait(float("inf")), name="qemu-exit")
+        watched = {applier, qemu_exit}  # either ending early is a failure
         try:
             while True:
                 receive = asyncio.create_task(self.link.receive())
-                done, _ = await asyncio.wait({receive, applier, qemu_exit},
+                done, _ = await asyncio.wait({receive, *watched},
                                              return_when=asyncio.FIRST_COMPLETED)
                 if receive not in done:
                     receive.cancel()
@@ -179,6 +188,7 @@ class DestinationJob:
                 if msg.op is Op.RAM_DONE:
                     await queue.put(None)
                     await applier  # every page is in the RAM file before devices load
+                    watched.discard(applier)
                     self.ram_done = True
                     await self._device_state(b"")
                 elif msg.op is Op.DEVICE_STATE_END:
@@ -258,6 +268,7 @@ class DestinationJob:
             name=incoming.spec.name, pid=incoming.process.pid,
             qmp_path=str(incoming.paths.qmp_path), ram_path=str(incoming.paths.ram_path),
             vm_dir=str(incoming.paths.vm_dir), managed=True))
+        journal.remove(self.config, self.job_id)
         incoming.close_ram()
         with contextlib.suppress(QemuError):
             await incoming.qmp.disconnect()
@@ -277,3 +288,4 @@ class DestinationJob:
             self.state_writer.close()
         await self.incoming.remove()
         self.incoming = None
+        journal.remove(self.config, self.job_id)

@@ -24,17 +24,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.errors import ProtocolError
+from agent.wire.messages import MsgType
 
 MAX_CONTROL_BYTES = 1 << 20
 
 
 class Kind(enum.IntEnum):
-    """Message kinds on the migration channel."""
+    """Message kinds on the migration channel (their channel type codes)."""
 
-    CONTROL = 1       # one JSON object with an "op"
-    RAM_BATCH = 2     # an encoded page batch (agent.codec) for guest RAM
-    DEVICE_STATE = 3  # raw bytes of QEMU's migration stream (device state only)
-    DISK_BATCH = 4    # an encoded block batch for one disk (storage migration)
+    CONTROL = MsgType.CONTROL            # one JSON object with an "op"
+    RAM_BATCH = MsgType.RAM_PAGES        # an encoded page batch (agent.codec) of guest RAM
+    DISK_BATCH = MsgType.DISK_BLOCKS     # an encoded block batch of one disk
+    DEVICE_STATE = MsgType.DEVICE_STATE  # raw bytes of QEMU's migration stream
 
 
 class Op(enum.StrEnum):

@@ -25,12 +25,12 @@ from agent.errors import FerryError, PeerError, QemuError, UserError
 from agent.memory.tracker import HashScanTracker
 from agent.migration.convergence import (ConvergencePolicy, Decision, RoundStats,
                                          TimeoutAction)
-from agent.migration.link import Link, expect_control, send_control
+from agent.migration.link import Inbox, Link, send_control
 from agent.migration.protocol import Kind, Op
 from agent.migration.qemu_stream import enable_capabilities, wait_migration_done
 from agent.migration.states import Phase, PhaseTracker
 from agent.migration.throttle import Throttle
-from agent.service import vms
+from agent.service import journal, vms
 from agent.service.config import AgentConfig
 from agent.vmspec import PAGE_SIZE, VmSpec
 
@@ -44,6 +44,10 @@ DEVICE_STATE_CHUNK = 256 << 10
 # QEMU's default max-bandwidth (128 MiB/s in 7.2) would pace even the device state.
 QEMU_MAX_BANDWIDTH = 1 << 40
 PROGRESS_INTERVAL_S = 0.25
+
+class ConvergenceTimeout(UserError):
+    """Pre-copy ran out of its time budget without converging (timeout action: abort)."""
+
 
 Progress = Callable[[dict[str, Any]], Awaitable[None]]
 ConnectPeer = Callable[[str], Awaitable[Link]]
@@ -122,6 +126,7 @@ class SourceJob:
     qmp: qmp_mod.Qmp | None = None
     info: vm.VmInfo | None = None
     link: Link | None = None
+    inbox: Inbox | None = None
     ram: mmap.mmap | None = None
     ram_fd: int = -1
     tracker: HashScanTracker | None = None
@@ -138,6 +143,7 @@ class SourceJob:
     _dirty_rate: float | None = None
     _last_progress: float = 0.0
     _migrate_writer: asyncio.StreamWriter | None = None
+    _ram_done: asyncio.Event = field(default_factory=asyncio.Event)
 
     # ------------------------------------------------------------------ driver
 
@@ -162,6 +168,8 @@ class SourceJob:
                 # After COMMIT a cancel changes nothing: the destination owns the VM now.
                 cancel_wait = asyncio.create_task(asyncio.sleep(3600))
         except FerryError as exc:
+            if self.inbox is not None:
+                exc = await self.inbox.explain(exc)
             error = str(exc)
             log.error("migration %s of %s failed: %s", self.job_id, self.qmp_path, exc)
             log.debug("traceback", exc_info=True)
@@ -172,6 +180,8 @@ class SourceJob:
         finally:
             cancel_wait.cancel()
             await self._release()
+            if self.phases.phase is not Phase.UNKNOWN:
+                journal.remove(self.config, self.job_id)
         return self.report(error)
 
     async def _migrate(self) -> None:
@@ -205,11 +215,19 @@ class SourceJob:
         await self.qmp.execute("migrate-set-parameters", {"max-bandwidth": QEMU_MAX_BANDWIDTH})
         await self._emit(force=True)
         self.link = await self.connect_peer(self.peer)
+        self.inbox = Inbox(self.link)
         await send_control(self.link, Op.PREPARE, vm=spec.to_json(), job=self.job_id)
-        reply = await expect_control(self.link, {Op.PREPARED}, timeout=PREPARE_TIMEOUT_S,
-                                     what="preparing the destination")
+        reply = await self.inbox.expect({Op.PREPARED}, timeout=PREPARE_TIMEOUT_S,
+                                        what="preparing the destination")
         self.dest_pid = int(reply.body.get("dest_pid", 0)) or None
         self.throttle = Throttle(self.qmp)
+        self._journal(journal.Step.PRECOPY)
+
+    def _journal(self, step: journal.Step) -> None:
+        """Record how far the job got, for an agent restarted after a crash."""
+        journal.write(self.config, journal.Entry(
+            job=self.job_id, role="source", step=step, vm=self.vm_name or "",
+            qmp_path=str(self.qmp_path), peer=self.peer))
 
     # ------------------------------------------------------------------ pre-copy
 
@@ -235,7 +253,7 @@ class SourceJob:
             if decision is Decision.SWITCHOVER:
                 return
             if decision is Decision.ABORT:
-                raise UserError(
+                raise ConvergenceTimeout(
                     f"pre-copy did not converge within {self.options.timeout_s:g} s "
                     f"({len(dirty)} pages still dirty, predicted downtime "
                     f"{policy.predicted_downtime_s(len(dirty), scan_s) * 1000:.0f} ms > "
@@ -267,11 +285,25 @@ class SourceJob:
             pending = (loop.run_in_executor(None, self.encoder.encode, dirty, position)
                        if position < total else None)
             if batch.entry_count:
+                if self.inbox is not None:
+                    self.inbox.check()
                 await self.link.send(Kind.RAM_BATCH, batch.payload)
                 self.counters.add(batch)
                 await self._pace(start)
             await self._emit(pages_left=total - position)
+            self._check_deadline(total - position)
         return time.monotonic() - start
+
+    def _check_deadline(self, pages_left: int) -> None:
+        """Abort a pre-copy round that overruns the time budget (rounds on a slow link can
+        be long); with --timeout-action force the round finishes and switchover follows."""
+        if (self.phases.phase in (Phase.PRECOPY, Phase.THROTTLING)
+                and self.options.timeout_action is TimeoutAction.ABORT
+                and time.monotonic() - self.started > self.options.timeout_s):
+            raise ConvergenceTimeout(
+                f"pre-copy did not converge within {self.options.timeout_s:g} s "
+                f"({pages_left} pages of this round still to send); raise --timeout, "
+                f"--bandwidth, or use --timeout-action force to accept a longer downtime")
 
     async def _pace(self, round_start: float) -> None:
         """Sleep as needed to keep the wire rate under --bandwidth."""
@@ -288,6 +320,7 @@ class SourceJob:
         """Stop the guest, send the last pages while QEMU streams its device state."""
         assert self.qmp is not None and self.throttle is not None and self.link is not None
         await self.throttle.stop()
+        self._journal(journal.Step.STOPPED)
         mark = self.qmp.event_mark()
         await self.qmp.execute("stop")
         stop = await self.qmp.wait_event("STOP", after=mark, timeout=10)
@@ -299,14 +332,15 @@ class SourceJob:
             await self._send_round(dirty)
             self.counters.rounds += 1
             await send_control(self.link, Op.RAM_DONE, pages=self.counters.pages_sent)
+            self._ram_done.set()
             await tunnel
         finally:
             if not tunnel.done():
                 tunnel.cancel()
                 with contextlib.suppress(asyncio.CancelledError, FerryError):
                     await tunnel
-        await expect_control(self.link, {Op.LOADED}, timeout=LOADED_TIMEOUT_S,
-                             what="destination loading the device state")
+        await self.inbox.expect({Op.LOADED}, timeout=LOADED_TIMEOUT_S,
+                                what="destination loading the device state")
 
     async def _tunnel_device_state(self) -> None:
         """Serve QEMU's `migrate` on a unix socket and forward its bytes to the peer."""
@@ -330,6 +364,7 @@ class SourceJob:
                 self.counters.device_state_bytes += len(chunk)
                 await self.link.send(Kind.DEVICE_STATE, chunk)
             await self._wait_source_migration()
+            await self._ram_done.wait()  # the destination expects RAM_DONE first
             await send_control(self.link, Op.DEVICE_STATE_END,
                                bytes=self.counters.device_state_bytes)
         except TimeoutError:
@@ -349,9 +384,10 @@ class SourceJob:
     async def _commit(self) -> None:
         """Hand the VM over; from here the source never resumes on its own."""
         assert self.link is not None and self.qmp is not None
+        self._journal(journal.Step.COMMITTING)
         await send_control(self.link, Op.COMMIT)
-        reply = await expect_control(self.link, {Op.COMMITTED}, timeout=COMMIT_TIMEOUT_S,
-                                     what="destination resuming the VM")
+        reply = await self.inbox.expect({Op.COMMITTED}, timeout=COMMIT_TIMEOUT_S,
+                                        what="destination resuming the VM")
         self.resume_us = int(reply.body.get("resume_us", 0)) or None
         self.dest_pid = int(reply.body.get("dest_pid", 0)) or self.dest_pid
         with contextlib.suppress(QemuError):
@@ -378,8 +414,9 @@ class SourceJob:
         if self.link is not None:
             with contextlib.suppress(FerryError, ConnectionError, OSError):
                 await send_control(self.link, Op.ABORT, reason=why)
-                await expect_control(self.link, {Op.ABORTED}, timeout=ABORT_TIMEOUT_S,
-                                     what="destination rolling back")
+                if self.inbox is not None:
+                    await self.inbox.expect({Op.ABORTED}, timeout=ABORT_TIMEOUT_S,
+                                            what="destination rolling back")
         if self.qmp is not None:
             try:
                 if self.throttle is not None:
@@ -395,6 +432,8 @@ class SourceJob:
         self.phases.advance(outcome)
 
     async def _release(self) -> None:
+        if self.inbox is not None:
+            await self.inbox.close()
         if self.link is not None:
             with contextlib.suppress(FerryError, ConnectionError, OSError):
                 await self.link.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -10,27 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import UserError
+from agent.identity import parse_address
 
 CONFIG_FILE = "agent.toml"
 DEFAULT_PORT = 7370
 DEFAULT_QEMU = "qemu-system-x86_64"
 # tmpfs: a VM's RAM file must live in memory; /dev/shm is tmpfs on every Debian host.
 DEFAULT_RAM_DIR = Path("/dev/shm")
-
-
-def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
-    """HOST:PORT (or HOST, or [V6]:PORT) as a (host, port) pair."""
-    host, sep, port = text.rpartition(":")
-    if not sep or "]" in port:
-        host, port = text, str(default_port)
-    host = host.strip("[]")
-    try:
-        number = int(port)
-    except ValueError:
-        raise UserError(f"bad address {text!r}: port must be a number") from None
-    if not host or not 0 < number < 65536:
-        raise UserError(f"bad address {text!r}: expected HOST:PORT")
-    return host, number
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,10 +94,3 @@ def load_config(home: Path) -> AgentConfig:
     if unknown:
         raise UserError(f"{path}: unknown settings {', '.join(sorted(unknown))}")
     return replace(config, **changes)
-
-
-def ensure_home(home: Path) -> None:
-    """Create the agent's home (private: it holds the identity key)."""
-    home.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if not os.access(home, os.W_OK):
-        raise UserError(f"agent home {home} is not writable")
