@@ -234,14 +234,16 @@ class Session:
         data_to_send() returns (it seals the channel's own queued frames) before this,
         and never run two seal()/data_to_send() calls at the same time.
         """
-        self._check_can_send(msg_type)
-        if msg_type.is_control:
-            try:
-                decode_control(bytes(payload))
-            except MessageError as exc:
-                raise LocalError(f"{msg_type.name} payload is not a JSON object") from exc
+        self._check_sealable(msg_type, payload)
         assert self._sealer is not None
         return self._sealer.seal(msg_type, payload)
+
+    def seal_into(self, msg_type: MsgType, payload: Buffer, out: bytearray) -> memoryview:
+        """Like seal(), but the frame is written into `out` (at least
+        frames.frame_size(len(payload)) bytes); returns the view of it."""
+        self._check_sealable(msg_type, payload)
+        assert self._sealer is not None
+        return self._sealer.seal_into(msg_type, payload, out)
 
     def send(self, msg_type: MsgType, payload: Buffer) -> None:
         """Queue one application message for data_to_send()."""
@@ -271,6 +273,14 @@ class Session:
         if state not in TRANSITIONS[self.state]:
             raise LocalError(f"illegal session transition {self.state.name} -> {state.name}")
         self.state = state
+
+    def _check_sealable(self, msg_type: MsgType, payload: Buffer) -> None:
+        self._check_can_send(msg_type)
+        if msg_type.is_control:
+            try:
+                decode_control(bytes(payload))
+            except MessageError as exc:
+                raise LocalError(f"{msg_type.name} payload is not a JSON object") from exc
 
     def _check_can_send(self, msg_type: MsgType) -> None:
         if not isinstance(msg_type, MsgType):

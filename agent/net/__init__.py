@@ -1,0 +1,1 @@
+"""Asyncio glue that carries the sans-IO wire protocol over real sockets."""
