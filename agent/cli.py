@@ -14,7 +14,9 @@ log = logging.getLogger("ferry")
 
 # Each subcommand module exposes `add_parser(subparsers)` which registers its parser and
 # sets `func` (args -> exit code). Listed here so `ferry --help` shows them in this order.
-SUBCOMMAND_MODULES: tuple[str, ...] = ()
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "agent.commands.identity_cmds",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -323,6 +323,10 @@ class TrustedPeers:
             return TrustedPeers(self.peers + (peer,))
         return TrustedPeers(tuple(peer if p.name == peer.name else p for p in self.peers))
 
+    def without(self, name: str) -> TrustedPeers:
+        """This list without the peer called `name` (the same list if there is none)."""
+        return TrustedPeers(tuple(p for p in self.peers if p.name != name))
+
     def to_toml(self) -> str:
         parts = [PEERS_HEADER]
         for peer in self.peers:
@@ -411,3 +415,13 @@ def trust_peer(home: Path, name: str, public_key: bytes,
         peer = Peer(name, public_key, address)
         save_peers(home, peers.with_peer(peer))
     return peer, old is None
+
+
+def untrust_peer(home: Path, name: str) -> bool:
+    """Remove peer `name`; False if there was none."""
+    with _peers_lock(home):
+        peers = load_peers(home)
+        if peers.by_name(name) is None:
+            return False
+        save_peers(home, peers.without(name))
+    return True
