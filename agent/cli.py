@@ -15,6 +15,9 @@ log = logging.getLogger("ferry")
 # Each subcommand module exposes `add_parser(subparsers)` which registers its parser and
 # sets `func` (args -> exit code). Listed here so `ferry --help` shows them in this order.
 SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "agent.commands.agent_cmd",
+    "agent.commands.vm_cmds",
+    "agent.commands.migrate",
     "agent.commands.identity_cmds",
 )
 
@@ -45,7 +48,16 @@ def setup_logging(verbosity: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `ferry` console script; returns the process exit code."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after `--` goes to QEMU untouched (argparse mangles it inside subcommands).
+    passthrough: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, passthrough = argv[:cut], argv[cut + 1:]
     args = parser.parse_args(argv)
+    args.passthrough = passthrough
+    if passthrough and not getattr(args, "takes_passthrough", False):
+        parser.error("arguments after -- are only taken by `ferry vm start`")
     setup_logging(args.verbose)
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
     if func is None:

@@ -1,4 +1,4 @@
-"""`make demo`: boot the test guest and compare the tracker's dirty rate with the guest's own.
+"""Dirty-rate demo (`python -m agent.demo_dirty`): the tracker's dirty rate against the guest's own.
 
 The guest reports in its mailbox how many pages it wrote; the tracker finds the changed
 pages by itself each second. With a working set larger than a second of writes every
@@ -123,7 +123,7 @@ async def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> i
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m agent.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m agent.demo_dirty", description=__doc__)
     parser.add_argument("--seconds", type=int, default=DEFAULT_SECONDS)
     parser.add_argument("--ram-mib", type=int, default=DEFAULT_RAM_MIB)
     parser.add_argument("--fill-mib", type=int, default=DEFAULT_FILL_MIB)

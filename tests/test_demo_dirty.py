@@ -1,4 +1,4 @@
-"""`make demo` at small scale: it boots the guest, measures, shuts down, and reports sanely."""
+"""The dirty-rate demo at small scale: it boots the guest, measures, shuts down, and reports sanely."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from agent import demo
+from agent import demo_dirty as demo
 from agent.errors import FerryError
 from agent.guest import PAGE_SIZE
 

@@ -246,6 +246,8 @@ class SourceJob:
                                scan_s=scan_s, send_s=send_s, wire_bytes=self.counters.wire_bytes,
                                elapsed_s=time.monotonic() - round_start + scan_s)
             self.counters.rounds += 1
+            log.info("migration %s round %d: %d pages in %.0f ms after a %.0f ms scan",
+                     self.job_id, stats.index, stats.dirty_pages, send_s * 1000, scan_s * 1000)
             dirty, scan_s = await self._scan()
             decision = policy.observe(stats, time.monotonic() - self.started, len(dirty), scan_s)
             self._dirty_rate = len(dirty) / max(stats.elapsed_s, 1e-3)
@@ -328,8 +330,10 @@ class SourceJob:
         await self._emit(force=True)
         tunnel = asyncio.create_task(self._tunnel_device_state(), name="device-state")
         try:
-            dirty, _ = await self._scan()  # exact: the guest is stopped
-            await self._send_round(dirty)
+            dirty, scan_s = await self._scan()  # exact: the guest is stopped
+            send_s = await self._send_round(dirty)
+            log.info("migration %s final round: %d pages in %.0f ms after a %.0f ms scan",
+                     self.job_id, len(dirty), send_s * 1000, scan_s * 1000)
             self.counters.rounds += 1
             await send_control(self.link, Op.RAM_DONE, pages=self.counters.pages_sent)
             self._ram_done.set()

@@ -1,0 +1,114 @@
+"""`make demo`: a real live migration of the test guest between two agents on this machine.
+
+Two agents (own homes, ports on loopback, trusting each other) run as processes; the
+guest is started with `ferry vm start` on the first and moved with `ferry migrate` while
+it rewrites memory and checks every page it wrote. Afterwards it must run on the second
+agent's host with no page lost: the guest itself counts the pages it finds corrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from agent import vm
+from agent.demo_dirty import PAGES_PER_MIB, guest_config
+from agent.errors import FerryError, QemuError
+from agent.guest import build_guest
+from agent.guest.build import default_cache_dir
+from agent.localpair import AgentPair, pid_alive, read_guest
+
+MIB = 1 << 20
+DEFAULT_RAM_MIB = 1024
+DEFAULT_FILL_MIB = 512
+DEFAULT_RATE = 5000          # pages per second the guest rewrites (~20 MB/s)
+BOOT_TIMEOUT_S = 30.0
+WATCH_S = 1.0
+VM_NAME = "demo"
+
+
+def ferry(*args: str) -> list[str]:
+    """The argv of a `ferry` command run by this Python."""
+    return [sys.executable, "-m", "agent", *args]
+
+
+def wait_for_passes(ram_path: str, passes: int, timeout: float) -> None:
+    """Wait until the guest finished `passes` passes over its working set."""
+    deadline = time.monotonic() + timeout
+    while (state := read_guest(ram_path)).passes < passes:
+        if time.monotonic() > deadline:
+            raise QemuError(f"the guest did not get going within {timeout:g} s: {state}")
+        time.sleep(0.05)
+
+
+def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
+    accel = vm.choose_accel()
+    out(f"accelerator: {accel.accel.value} ({accel.reason})")
+    config = guest_config(args.ram_mib, args.fill_mib, args.rate)
+    kernel = build_guest(config)
+    root = Path(tempfile.mkdtemp(prefix="ferry-demo-"))
+    pair = AgentPair.create(root, allow=(default_cache_dir(),))
+    try:
+        pair.start()
+        out(f"agents: a on 127.0.0.1:{pair.a.port}, b on 127.0.0.1:{pair.b.port} "
+            f"(homes in {root}), each trusting the other's key")
+        started = subprocess.run(
+            ferry("vm", "start", VM_NAME, "--memory", f"{args.ram_mib}M", "--home",
+                  str(pair.a.home), "--", "-kernel", str(kernel)),
+            capture_output=True, text=True, check=False)
+        if started.returncode != 0:
+            raise QemuError(f"ferry vm start failed: {started.stderr.strip()}")
+        out(started.stdout.strip())
+        source = pair.a.vm_record(VM_NAME)
+        out(f"guest: {config.fill_pages // PAGES_PER_MIB} MiB of content, rewrites "
+            f"{config.ws_pages} pages at {config.rate} pages/s and checks each one")
+        wait_for_passes(source.ram_path, 1, BOOT_TIMEOUT_S)
+        out(f"$ ferry migrate {VM_NAME} --to hostb")
+        sys.stdout.flush()
+        migrate = subprocess.run(ferry("migrate", VM_NAME, "--to", "hostb", "--home",
+                                       str(pair.a.home)), check=False)
+        if migrate.returncode != 0:
+            out("migration failed; the source VM keeps running on a")
+            return 1
+        dest = pair.b.vm_record(VM_NAME)
+        before = read_guest(dest.ram_path)
+        time.sleep(WATCH_S)
+        after = read_guest(dest.ram_path)
+        out(f"on b: QEMU pid {dest.pid} runs the guest: heartbeat +{after.heartbeat - before.heartbeat}"
+            f" ms in {WATCH_S:g} s, {after.passes} passes, {after.errors} corrupted pages")
+        out(f"on a: source QEMU pid {source.pid} "
+            f"{'still runs (unexpected)' if pid_alive(source.pid) else 'has quit'}")
+        return 0 if after.errors == 0 and after.heartbeat > before.heartbeat else 1
+    finally:
+        pair.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m agent.demo", description=__doc__)
+    parser.add_argument("--ram-mib", type=int, default=DEFAULT_RAM_MIB)
+    parser.add_argument("--fill-mib", type=int, default=DEFAULT_FILL_MIB)
+    parser.add_argument("--rate", type=int, default=DEFAULT_RATE, help="pages per second")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except FerryError as exc:
+        print(f"ferry demo: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("ferry demo: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

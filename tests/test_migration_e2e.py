@@ -1,0 +1,258 @@
+"""Live migration end to end: real QEMU guests, two real agents, real sockets.
+
+The guest verifies its own memory on every pass (a page the migration lost or corrupted
+shows up in its error count), and tests read its mailbox straight from the RAM files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from agent import identity
+from agent.guest import GuestConfig, RunningGuest
+from agent.guest.build import default_cache_dir
+from tests.agents import AgentPair, CuttableProxy, pid_alive, read_guest
+
+pytestmark = pytest.mark.qemu
+
+MIB = 1 << 20
+PAGE = 4096
+
+
+@pytest.fixture
+def agents() -> Iterator[AgentPair]:
+    """Agents a (source) and b (destination) on loopback, trusting each other."""
+    # Short root: unix socket paths under it must fit in 108 bytes.
+    root = Path(tempfile.mkdtemp(prefix="fy-"))
+    pair = AgentPair.create(root, allow=(default_cache_dir(),))
+    try:
+        pair.start()
+        yield pair
+    finally:
+        pair.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def boot(start_guest: Callable[..., RunningGuest], **config: int) -> RunningGuest:
+    """A running test guest of 256 MiB with 64 MiB of content and a working set."""
+    settings = {"ws_pages": 4000, "rate": 5000, "fill_pages": 16384} | config
+    guest = start_guest(config=GuestConfig(**settings), ram_size=256 * MIB, name="mig")
+    guest.wait_until(lambda s: s.passes >= 1, timeout=30, what="the first pass")
+    return guest
+
+
+def assert_source_intact(guest: RunningGuest) -> None:
+    """The source guest runs, counts on, and found no corrupted page."""
+    assert guest.process.returncode is None, "source QEMU is gone"
+    before = guest.mailbox()
+    after = guest.wait_until(lambda s: s.heartbeat > before.heartbeat + 50, timeout=10,
+                             what="the source guest to keep running")
+    assert after.errors == 0
+
+
+def test_live_migration_moves_a_running_guest(agents: AgentPair, start_guest) -> None:
+    guest = boot(start_guest)
+    rc, report, stderr = agents.migrate("--qmp", str(guest.qmp_path))
+    assert rc == 0, f"{report}\n{stderr}\n{agents.logs()}"
+    print(report)
+    assert report["status"] == "completed" and report["error"] is None
+    assert report["downtime_ms"] > 0
+    assert report["rounds"] >= 2  # round 0 plus the final round at least
+    assert report["ram_bytes"] == 256 * MIB
+    assert (report["zero_pages"] + report["dedup_pages"] + report["data_pages"]
+            == report["pages_sent"])
+    # Round 0 sends every non-zero page: the working set at least, and filled content.
+    assert report["pages_sent"] >= 4000 and report["data_pages"] > 4000
+    assert report["wire_bytes"] > 0
+
+    # The source QEMU quit; the destination's runs and the guest counts on without errors.
+    deadline = time.monotonic() + 10
+    while guest.process.returncode is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert guest.process.returncode is not None, "source QEMU still runs after commit"
+    record = agents.b.vm_record("mig")
+    assert record.pid == report["dest_pid"] and pid_alive(record.pid)
+    first = read_guest(record.ram_path)
+    deadline = time.monotonic() + 10
+    while (now := read_guest(record.ram_path)).passes < first.passes + 2:
+        assert time.monotonic() < deadline, f"destination guest stalled: {now}"
+        time.sleep(0.05)
+    assert now.errors == 0, f"guest found {now.errors} bad pages, first {now.first_error_page}"
+    assert now.heartbeat > first.heartbeat
+
+
+def test_unknown_peer_is_refused_before_anything_starts(agents, start_guest) -> None:
+    guest = boot(start_guest)
+    rc, report, stderr = agents.migrate("--qmp", str(guest.qmp_path), peer="nosuchhost")
+    assert rc != 0
+    assert "no trusted peer named 'nosuchhost'" in (report.get("error") or stderr)
+    assert_source_intact(guest)
+    assert agents.b.leftovers() == []
+
+
+
+# ---------------------------------------------------------------------------- rollback
+
+SLOW = ("--bandwidth", "8M")  # pre-copy of the 64 MiB of content takes a few seconds
+
+
+def wait_for_precopy(agents: AgentPair, name: str = "mig") -> int:
+    """Wait until the destination QEMU exists (pre-copy is under way); its pid."""
+    deadline = time.monotonic() + 30
+    while (pid := agents.b.incoming_pid(name)) is None:
+        assert time.monotonic() < deadline, f"no destination QEMU\n{agents.logs()}"
+        time.sleep(0.02)
+    time.sleep(0.3)
+    return pid
+
+
+def finish(proc) -> tuple[int, dict, str]:
+    out, err = proc.communicate(timeout=120)
+    lines = out.strip().splitlines()
+    return proc.returncode, (json.loads(lines[-1]) if lines else {}), err
+
+
+def assert_destination_clean(agents: AgentPair, dest_pid: int | None) -> None:
+    deadline = time.monotonic() + 10
+    while agents.b.leftovers() or (dest_pid and pid_alive(dest_pid)):
+        assert time.monotonic() < deadline, (
+            f"destination left {agents.b.leftovers()}, QEMU alive: "
+            f"{dest_pid and pid_alive(dest_pid)}\n{agents.logs()}")
+        time.sleep(0.05)
+
+
+def test_destination_qemu_killed_during_precopy_rolls_back(agents, start_guest) -> None:
+    guest = boot(start_guest)
+    proc = agents.popen_migrate("--qmp", str(guest.qmp_path), *SLOW)
+    dest_pid = wait_for_precopy(agents)
+    os.kill(dest_pid, signal.SIGKILL)
+    rc, report, stderr = finish(proc)
+    assert rc == 1 and report["status"] == "failed", f"{report}\n{stderr}"
+    assert "QEMU exited" in report["error"]
+    assert_source_intact(guest)
+    assert_destination_clean(agents, dest_pid)
+
+
+def test_connection_cut_during_precopy_rolls_back(agents, start_guest) -> None:
+    proxy = CuttableProxy(agents.b.port)
+    try:
+        _retarget(agents, proxy.port)
+        guest = boot(start_guest)
+        proc = agents.popen_migrate("--qmp", str(guest.qmp_path), *SLOW)
+        dest_pid = wait_for_precopy(agents)
+        proxy.cut()
+        rc, report, stderr = finish(proc)
+    finally:
+        proxy.close()
+    assert rc == 1 and report["status"] == "failed", f"{report}\n{stderr}"
+    assert_source_intact(guest)
+    assert_destination_clean(agents, dest_pid)
+
+
+def _retarget(agents: AgentPair, port: int) -> None:
+    """Point a's entry for hostb at another port (the proxy)."""
+    peer = identity.load_peers(agents.a.home).by_name("hostb")
+    identity.trust_peer(agents.a.home, "hostb", peer.public_key, f"127.0.0.1:{port}")
+
+
+def test_destination_agent_killed_rolls_back_and_restart_cleans_up(agents, start_guest):
+    guest = boot(start_guest)
+    proc = agents.popen_migrate("--qmp", str(guest.qmp_path), *SLOW)
+    dest_pid = wait_for_precopy(agents)
+    agents.b.stop(signal.SIGKILL)
+    rc, report, stderr = finish(proc)
+    assert rc == 1 and report["status"] == "failed", f"{report}\n{stderr}"
+    assert_source_intact(guest)
+    # The killed agent could not clean up; restarted, it finishes the job from its journal.
+    agents.b.start()
+    assert_destination_clean(agents, dest_pid)
+
+
+def test_cli_cancel_rolls_back(agents, start_guest) -> None:
+    guest = boot(start_guest)
+    proc = agents.popen_migrate("--qmp", str(guest.qmp_path), *SLOW)
+    dest_pid = wait_for_precopy(agents)
+    proc.send_signal(signal.SIGINT)
+    rc, report, stderr = finish(proc)
+    assert rc == 1 and report["status"] == "cancelled", f"{report}\n{stderr}"
+    assert_source_intact(guest)
+    assert_destination_clean(agents, dest_pid)
+
+
+# ---------------------------------------------------------------------------- refusals
+
+def test_vm_without_shared_ram_is_refused(agents, vm_dir) -> None:
+    qmp_path = vm_dir / "plain.qmp"
+    qemu = subprocess.Popen(
+        ["qemu-system-x86_64", "-machine", "pc", "-m", "64M", "-accel", "tcg",
+         "-display", "none", "-nodefaults", "-no-user-config",
+         "-qmp", f"unix:{qmp_path},server=on,wait=off"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not qmp_path.exists():
+            assert time.monotonic() < deadline and qemu.poll() is None
+            time.sleep(0.02)
+        rc, report, stderr = agents.migrate("--qmp", str(qmp_path))
+        assert rc == 1 and report["status"] == "failed"
+        assert "share=on" in report["error"] and "memory-backend-file" in report["error"]
+        assert qemu.poll() is None  # untouched
+        assert agents.b.leftovers() == []
+    finally:
+        qemu.kill()
+        qemu.wait()
+
+
+def test_kernel_outside_destination_allowed_paths_is_refused(agents, start_guest,
+                                                            tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("FERRY_CACHE_DIR", str(tmp_path / "elsewhere"))
+    guest = boot(start_guest)
+    rc, report, _ = agents.migrate("--qmp", str(guest.qmp_path))
+    assert rc == 1 and report["status"] == "failed"
+    assert "outside the destination's allowed paths" in report["error"]
+    assert_source_intact(guest)
+    assert_destination_clean(agents, None)
+
+
+def test_unaccepted_qemu_option_is_refused(agents, start_guest) -> None:
+    guest = start_guest(config=GuestConfig(ws_pages=100), ram_size=64 * MIB, name="mig",
+                        extra_args=("-smbios", "type=1,manufacturer=ferry"))
+    rc, report, _ = agents.migrate("--qmp", str(guest.qmp_path))
+    assert rc == 1 and report["status"] == "failed"
+    assert "QEMU option -smbios is not accepted" in report["error"]
+    assert_source_intact(guest)
+    assert_destination_clean(agents, None)
+
+
+# ---------------------------------------------------------------------------- convergence
+
+def test_fast_dirtying_guest_is_throttled_into_converging(agents, start_guest) -> None:
+    # 8000 pages/s (~32 MB/s of incompressible pages) against a 12 MB/s link.
+    guest = boot(start_guest, ws_pages=20000, rate=8000, fill_pages=0)
+    rc, report, stderr = agents.migrate("--qmp", str(guest.qmp_path), "--bandwidth", "12M",
+                                        "--downtime-ms", "300", "--timeout", "60")
+    assert rc == 0, f"{report}\n{stderr}\n{agents.logs()}"
+    assert report["throttle"] > 0, report
+    state = read_guest(agents.b.vm_record("mig").ram_path)
+    assert state.errors == 0
+
+
+def test_guest_that_cannot_converge_is_aborted_by_the_timeout(agents, start_guest) -> None:
+    guest = boot(start_guest, ws_pages=2000, rate=0, fill_pages=0)
+    rc, report, _ = agents.migrate("--qmp", str(guest.qmp_path), "--bandwidth", "1M",
+                                   "--timeout", "3", "--compress", "off")
+    assert rc == 1 and report["status"] == "failed"
+    assert "did not converge within 3 s" in report["error"]
+    assert report["total_ms"] < 15_000
+    assert_source_intact(guest)
+    assert_destination_clean(agents, None)
