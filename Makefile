@@ -41,7 +41,9 @@ test: setup
 
 bench: setup
 	@$(PY) -m bench scan
+	@$(PY) -m bench codec
 	@$(PY) -m bench channel
+	@$(PY) -m bench migrate --quick
 
 clean:
 	rm -rf build agent/_native/*.so agent/_native/*.c ext/*.c ext/*.html $(STAMP_BUILD)
