@@ -222,6 +222,8 @@ class SourceJob:
         self.dest_pid = int(reply.body.get("dest_pid", 0)) or None
         self.throttle = Throttle(self.qmp)
         self._journal(journal.Step.PRECOPY)
+        log.info("migration %s: destination ready after %.0f ms (QEMU pid %s)", self.job_id,
+                 (time.monotonic() - self.started) * 1000, self.dest_pid)
 
     def _journal(self, step: journal.Step) -> None:
         """Record how far the job got, for an agent restarted after a crash."""
@@ -345,6 +347,9 @@ class SourceJob:
                     await tunnel
         await self.inbox.expect({Op.LOADED}, timeout=LOADED_TIMEOUT_S,
                                 what="destination loading the device state")
+        log.info("migration %s: device state (%d bytes) loaded %.0f ms after stop",
+                 self.job_id, self.counters.device_state_bytes,
+                 (time.time() - self.stop_us / 1e6) * 1000)
 
     async def _tunnel_device_state(self) -> None:
         """Serve QEMU's `migrate` on a unix socket and forward its bytes to the peer."""
