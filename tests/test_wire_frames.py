@@ -407,3 +407,63 @@ def test_fuzz_mutated_streams_deliver_only_authentic_frames(chunks):
     delivered = _feed_and_collect(decoder, chunks)
     # Whatever got through is exactly a prefix of what was sent, in order.
     assert delivered == REFERENCE[:len(delivered)]
+
+
+# ---- large payloads: read-only views of reused buffers ----
+
+
+def test_held_payloads_are_never_overwritten():
+    payloads = [os.urandom(200_000) for _ in range(12)]
+    decoder = FrameDecoder(KEY)
+    decoder.receive_data(b"".join(stream_of(payloads)))
+    held = drain(decoder)  # every payload kept alive while later ones are decrypted
+    assert [bytes(f.payload) for f in held] == payloads
+    for frame in held:
+        assert isinstance(frame.payload, memoryview) and frame.payload.readonly
+        with pytest.raises(TypeError):
+            frame.payload[0] = 0
+
+
+def test_plaintext_buffers_are_reused_once_released():
+    decoder = FrameDecoder(KEY)
+    sealer = FrameSealer(KEY)
+    seen = set()
+    for i in range(20):
+        payload = bytes([i]) * 100_000
+        decoder.receive_data(b"".join(sealer.seal(0x80, payload)))
+        frame = decoder.next_frame()
+        assert frame.payload == payload
+        seen.add(id(frame.payload.obj))
+        del frame  # the application lets go of it
+    assert len(seen) == 1
+    # A slice kept alive pins its buffer: the next payload goes elsewhere.
+    decoder.receive_data(b"".join(sealer.seal(0x80, b"a" * 100_000)))
+    kept = decoder.next_frame().payload[10:20]
+    decoder.receive_data(b"".join(sealer.seal(0x80, b"b" * 100_000)))
+    other = decoder.next_frame().payload
+    assert other.obj is not kept.obj and bytes(kept) == b"a" * 10
+
+
+def test_small_payloads_are_bytes():
+    decoder = FrameDecoder(KEY)
+    decoder.receive_data(b"".join(stream_of([b"x" * (frames.PLAINTEXT_POOL_MIN - 1)])))
+    assert type(decoder.next_frame().payload) is bytes
+
+
+def test_strided_views_can_be_sent():
+    data = memoryview(bytes(range(200)))[::-1]
+    decoder = FrameDecoder(KEY)
+    sealer = FrameSealer(KEY)
+    decoder.receive_data(b"".join(sealer.seal(0x80, data)))
+    out = bytearray(1000)
+    decoder.receive_data(sealer.seal_into(0x80, data, out))
+    assert [bytes(f.payload) for f in drain(decoder)] == [bytes(data)] * 2
+
+
+def test_is_viewed_probe():
+    buffer = bytearray(b"abc")
+    assert not frames._is_viewed(buffer) and buffer == b"abc"
+    view = memoryview(buffer)[1:]
+    assert frames._is_viewed(buffer)
+    del view
+    assert not frames._is_viewed(buffer)

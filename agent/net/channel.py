@@ -82,9 +82,10 @@ class _SendBuffers:
             _, buffer = self._busy.popleft()
             if sum(map(len, self._free)) + len(buffer) <= SEND_POOL_BYTES:
                 self._free.append(buffer)
-        for i, buffer in enumerate(self._free):
-            if len(buffer) >= size:
-                return self._free.pop(i)
+        free = self._free
+        for i in range(len(free) - 1, -1, -1):  # most recently used first: still in cache
+            if len(free[i]) >= size:
+                return free.pop(i)
         return bytearray(-(-size // BUFFER_GRAIN) * BUFFER_GRAIN)
 
     def wrote(self, nbytes: int, buffer: bytearray | None = None) -> None:
@@ -227,6 +228,9 @@ class Channel:
                    timeout: float | None = None) -> None:
         """Send one message. Returns once it is queued in the transport (the payload may be
         reused at once) and the queue is below the high-water mark."""
+        if timeout is None:
+            await self._send(msg_type, payload)
+            return
         try:
             async with asyncio.timeout(timeout):
                 await self._send(msg_type, payload)
@@ -269,6 +273,8 @@ class Channel:
     async def receive(self, *, timeout: float | None = None) -> Message:
         """The next message. Raises ChannelClosedError once the peer said GOODBYE,
         PeerTimeoutError after `timeout` seconds without one (the channel stays usable)."""
+        if timeout is None:
+            return await self._receive()
         try:
             async with asyncio.timeout(timeout):
                 return await self._receive()

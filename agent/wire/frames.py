@@ -57,11 +57,19 @@ SCRATCH_SIZE = 64 << 10
 """Receive buffer for headers and small frames; larger frames get a buffer of their own."""
 FRAME_BUFFER_GRAIN = 256 << 10
 """Buffers for large frames are allocated in multiples of this, and reused."""
+PLAINTEXT_POOL_MIN = 64 << 10
+"""Payloads from this size up are decrypted into reused buffers and handed out as read-only
+memoryviews (no zero-filled `bytes` per frame: cryptography's decrypt() zero-fills its output
+first, which cost as much CPU as AES itself). A buffer is reused only once no view of it is
+left anywhere; smaller payloads are plain `bytes`."""
+PLAINTEXT_POOL_BYTES = 32 << 20
+"""Most bytes of plaintext buffers the decoder keeps track of for reuse."""
 FRAME_BUFFER_POOL_BYTES = 16 << 20
 """Spare large-frame buffers kept for reuse, in bytes: fresh buffers cost a page fault per
 4 KiB, which halved the receive rate; this covers the frames a reader lets pile up."""
 
 _HAVE_ENCRYPT_INTO = hasattr(AESGCM, "encrypt_into")
+_HAVE_DECRYPT_INTO = hasattr(AESGCM, "decrypt_into")
 
 Buffer = bytes | bytearray | memoryview
 """Any contiguous bytes-like object (collections.abc.Buffer from Python 3.12 on)."""
@@ -123,6 +131,7 @@ class FrameSealer:
 
     def seal(self, type_code: int, payload: Buffer) -> tuple[bytes, bytes]:
         """(header, ciphertext) of one frame; write them in this order. Copies `payload`."""
+        payload = _contiguous(payload)
         header = self._header(type_code, payload)
         schedule = self._schedule
         ciphertext = schedule.aead.encrypt(schedule.nonce(), payload, header)
@@ -133,6 +142,7 @@ class FrameSealer:
         """The whole frame (header and ciphertext) written at the start of `out`, which must
         hold frame_size(payload) bytes; returns the view of it. Saves allocating (and
         page-faulting) a fresh ciphertext buffer for every large frame."""
+        payload = _contiguous(payload)
         header = self._header(type_code, payload)
         frame = memoryview(out)[:frame_size(memoryview(payload).nbytes)]
         frame[:HEADER_LEN] = header
@@ -154,6 +164,13 @@ class FrameSealer:
         return HEADER.pack(size + TAGLEN, type_code, self._schedule.seq)
 
 
+def _contiguous(payload: Buffer) -> Buffer:
+    """`payload`, or a bytes copy of it if it is a strided view (e.g. view[::-1])."""
+    if isinstance(payload, memoryview) and not payload.contiguous:
+        return payload.tobytes()
+    return payload
+
+
 def frame_size(payload_size: int) -> int:
     """Bytes on the wire of a frame carrying `payload_size` bytes."""
     return HEADER_LEN + payload_size + TAGLEN
@@ -161,10 +178,12 @@ def frame_size(payload_size: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Frame:
-    """An opened frame: its type code (not yet checked against MsgType) and payload."""
+    """An opened frame: its type code (not yet checked against MsgType) and payload (bytes,
+    or for large payloads a read-only memoryview of a buffer the decoder reuses once every
+    view of it is gone)."""
 
     type_code: int
-    payload: bytes
+    payload: bytes | memoryview
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +226,7 @@ class FrameDecoder:
         self._big_buffer: bytearray | None = None  # the pooled buffer _big is a view of
         self._big_fill = 0
         self._pool: list[bytearray] = []
+        self._lent: deque[bytearray] = deque()  # plaintext buffers, maybe still viewed
         self._big_header = b""
         self._ready: deque[SealedFrame] = deque()
         self._ready_bytes = 0
@@ -303,8 +323,16 @@ class FrameDecoder:
         schedule = self._schedule
         if frame.sequence != schedule.seq:
             raise LocalError("frames opened out of the order they were taken")
+        size = len(memoryview(frame.ciphertext)) - TAGLEN
+        payload: bytes | memoryview
         try:
-            payload = schedule.aead.decrypt(schedule.nonce(), frame.ciphertext, frame.header)
+            if size >= PLAINTEXT_POOL_MIN and _HAVE_DECRYPT_INTO:
+                out = memoryview(self._plaintext_buffer(size))[:size]
+                schedule.aead.decrypt_into(schedule.nonce(), frame.ciphertext, frame.header, out)
+                payload = out.toreadonly()
+                out.release()
+            else:
+                payload = schedule.aead.decrypt(schedule.nonce(), frame.ciphertext, frame.header)
             if frame.buffer is not None:
                 self._recycle(frame.buffer)
         except InvalidTag:
@@ -337,11 +365,25 @@ class FrameDecoder:
     def _frame_buffer(self, length: int) -> bytearray:
         """A buffer of at least `length` bytes: a spare one if it fits, else a new one."""
         pool = self._pool
-        for i, buffer in enumerate(pool):
-            if len(buffer) >= length:
+        for i in range(len(pool) - 1, -1, -1):  # most recently used first: still in cache
+            if len(pool[i]) >= length:
                 return pool.pop(i)
         grains = -(-length // FRAME_BUFFER_GRAIN)
         return bytearray(grains * FRAME_BUFFER_GRAIN)
+
+    def _plaintext_buffer(self, size: int) -> bytearray:
+        """A buffer for a payload of `size` bytes that no one is looking at any more."""
+        lent = self._lent
+        for _ in range(len(lent)):
+            buffer = lent.popleft()
+            lent.append(buffer)
+            if len(buffer) >= size and not _is_viewed(buffer):
+                return buffer
+        buffer = bytearray(-(-size // FRAME_BUFFER_GRAIN) * FRAME_BUFFER_GRAIN)
+        lent.append(buffer)
+        while sum(map(len, lent)) > PLAINTEXT_POOL_BYTES:
+            lent.popleft()  # forget the oldest; whoever still views it keeps it alive
+        return buffer
 
     def _recycle(self, buffer: bytearray) -> None:
         if sum(map(len, self._pool)) + len(buffer) <= FRAME_BUFFER_POOL_BYTES:
@@ -394,3 +436,18 @@ class FrameDecoder:
                 break
         if self._lo == self._hi:
             self._lo = self._hi = 0
+
+
+def _is_viewed(buffer: bytearray) -> bool:
+    """True while any buffer export (a memoryview, C code holding it) of `buffer` exists.
+
+    CPython refuses to resize a bytearray with exports; shrinking by one byte and growing
+    back stays inside the allocation, so the probe neither copies nor changes the contents
+    that matter (the buffer is about to be overwritten anyway).
+    """
+    try:
+        last = buffer.pop()
+    except BufferError:
+        return True
+    buffer.append(last)
+    return False

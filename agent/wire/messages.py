@@ -94,13 +94,13 @@ def encode_control(body: Mapping[str, Any]) -> bytes:
     return data
 
 
-def decode_control(payload: bytes) -> dict[str, Any]:
+def decode_control(payload: bytes | memoryview) -> dict[str, Any]:
     """The JSON object of a control payload; anything else is the peer's error."""
     if len(payload) > MAX_CONTROL_PAYLOAD:
         raise MessageError(f"control message of {len(payload)} bytes exceeds "
                            f"{MAX_CONTROL_PAYLOAD}", WireCode.MALFORMED_MESSAGE)
     try:
-        body = json.loads(payload.decode("utf-8"))
+        body = json.loads(str(payload, "utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise MessageError(f"control payload is not UTF-8 JSON: {exc}",
                            WireCode.MALFORMED_MESSAGE) from None
@@ -127,11 +127,13 @@ class Opened:
 class Message:
     """One application message: its type and payload (JSON bytes for control types).
 
-    Unpacks like a pair: `msg_type, payload = await channel.receive()`.
+    Unpacks like a pair: `msg_type, payload = await channel.receive()`. A payload of 64 KiB
+    or more is a read-only memoryview (of a receive buffer that is reused once no view of it
+    is left); smaller ones are bytes.
     """
 
     type: MsgType
-    payload: bytes
+    payload: bytes | memoryview
 
     def __post_init__(self) -> None:
         if not isinstance(self.type, MsgType):
