@@ -10,7 +10,6 @@ from collections.abc import Sequence
 SUBCOMMANDS: dict[str, str] = {
     "scan": "bench.scan",
     "codec": "bench.codec",
-    "migrate": "bench.migrate",
     "channel": "bench.channel",
 }
 
