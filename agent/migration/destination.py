@@ -21,6 +21,7 @@ from typing import Any
 
 from agent import codec, qmp as qmp_mod, vm
 from agent.errors import FerryError, PeerError, ProtocolError, QemuError, UserError
+from agent.memory.prefault import Prefaulter
 from agent.migration.link import Link, parse_message, send_control
 from agent.migration.qemu_stream import enable_capabilities, wait_migration_done
 from agent.migration.protocol import Kind, Op
@@ -35,6 +36,16 @@ log = logging.getLogger(__name__)
 APPLY_QUEUE_DEPTH = 4
 LOAD_TIMEOUT_S = 60.0
 RESUME_TIMEOUT_S = 10.0
+def _extents(value: Any) -> list[tuple[int, int]]:
+    """The source's list of RAM extents holding data (a hint: bad input is ignored)."""
+    if not isinstance(value, list):
+        return []
+    try:
+        return [(int(o), int(n)) for o, n in value][:4096]
+    except (TypeError, ValueError):
+        return []
+
+
 @dataclass
 class IncomingVm:
     """The destination's resources for one incoming VM, so they can all be removed."""
@@ -45,9 +56,13 @@ class IncomingVm:
     qmp: qmp_mod.Qmp | None = None
     ram_fd: int = -1
     ram: mmap.mmap | None = None
+    prefault: Prefaulter | None = None
     created_vm_dir: bool = False
 
     def close_ram(self) -> None:
+        if self.prefault is not None:
+            self.prefault.stop()
+            self.prefault = None
         if self.ram is not None:
             self.ram.close()
             self.ram = None
@@ -125,6 +140,7 @@ class DestinationJob:
         os.ftruncate(incoming.ram_fd, spec.ram_size)
         incoming.ram = mmap.mmap(incoming.ram_fd, spec.ram_size, mmap.MAP_SHARED,
                                  mmap.PROT_READ | mmap.PROT_WRITE)
+        incoming.prefault = Prefaulter(incoming.ram, _extents(body.get("ram_extents")))
         launch = vm.LaunchSpec(name=spec.name, ram_size=spec.ram_size, ram_path=paths.ram_path,
                                qmp_path=paths.qmp_path, serial_path=paths.serial_log,
                                pidfile=paths.pidfile, log_path=paths.qemu_log)

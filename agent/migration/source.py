@@ -8,6 +8,7 @@ if the destination's answer is lost the job ends UNKNOWN with the source stopped
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import logging
@@ -22,6 +23,8 @@ from typing import Any
 
 from agent import codec, qmp as qmp_mod, vm
 from agent.errors import FerryError, PeerError, QemuError, UserError
+from agent.memory import scan
+from agent.memory.prefault import coarse_extents
 from agent.memory.tracker import HashScanTracker
 from agent.migration.convergence import (ConvergencePolicy, Decision, RoundStats,
                                          TimeoutAction)
@@ -216,7 +219,10 @@ class SourceJob:
         await self._emit(force=True)
         self.link = await self.connect_peer(self.peer)
         self.inbox = Inbox(self.link)
-        await send_control(self.link, Op.PREPARE, vm=spec.to_json(), job=self.job_id)
+        # Where the RAM file holds data: the destination populates those pages early.
+        extents = coarse_extents(scan.data_extents(self.ram_fd, info.ram_size))
+        await send_control(self.link, Op.PREPARE, vm=spec.to_json(), job=self.job_id,
+                           ram_extents=extents)
         reply = await self.inbox.expect({Op.PREPARED}, timeout=PREPARE_TIMEOUT_S,
                                         what="preparing the destination")
         self.dest_pid = int(reply.body.get("dest_pid", 0)) or None
@@ -238,7 +244,9 @@ class SourceJob:
         policy = ConvergencePolicy(downtime_limit_s=self.options.downtime_ms / 1000,
                                    timeout_s=self.options.timeout_s,
                                    timeout_action=self.options.timeout_action)
-        dirty, scan_s = await self._scan()
+        # Round 0 needs no scan: every page that may hold data goes to the encoder, which
+        # hashes its copy anyway and skips pages still zero (what the destination holds).
+        dirty, scan_s = self._data_pages(), 0.0
         while True:
             round_start = time.monotonic()
             send_s = await self._send_round(dirty)
@@ -269,6 +277,15 @@ class SourceJob:
                 log.info("migration %s: throttling guest to %.0f%% stopped", self.job_id,
                          policy.throttle_share * 100)
                 self.throttle.set_share(policy.throttle_share)
+
+    def _data_pages(self) -> array.array[int]:
+        """Indices of the pages inside the RAM file's data extents (holes read as zero)."""
+        assert self.info is not None
+        pages: array.array[int] = array.array("Q")
+        for first, count in scan.extent_pages(scan.data_extents(self.ram_fd, self.info.ram_size),
+                                              self.info.ram_size // PAGE_SIZE):
+            pages.extend(range(first, first + count))
+        return pages
 
     async def _scan(self) -> tuple[Any, float]:
         """Dirty pages now, and how long finding them took (in a worker thread)."""
