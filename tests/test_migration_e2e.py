@@ -256,3 +256,23 @@ def test_guest_that_cannot_converge_is_aborted_by_the_timeout(agents, start_gues
     assert report["total_ms"] < 15_000
     assert_source_intact(guest)
     assert_destination_clean(agents, None)
+
+
+def test_vm_with_several_monitors_and_named_options_migrates(agents, start_guest,
+                                                            vm_dir) -> None:
+    # The forms of VMs started by other tools: a second QMP monitor through -chardev/-mon,
+    # an HMP monitor, and -name with options. The destination drops the monitors and
+    # never reuses a socket path of the source.
+    extra = ("-chardev", f"socket,id=mon2,path={vm_dir}/mon2.sock,server=on,wait=off",
+             "-mon", "chardev=mon2,mode=control",
+             "-monitor", f"unix:{vm_dir}/hmp.sock,server=on,wait=off",
+             "-rtc", "base=utc")
+    guest = start_guest(config=GuestConfig(ws_pages=1000, rate=2000), ram_size=64 * MIB,
+                        name="mig", extra_args=extra)
+    guest.wait_until(lambda s: s.passes >= 1, timeout=30, what="the first pass")
+    rc, report, stderr = agents.migrate("--qmp", str(guest.qmp_path))
+    assert rc == 0, f"{report}\n{stderr}\n{agents.logs()}"
+    dest_argv = Path(f"/proc/{report['dest_pid']}/cmdline").read_bytes().split(b"\0")
+    assert not any(str(vm_dir).encode() in arg for arg in dest_argv)
+    assert b"-mon" not in dest_argv and b"-monitor" not in dest_argv
+    assert read_guest(agents.b.vm_record("mig").ram_path).errors == 0
