@@ -11,9 +11,19 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from agent.errors import (ChannelClosedError, FrameError, NotFerryPeerError, PeerError,
-                          PeerReportedError, PeerTimeoutError, RefusedByPeerError,
-                          StreamEndError, UntrustedPeerError, VersionMismatchError, WireCode)
+from agent.errors import (
+    ChannelClosedError,
+    FrameError,
+    NotFerryPeerError,
+    PeerError,
+    PeerReportedError,
+    PeerTimeoutError,
+    RefusedByPeerError,
+    StreamEndError,
+    UntrustedPeerError,
+    VersionMismatchError,
+    WireCode,
+)
 from agent.identity import Identity, Peer, TrustedPeers
 from agent.net import channel as channel_mod
 from agent.net.channel import connect, run, serve
@@ -266,7 +276,7 @@ def test_version_mismatch_over_tcp():
 
         async with await serve(HOST, 0, SERVER, SERVER_TRUSTS, handler,
                                on_error=recorder.on_error) as server:
-            reader, writer = await asyncio.open_connection(HOST, server.port)
+            _reader, writer = await asyncio.open_connection(HOST, server.port)
             writer.write(preamble(WIRE_VERSION + 1))
             error = await wait_for_error(recorder)
             assert isinstance(error, VersionMismatchError)
@@ -286,7 +296,7 @@ def test_silent_peers_time_out():
 
         async with await serve(HOST, 0, SERVER, SERVER_TRUSTS, handler, timeout=0.3,
                                on_error=recorder.on_error) as server:
-            reader, writer = await asyncio.open_connection(HOST, server.port)
+            _reader, writer = await asyncio.open_connection(HOST, server.port)
             assert isinstance(await wait_for_error(recorder), PeerTimeoutError)
             writer.close()
             await writer.wait_closed()
@@ -341,12 +351,12 @@ def test_receive_timeout_leaves_the_channel_usable():
             await go.wait()
             await channel.send(MsgType.DATA, b"late but fine")
 
-        async with await serve(HOST, 0, SERVER, SERVER_TRUSTS, handler) as server:
-            async with await connect(HOST, server.port, CLIENT, CLIENT_TRUSTS) as channel:
-                with pytest.raises(PeerTimeoutError):
-                    await channel.receive(timeout=0.1)
-                go.set()
-                assert (await channel.receive(timeout=5)).payload == b"late but fine"
+        async with (await serve(HOST, 0, SERVER, SERVER_TRUSTS, handler) as server,
+                    await connect(HOST, server.port, CLIENT, CLIENT_TRUSTS) as channel):
+            with pytest.raises(PeerTimeoutError):
+                await channel.receive(timeout=0.1)
+            go.set()
+            assert (await channel.receive(timeout=5)).payload == b"late but fine"
 
     run(main())
 

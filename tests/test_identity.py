@@ -127,7 +127,7 @@ def test_trusted_peers_roundtrip_through_toml():
     assert peers.by_key(bytes(32)) is None
     assert peers.by_name("hosta").host_port == ("10.0.0.1", 7700)
     with pytest.raises(UserError, match="no address"):
-        peers.by_name("b.example").host_port
+        _ = peers.by_name("b.example").host_port
 
 
 def test_toml_strings_are_escaped():
@@ -225,6 +225,6 @@ def test_trust_and_peers(tmp_path, capsys):
     ["untrust", "nobody"],
 ])
 def test_command_errors_are_one_line(tmp_path, capsys, argv):
-    code, out, err = run(capsys, argv[0], "--home", str(tmp_path), *argv[1:])
+    code, _, err = run(capsys, argv[0], "--home", str(tmp_path), *argv[1:])
     assert code == 1 and err.startswith("ferry: error:") and err.count("\n") == 1
     assert not (tmp_path / identity.PEERS_FILE).exists()

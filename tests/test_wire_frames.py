@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 
@@ -12,8 +13,15 @@ from hypothesis import strategies as st
 
 from agent.errors import FrameError, LocalError, WireCode, WireError
 from agent.wire import frames
-from agent.wire.frames import (HEADER, HEADER_LEN, MAX_PAYLOAD, SCRATCH_SIZE, Frame,
-                               FrameDecoder, FrameSealer)
+from agent.wire.frames import (
+    HEADER,
+    HEADER_LEN,
+    MAX_PAYLOAD,
+    SCRATCH_SIZE,
+    Frame,
+    FrameDecoder,
+    FrameSealer,
+)
 from agent.wire.noise import TAGLEN, aesgcm_nonce, rekey
 
 KEY = bytes(range(32))
@@ -81,7 +89,7 @@ def test_every_split_offset_of_small_frames():
 def test_split_offsets_of_a_large_frame():
     payload = os.urandom(300_000)
     stream = b"".join(stream_of([b"small", payload, b"after"]))
-    offsets = set(range(0, 200)) | set(range(len(stream) - 200, len(stream) + 1))
+    offsets = set(range(200)) | set(range(len(stream) - 200, len(stream) + 1))
     offsets |= set(range(0, len(stream), 4099))
     offsets |= {SCRATCH_SIZE + d for d in range(-20, 20)}
     for offset in sorted(offsets):
@@ -397,7 +405,7 @@ def mutated_streams(draw):
             data[pos], data[other] = data[other], data[pos]
     cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=5)))
     bounds = [0, *cuts, len(data)]
-    return [bytes(data[a:b]) for a, b in zip(bounds, bounds[1:])]
+    return [bytes(data[a:b]) for a, b in itertools.pairwise(bounds)]
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -127,7 +127,7 @@ def test_short_messages_are_handshake_errors():
 
 
 def test_low_order_point_is_a_handshake_error():
-    init, resp = _pair()
+    _, resp = _pair()
     resp.read_message(bytes(32))  # the all-zero point as the initiator's ephemeral key
     with pytest.raises(HandshakeError):
         resp.write_message()

@@ -9,15 +9,34 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.errors import (FrameError, HandshakeError, LocalError, MessageError,
-                          NotFerryPeerError, PeerReportedError, ProtocolError, RefusedByPeerError,
-                          StreamEndError, UntrustedPeerError, VersionMismatchError, WireCode)
+from agent.errors import (
+    FrameError,
+    HandshakeError,
+    LocalError,
+    MessageError,
+    NotFerryPeerError,
+    PeerReportedError,
+    ProtocolError,
+    RefusedByPeerError,
+    StreamEndError,
+    UntrustedPeerError,
+    VersionMismatchError,
+    WireCode,
+)
 from agent.wire.frames import HEADER_LEN, MAX_PAYLOAD
 from agent.wire.keys import encode_key, fingerprint
 from agent.wire.messages import Goodbye, Message, MsgType, Opened
 from agent.wire.noise import public_bytes
-from agent.wire.session import (HANDSHAKE_LENGTH, MAGIC, PREAMBLE, TRANSITIONS, WIRE_VERSION,
-                                Session, State, preamble)
+from agent.wire.session import (
+    HANDSHAKE_LENGTH,
+    MAGIC,
+    PREAMBLE,
+    TRANSITIONS,
+    WIRE_VERSION,
+    Session,
+    State,
+    preamble,
+)
 
 
 def _fixed_key(n: int) -> X25519PrivateKey:
@@ -162,7 +181,7 @@ def test_byte_at_a_time_both_ways():
     a.send(MsgType.DATA, payload)
     (header, ciphertext) = a.data_to_send()
     got = []
-    for i in range(0, len(header)):
+    for i in range(len(header)):
         b.receive_data(header[i:i + 1])
     for i in range(0, len(ciphertext), 7):
         b.receive_data(ciphertext[i:i + 7])
@@ -441,10 +460,10 @@ def test_peer_error_message():
 
 
 def test_what_the_application_may_not_send():
-    a, b = make_pair()
+    a, _ = make_pair()
     with pytest.raises(LocalError):
         a.send(MsgType.DATA, b"too early")
-    a, b = open_pair()
+    a, _ = open_pair()
     for channel_type in (MsgType.ACCEPT, MsgType.REFUSE, MsgType.GOODBYE, MsgType.ERROR):
         with pytest.raises(LocalError):
             a.send(channel_type, b"{}")

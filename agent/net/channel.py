@@ -26,14 +26,20 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from collections import deque
-from typing import Any, TypeVar, cast
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from typing import Any, Self, TypeVar, cast
 
 import uvloop
 
-from agent.errors import (ChannelClosedError, FerryError, LocalError, PeerError,
-                          PeerTimeoutError, TrustError)
+from agent.errors import (
+    ChannelClosedError,
+    FerryError,
+    LocalError,
+    PeerError,
+    PeerTimeoutError,
+    TrustError,
+)
 from agent.identity import Identity, Peer, TrustStore
 from agent.wire.frames import Buffer, frame_size
 from agent.wire.keys import fingerprint
@@ -118,7 +124,7 @@ class _Link(asyncio.BufferedProtocol):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
         if self.on_connect is not None:
             self.on_connect(self)
 
@@ -357,7 +363,7 @@ class Channel:
         """Drop the connection at once, without GOODBYE."""
         self._abort(ChannelClosedError("channel aborted"))
 
-    async def __aenter__(self) -> Channel:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -501,6 +507,10 @@ class ChannelServer:
             link.transport.close()
             self._on_error(label, exc)
             return
+        except Exception:
+            link.transport.abort()
+            log.exception("handshake with %s failed", label)
+            return
         channel.peer = self._trusted.by_key(channel.peer_key)
         try:
             await self._handler(channel)
@@ -523,7 +533,7 @@ class ChannelServer:
         if self._server is not None:
             await self._server.wait_closed()
 
-    async def __aenter__(self) -> ChannelServer:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

@@ -78,8 +78,16 @@ Buffer = bytes | bytearray | memoryview
 class _KeySchedule:
     """One direction's key, sequence counter and rekey accounting (same code on both ends)."""
 
-    __slots__ = ("aead", "key", "seq", "_frames", "_bytes", "_after_bytes", "_after_frames",
-                 "rekeys")
+    __slots__ = (
+        "_after_bytes",
+        "_after_frames",
+        "_bytes",
+        "_frames",
+        "aead",
+        "key",
+        "rekeys",
+        "seq",
+    )
 
     def __init__(self, key: bytes, after_bytes: int, after_frames: int) -> None:
         if len(key) != KEYLEN:

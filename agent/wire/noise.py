@@ -128,7 +128,7 @@ class CipherState:
 class SymmetricState:
     """The chaining key and handshake hash (spec section 5.2)."""
 
-    __slots__ = ("ck", "h", "cipher")
+    __slots__ = ("cipher", "ck", "h")
 
     def __init__(self, protocol_name: bytes) -> None:
         if len(protocol_name) <= HASHLEN:

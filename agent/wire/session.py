@@ -31,15 +31,40 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from agent.errors import (FerryError, HandshakeError, LocalError, MessageError,
-                          NotFerryPeerError, PeerReportedError, RefusedByPeerError,
-                          StreamEndError, UntrustedPeerError, VersionMismatchError, WireCode,
-                          WireError)
-from agent.wire.frames import (MAX_PAYLOAD, REKEY_AFTER_BYTES, REKEY_AFTER_FRAMES, Buffer,
-                               FrameDecoder, FrameSealer)
+from agent.errors import (
+    FerryError,
+    HandshakeError,
+    LocalError,
+    MessageError,
+    NotFerryPeerError,
+    PeerReportedError,
+    RefusedByPeerError,
+    StreamEndError,
+    UntrustedPeerError,
+    VersionMismatchError,
+    WireCode,
+    WireError,
+)
+from agent.wire.frames import (
+    MAX_PAYLOAD,
+    REKEY_AFTER_BYTES,
+    REKEY_AFTER_FRAMES,
+    Buffer,
+    FrameDecoder,
+    FrameSealer,
+)
 from agent.wire.keys import encode_key, fingerprint
-from agent.wire.messages import (CHANNEL_TYPES, Event, Goodbye, Message, MsgType, Opened,
-                                 decode_control, encode_control, message_type)
+from agent.wire.messages import (
+    CHANNEL_TYPES,
+    Event,
+    Goodbye,
+    Message,
+    MsgType,
+    Opened,
+    decode_control,
+    encode_control,
+    message_type,
+)
 from agent.wire.noise import HandshakeState, public_bytes
 
 WIRE_VERSION = 1
@@ -475,7 +500,8 @@ class Session:
         return Message(msg_type, frame.payload)
 
     @staticmethod
-    def _peer_error(payload: bytes, body: dict[str, Any] | None = None) -> PeerReportedError:
+    def _peer_error(payload: bytes | memoryview,
+                    body: dict[str, Any] | None = None) -> PeerReportedError:
         if body is None:
             body = decode_control(payload)
         code, text = body.get("code"), body.get("message")
@@ -484,5 +510,15 @@ class Session:
         return PeerReportedError(code, text[:500])
 
 
-__all__ = ["HANDSHAKE_BUFFER_LIMIT", "MAGIC", "MAX_PAYLOAD", "PREAMBLE", "Session", "State",
-           "TRANSITIONS", "Verdict", "WIRE_VERSION", "preamble"]
+__all__ = [
+    "HANDSHAKE_BUFFER_LIMIT",
+    "MAGIC",
+    "MAX_PAYLOAD",
+    "PREAMBLE",
+    "TRANSITIONS",
+    "WIRE_VERSION",
+    "Session",
+    "State",
+    "Verdict",
+    "preamble",
+]
