@@ -387,3 +387,20 @@ def test_module_is_the_only_asyncio_glue():
         source = Path(module.__file__).read_text()
         assert "import asyncio" not in source and "import socket" not in source
     assert channel_mod.READ_HIGH_WATER and channel_mod.WRITE_HIGH_WATER
+
+
+def test_close_wakes_pending_receivers():
+    async def main():
+        async def handler(channel):
+            await asyncio.sleep(5)
+
+        async with await serve(HOST, 0, SERVER, SERVER_TRUSTS, handler) as server:
+            channel = await connect(HOST, server.port, CLIENT, CLIENT_TRUSTS)
+            receivers = [asyncio.create_task(channel.receive()) for _ in range(2)]
+            await asyncio.sleep(0.05)
+            await channel.close()
+            for task in receivers:
+                with pytest.raises(ChannelClosedError):
+                    await asyncio.wait_for(task, 5)
+
+    run(main())

@@ -177,8 +177,9 @@ class _Link(asyncio.BufferedProtocol):
                 self.transport.resume_reading()
         if self.lost is not None:
             return
-        self._readable = asyncio.get_running_loop().create_future()
-        await self._readable
+        if self._readable is None or self._readable.done():
+            self._readable = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._readable)  # shared by every waiter; one's timeout spares it
 
     def maybe_resume_reading(self) -> None:
         if self._reading_paused and self.session.buffered <= READ_LOW_WATER:
