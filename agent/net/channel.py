@@ -188,8 +188,9 @@ class _Link(asyncio.BufferedProtocol):
                 self.transport.resume_reading()
 
     async def drain(self) -> None:
+        """Until the transport's write buffer is below the low-water mark again."""
         if self._writable is not None and not self._writable.done():
-            await self._writable
+            await asyncio.shield(self._writable)  # a cancelled waiter must not resolve it
 
 
 class Channel:
