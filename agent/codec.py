@@ -22,8 +22,6 @@ source decided each COPY against what the destination holds after the entries be
 from __future__ import annotations
 
 import functools
-import logging
-import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import zstandard
 
+from agent._native import select
 from agent.batch_format import (
     DEFAULT_COMPRESS_LEVEL,
     DEFAULT_MAX_DATA_BYTES,
@@ -55,23 +54,8 @@ from agent.errors import BatchError
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
 
-log = logging.getLogger(__name__)
 
-PURE_PYTHON_ENV = "FERRY_PURE_PYTHON"
-
-BACKEND: str
-if os.environ.get(PURE_PYTHON_ENV) == "1":
-    BACKEND = "python"
-else:
-    try:
-        from agent._native import codec as _backend
-
-        BACKEND = "native"
-    except ImportError as exc:
-        log.warning("native page codec not built (%s); using the pure-Python twin", exc)
-        BACKEND = "python"
-if BACKEND == "python":
-    from agent import _codec_py as _backend  # type: ignore[no-redef]
+BACKEND, _backend = select("codec", "agent._codec_py")
 
 DedupIndex = _backend.DedupIndex
 block_hash = _backend.block_hash

@@ -90,6 +90,13 @@ def choose_accel(env: Mapping[str, str] | None = None) -> AccelChoice:
 
 # ---------------------------------------------------------------------------- discovery
 
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a connected unix socket."""
+    pid, uid, gid = _UCRED.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    return pid, uid, gid
+
+
 def peer_pid(sock_path: str | os.PathLike[str]) -> int:
     """Pid of the process listening on a unix socket (QEMU's QMP), via SO_PEERCRED.
 
@@ -101,8 +108,7 @@ def peer_pid(sock_path: str | os.PathLike[str]) -> int:
             sock.connect(os.fspath(sock_path))
         except OSError as exc:
             raise QemuError(f"cannot reach QEMU's socket {sock_path}: {exc.strerror}") from exc
-        pid, _uid, _gid = _UCRED.unpack(
-            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+        pid, _uid, _gid = peer_credentials(sock)
     if pid <= 0:
         raise QemuError(f"no peer credentials on {sock_path}")
     return pid

@@ -6,70 +6,33 @@ is used and a warning is logged, since a scan then runs some hundred times slowe
 
 from __future__ import annotations
 
-import logging
-import os
+from agent._native import select
 
-log = logging.getLogger(__name__)
+BACKEND, _impl = select("scan", "agent.memory._scan_py")
 
-PURE_PYTHON_ENV = "FERRY_PURE_PYTHON"
-
-BACKEND: str
-if os.environ.get(PURE_PYTHON_ENV) == "1":
-    BACKEND = "python"
-else:
-    try:
-        from agent._native import scan as _native  # noqa: F401  (only probing that it exists)
-
-        BACKEND = "native"
-    except ImportError as exc:
-        log.warning("native page scanner not built (%s); using the pure-Python twin", exc)
-        BACKEND = "python"
-
-if BACKEND == "native":
-    from agent._native.scan import (
-        HASH_SIZE,
-        PAGE_SIZE,
-        PAGEMAP_ENTRY_SIZE,
-        PAGEMAP_SOFT_DIRTY,
-        ZERO_PAGE_HASH,
-        bitmap_to_indices,
-        data_extents,
-        extent_pages,
-        hash_pages,
-        hash_pages_into,
-        indices_to_bitmap,
-        page_count,
-        runs,
-        scan,
-        soft_dirty_indices,
-        zero_pages,
-    )
-else:
-    from agent.memory._scan_py import (
-        HASH_SIZE,
-        PAGE_SIZE,
-        PAGEMAP_ENTRY_SIZE,
-        PAGEMAP_SOFT_DIRTY,
-        ZERO_PAGE_HASH,
-        bitmap_to_indices,
-        data_extents,
-        extent_pages,
-        hash_pages,
-        hash_pages_into,
-        indices_to_bitmap,
-        page_count,
-        runs,
-        scan,
-        soft_dirty_indices,
-        zero_pages,
-    )
+HASH_SIZE = _impl.HASH_SIZE
+PAGE_SIZE = _impl.PAGE_SIZE
+PAGEMAP_ENTRY_SIZE = _impl.PAGEMAP_ENTRY_SIZE
+PAGEMAP_SOFT_DIRTY = _impl.PAGEMAP_SOFT_DIRTY
+ZERO_PAGE_HASH = _impl.ZERO_PAGE_HASH
+bitmap_to_indices = _impl.bitmap_to_indices
+data_extents = _impl.data_extents
+extent_pages = _impl.extent_pages
+hash_pages = _impl.hash_pages
+hash_pages_into = _impl.hash_pages_into
+indices_to_bitmap = _impl.indices_to_bitmap
+page_count = _impl.page_count
+runs = _impl.runs
+scan = _impl.scan
+soft_dirty_indices = _impl.soft_dirty_indices
+zero_pages = _impl.zero_pages
 
 __all__ = [
     "BACKEND",
     "HASH_SIZE",
-    "PAGE_SIZE",
     "PAGEMAP_ENTRY_SIZE",
     "PAGEMAP_SOFT_DIRTY",
+    "PAGE_SIZE",
     "ZERO_PAGE_HASH",
     "bitmap_to_indices",
     "data_extents",

@@ -14,17 +14,16 @@ import logging
 import mmap
 import os
 import shutil
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from agent import codec, qmp as qmp_mod, vm
+from agent import codec, vm
+from agent import qmp as qmp_mod
 from agent.errors import FerryError, PeerError, ProtocolError, QemuError, UserError
 from agent.memory.prefault import Prefaulter
 from agent.migration.link import Link, parse_message, send_control
-from agent.migration.qemu_stream import enable_capabilities, wait_migration_done
 from agent.migration.protocol import Kind, Op
+from agent.migration.qemu_stream import enable_capabilities, wait_migration_done
 from agent.service import journal, vms
 from agent.service.config import AgentConfig
 from agent.vmspec import PAGE_SIZE, DestinationPaths, VmSpec, destination_argv

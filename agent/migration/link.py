@@ -39,25 +39,6 @@ def parse_message(kind: int, payload: bytes | memoryview) -> Control | None:
     return Control.decode(payload) if kind is Kind.CONTROL else None
 
 
-async def expect_control(link: Link, ops: Collection[Op], *, timeout: float | None,
-                         what: str) -> Control:
-    """Wait for a control message with one of `ops`; ERROR replies raise RemoteFailure."""
-    try:
-        async with asyncio.timeout(timeout):
-            kind, payload = await link.receive()
-    except TimeoutError:
-        raise PeerError(f"no answer from the destination within {timeout:g} s ({what})") from None
-    msg = parse_message(kind, payload)
-    if msg is None:
-        raise ProtocolError(f"expected a control message ({what}), got data kind {kind}")
-    if msg.op is Op.ERROR:
-        raise RemoteFailure(str(msg.body.get("message", "the peer failed")))
-    if msg.op not in ops:
-        raise ProtocolError(f"expected {'/'.join(o.value for o in ops)} ({what}), "
-                            f"got {msg.op.value}")
-    return msg
-
-
 class Inbox:
     """Reads everything the destination says, all the time, so that its ERROR is heard
     even while the source is busy sending pages; replies are taken with `expect`."""

@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent import codec, qmp as qmp_mod, vm
-from agent.errors import FerryError, PeerError, QemuError, UserError
+from agent import codec, vm
+from agent import qmp as qmp_mod
+from agent.errors import FerryError, QemuError, UserError
 from agent.memory import scan
 from agent.memory.prefault import coarse_extents
 from agent.memory.tracker import HashScanTracker
-from agent.migration.convergence import (ConvergencePolicy, Decision, RoundStats,
-                                         TimeoutAction)
+from agent.migration.convergence import ConvergencePolicy, Decision, RoundStats, TimeoutAction
 from agent.migration.link import Inbox, Link, send_control
 from agent.migration.protocol import Kind, Op
 from agent.migration.qemu_stream import enable_capabilities, wait_migration_done

@@ -16,18 +16,17 @@ import json
 import logging
 import os
 import socket
-import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from agent.errors import FerryError, LocalError, UserError
+from agent.vm import peer_credentials
 
 log = logging.getLogger(__name__)
 
 MAX_LINE = 1 << 20
 SOCKET_MODE = 0o660
-_UCRED = struct.Struct("3i")  # pid, uid, gid
 
 Reply = dict[str, Any]
 # A handler gets the request and a `send` for streaming events; it returns the final reply.
@@ -37,13 +36,6 @@ Handler = Callable[[dict[str, Any], Callable[[Reply], Awaitable[None]], asyncio.
 
 class AgentUnreachableError(UserError):
     """No agent answers on the control socket."""
-
-
-def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
-    """(pid, uid, gid) of the process at the other end of a unix socket."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    pid, uid, gid = _UCRED.unpack(raw)
-    return pid, uid, gid
 
 
 def caller_allowed(uid: int, gid: int, allowed_gid: int | None) -> bool:
@@ -215,8 +207,3 @@ class ControlClient:
             return reply
         raise LocalError(f"the agent on {self.path} closed the connection without a reply")
 
-
-async def iterate_lines(reader: asyncio.StreamReader) -> AsyncIterator[Reply]:
-    """Reply lines from an asyncio stream (used by tests driving the agent)."""
-    while line := await reader.readline():
-        yield json.loads(line)
