@@ -337,6 +337,8 @@ def test_backpressure_bounds_what_a_slow_reader_buffers():
                     sent += 1
             # Write and read high-water marks plus the kernel's socket buffers.
             assert 8 <= sent < 64
+            with pytest.raises(PeerTimeoutError):  # a timed-out send left the brake on
+                await channel.send(MsgType.DATA, payload, timeout=0.2)
             release.set()
             channel.abort()
 
