@@ -560,3 +560,13 @@ def test_fuzz_random_bytes_into_an_initiator(chunks):
     except ProtocolError:
         pass
     assert got == []
+
+
+def test_a_flood_during_the_handshake_is_capped_and_refused():
+    _, b = make_pair()
+    b.receive_data(preamble())
+    for _ in range(1000):  # 4 MB that never forms a handshake message
+        b.receive_data(HANDSHAKE_LENGTH.pack(100) + bytes(4000))
+    assert b.buffered <= 8192
+    with pytest.raises(HandshakeError):
+        events(b)

@@ -205,8 +205,9 @@ class Session:
             if self._decoder.failed:
                 return
             self._decoder.buffer_updated(nbytes)
-        else:
+        elif len(self._hs_buf) <= HANDSHAKE_BUFFER_LIMIT:
             self._hs_buf += memoryview(self._hs_scratch)[:nbytes]
+        # else: more than a handshake can hold; next_event() says so, the rest is dropped
 
     def receive_data(self, data: Buffer) -> None:
         """Feed bytes received from the peer."""
