@@ -196,3 +196,69 @@ class ChannelClosedError(PeerError):
 
 class PeerTimeoutError(PeerError):
     """The peer did not answer (connect, handshake, send or receive) within the timeout."""
+
+
+# --- NBD (agent/storage): disks read and written through an NBD export that QEMU serves. ---
+
+class NbdError(QemuError):
+    """An NBD export (qemu-nbd, qemu-storage-daemon or a VM's NBD server) failed or misbehaved."""
+
+
+class NbdConnectError(NbdError):
+    """No NBD session could be opened: no socket, nobody listening, or no handshake in time."""
+
+
+class NbdProtocolError(NbdError):
+    """The NBD server's bytes broke the NBD protocol (malformed, out of range, unknown cookie);
+    the connection ends and every request on it fails with this error."""
+
+
+class NotNbdServerError(NbdProtocolError):
+    """The other end of the socket does not speak fixed-newstyle NBD at all."""
+
+
+class NbdOptionError(NbdError):
+    """The server refused an option of the handshake: no such export, no such metadata
+    context, or a feature it does not support; carries the option and the reply code."""
+
+    def __init__(self, option: str, reply: str, code: int, message: str) -> None:
+        super().__init__(f"NBD server refused {option}: {message} ({reply})")
+        self.option = option
+        self.reply = reply
+        self.code = code
+        self.server_message = message
+
+
+class NbdCommandError(NbdError):
+    """The server answered one request with an NBD error (EIO, ENOSPC, EPERM, ...); the
+    connection stays usable. `code` is the NBD error value, `error_offset` where it happened
+    if the server said."""
+
+    def __init__(self, command: str, offset: int, length: int, code: int, code_name: str,
+                 message: str = "", error_offset: int | None = None) -> None:
+        where = f" at offset {error_offset}" if error_offset is not None else ""
+        text = f": {message}" if message else ""
+        super().__init__(f"NBD {command} of {length} bytes at {offset} failed{where}: "
+                         f"{code_name}{text}")
+        self.command = command
+        self.offset = offset
+        self.length = length
+        self.code = code
+        self.code_name = code_name
+        self.server_message = message
+        self.error_offset = error_offset
+
+
+class NbdTimeoutError(NbdError):
+    """The NBD server did not answer a request in time; the connection is ended, because a
+    late reply could no longer be told apart from a hostile one."""
+
+
+class NbdDisconnectedError(NbdError):
+    """The NBD connection ended (the server quit or died, or this side disconnected) while a
+    request still needed it."""
+
+
+class NbdRequestError(UserError):
+    """The caller asked the NBD client for something the export cannot take: a range past its
+    end or off its block size, a write to a read-only export, a feature it does not offer."""

@@ -1,0 +1,1 @@
+"""Disks: the NBD client (sans-IO protocol in nbd_proto, asyncio glue in nbd)."""
