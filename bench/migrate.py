@@ -1,6 +1,6 @@
 """ferry's live migration against QEMU's own, same guest, same machine, measured in one run.
 
-    python -m bench migrate [--quick] [--json] [--only ROW] [--no-save]
+    python -m bench migrate [--quick] [--json] [--repeat N] [--only ROW] [--no-save]
 
 Each row boots a fresh self-checking test guest (agent.guest) that fills part of its RAM
 at boot and then rewrites a working set at a fixed rate, waits until it completed a pass,
@@ -47,6 +47,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import struct
 import subprocess
 import sys
@@ -193,6 +194,7 @@ class Verdict:
     max_ratio: float
     met: bool
     why: str = ""        # set when the rows cannot be compared
+    runs: int = 1        # figures are medians when more than one
 
     @property
     def ratio(self) -> float | None:
@@ -205,46 +207,52 @@ class Verdict:
                 f"({self.guest_mib} MiB, {self.dirty_mib_s:g} MiB/s): ")
         if self.why:
             return head + f"NOT met: {self.why}"
-        return head + (f"{'met' if self.met else 'NOT met'} ({self.ferry:.0f} ms vs "
+        median = "medians " if self.runs > 1 else ""
+        return head + (f"{'met' if self.met else 'NOT met'} ({median}{self.ferry:.0f} ms vs "
                        f"{self.qemu:.0f} ms, ratio {self.ratio:.2f})")
 
 
-def _find(rows: Iterable[dict[str, Any]], tool: str, mode: str, guest_mib: int,
-          dirty_mib_s: float) -> dict[str, Any] | None:
-    for row in rows:
-        if (row["tool"], row["mode"], row["guest_mib"], row["dirty_mib_s"]) == (
-                tool, mode, guest_mib, dirty_mib_s):
-            return row
-    return None
+def _group(rows: Iterable[dict[str, Any]], tool: str, mode: str,
+           case: Case) -> list[dict[str, Any]]:
+    return [row for row in rows
+            if (row["tool"], row["mode"], row["guest_mib"], row["dirty_mib_s"]) == (
+                tool, mode, case.guest_mib, case.dirty_mib_s)]
 
 
 def verdicts(rows: Sequence[dict[str, Any]], cases: Iterable[Case],
              baseline: str = TARGET_BASELINE) -> list[Verdict]:
-    """The two targets for every case that has both a ferry and a QEMU `baseline` row.
+    """The two targets for every case that has both ferry and QEMU `baseline` rows.
 
-    A failed row (not ok, or a figure missing) fails the target: a baseline that lost
-    the guest is no baseline, and a ferry run that did is no result.
+    With repeated runs each side's figure is its median. A failed row (not ok, or a figure
+    missing) fails the target: a baseline that lost the guest is no baseline, and a ferry
+    run that did is no result.
     """
     out = []
     for case in cases:
-        ferry = _find(rows, "ferry", FERRY_MODE, case.guest_mib, case.dirty_mib_s)
-        qemu_plain = _find(rows, "qemu", baseline, case.guest_mib, case.dirty_mib_s)
-        if ferry is None or qemu_plain is None:
+        ferry = _group(rows, "ferry", FERRY_MODE, case)
+        qemu_rows = _group(rows, "qemu", baseline, case)
+        if not ferry or not qemu_rows:
             continue
         for name, key, max_ratio in (("downtime", "downtime_ms", DOWNTIME_RATIO_MAX),
                                      ("total", "total_ms", TOTAL_RATIO_MAX)):
-            f, q = ferry[key], qemu_plain[key]
+            f_values = [row[key] for row in ferry]
+            q_values = [row[key] for row in qemu_rows]
+            f_bad = next((row for row in ferry if not row["ok"]), None)
+            q_bad = next((row for row in qemu_rows if not row["ok"]), None)
             why = ""
-            if not ferry["ok"]:
-                why = f"the ferry run failed ({ferry.get('error') or 'guest not intact'})"
-            elif not qemu_plain["ok"]:
-                why = f"the QEMU baseline failed ({qemu_plain.get('error') or 'guest not intact'})"
-            elif f is None or q is None:
+            if f_bad is not None:
+                why = f"the ferry run failed ({f_bad.get('error') or 'guest not intact'})"
+            elif q_bad is not None:
+                why = f"the QEMU baseline failed ({q_bad.get('error') or 'guest not intact'})"
+            elif None in f_values or None in q_values:
                 why = "a figure is missing"
-            met = not why and f <= max_ratio * q
+            f = None if why else statistics.median(f_values)
+            q = None if why else statistics.median(q_values)
+            met = f is not None and q is not None and f <= max_ratio * q
             out.append(Verdict(name=name, baseline=baseline, guest_mib=case.guest_mib,
                                dirty_mib_s=case.dirty_mib_s, ferry=f, qemu=q,
-                               max_ratio=max_ratio, met=met, why=why))
+                               max_ratio=max_ratio, met=met, why=why,
+                               runs=min(len(ferry), len(qemu_rows))))
     return out
 
 
@@ -263,9 +271,10 @@ def table(rows: Sequence[dict[str, Any]], cases: Sequence[Case]) -> str:
     lines = [(f"{'tool':<6} {'mode':<13} {'guest':>6} {'dirty':>7} {'total':>8} "
               f"{'downtime':>9} {'wire':>9} {'ok':>3}  notes"),
              f"{'':<6} {'':<13} {'MiB':>6} {'MiB/s':>7} {'ms':>8} {'ms':>9} {'MiB':>9}"]
+    repeated = any(row.get("run", 1) > 1 for row in rows)
     for row in rows:
         wire = None if row["wire_bytes"] is None else row["wire_bytes"] / MIB
-        notes = []
+        notes = [f"run {row.get('run', 1)}"] if repeated else []
         if row["tool"] == "qemu" and row.get("qemu_total_ms") is not None:
             notes.append(f"QEMU's own: total {row['qemu_total_ms']} ms, "
                          f"downtime {row['qemu_downtime_ms']} ms")
@@ -669,15 +678,22 @@ def ferry_row(case: Case, note: Callable[[str], None]) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------- driver
 
-def run_rows(cases: Sequence[Case], only: Sequence[str],
-             note: Callable[[str], None]) -> Iterator[dict[str, Any]]:
-    """Every row of every case, in ROW_NAMES order (ferry between the two QEMU modes)."""
+def run_rows(cases: Sequence[Case], only: Sequence[str], note: Callable[[str], None],
+             repeat: int = 1) -> Iterator[dict[str, Any]]:
+    """Every row of every case, `repeat` times, in ROW_NAMES order (ferry between QEMU modes).
+
+    Repeats are interleaved (all kinds, then all kinds again) so that load from other work
+    on the machine falls on every kind alike.
+    """
     for case in cases:
-        for name in ROW_NAMES:
-            if only and name not in only:
-                continue
-            tool, mode = name.split("-", 1)
-            yield ferry_row(case, note) if tool == "ferry" else qemu_row(case, mode, note)
+        for run in range(1, repeat + 1):
+            for name in ROW_NAMES:
+                if only and name not in only:
+                    continue
+                tool, mode = name.split("-", 1)
+                row = ferry_row(case, note) if tool == "ferry" else qemu_row(case, mode, note)
+                row["run"] = run
+                yield row
 
 
 def save(rows: Sequence[dict[str, Any]], cases: Sequence[Case], meta: dict[str, Any]) -> Path:
@@ -706,9 +722,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print the rows as a JSON list")
     parser.add_argument("--only", action="append", choices=ROW_NAMES, default=[],
                         help="run only this row kind (repeatable)")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="run every row N times; verdicts compare medians (default 1)")
     parser.add_argument("--no-save", action="store_true",
                         help=f"do not write the results to {RESULTS_DIR}/")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    return args
 
 
 def main(argv: Sequence[str]) -> int:
@@ -728,7 +749,7 @@ def main(argv: Sequence[str]) -> int:
          f"{' '.join(f'{x:.2f}' for x in meta['load_before'])} on {os.cpu_count()} CPUs")
     rows: list[dict[str, Any]] = []
     try:
-        for row in run_rows(cases, args.only, note):
+        for row in run_rows(cases, args.only, note, args.repeat):
             rows.append(row)
             note(f"{row['tool']} {row['mode']}: total {row['total_ms']} ms, downtime "
                  f"{row['downtime_ms']} ms, ok {row['ok']}"

@@ -61,6 +61,19 @@ def test_verdicts_compare_ferry_with_qemu_plain(ferry, qemu, downtime_met, total
     assert bm.targets_met(rows, [CASE]) is (downtime_met and total_met)
 
 
+def test_repeated_runs_compare_medians():
+    rows = [row("qemu", "plain", 800, 10), row("ferry", "default", 5000, 50),
+            row("qemu", "plain", 900, 60), row("ferry", "default", 1000, 9),
+            row("qemu", "plain", 5000, 8), row("ferry", "default", 1100, 11)]
+    found = {v.name: v for v in bm.verdicts(rows, [CASE])}
+    assert (found["total"].ferry, found["total"].qemu) == (1100, 900)
+    assert (found["downtime"].ferry, found["downtime"].qemu) == (11, 10)
+    assert found["total"].met and not found["downtime"].met
+    assert found["total"].runs == 3 and "medians 1100 ms vs 900 ms" in found["total"].text()
+    rows[3] = bm.failed_row("ferry", "default", CASE, "lost")
+    assert not bm.targets_met(rows, [CASE])
+
+
 def test_a_failed_row_fails_the_targets_and_says_why():
     rows = [row("qemu", "plain", 800, 60, ok=False), row("ferry", "default", 100, 1)]
     assert not bm.targets_met(rows, [CASE])
