@@ -179,6 +179,28 @@ def split_options(args: Sequence[str]) -> list[Option]:
 
 # ---------------------------------------------------------------------------- description
 
+DISK_FORMATS = ("qcow2", "raw")
+"""Image formats ferry copies (and creates on the destination)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DiskSpec:
+    """One writable disk of a VM whose content the migration copies."""
+
+    index: int
+    path: str                      # the image file on the source
+    format: str                    # qcow2 or raw
+    virtual_size: int              # bytes the guest sees
+    node: str                      # the format node's name in the source QEMU
+
+    def __post_init__(self) -> None:
+        if self.format not in DISK_FORMATS:
+            raise UserError(f"disk {self.path}: format {self.format!r} cannot be copied "
+                            f"(ferry copies {', '.join(DISK_FORMATS)})")
+        if self.virtual_size <= 0 or not os.path.isabs(self.path):
+            raise UserError(f"bad disk description {self.path!r} ({self.virtual_size} bytes)")
+
+
 @dataclass(frozen=True, slots=True)
 class VmSpec:
     """What the source tells the destination about a VM: enough to start its twin."""
@@ -187,6 +209,7 @@ class VmSpec:
     argv: tuple[str, ...]          # the source QEMU's options, binary excluded
     ram_size: int                  # bytes of the shared RAM backend
     ram_backend_id: str
+    disks: tuple[DiskSpec, ...] = ()   # disks to copy (storage mode copy); none if shared
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.name):
@@ -200,7 +223,10 @@ class VmSpec:
 
     def to_json(self) -> dict:
         return {"name": self.name, "argv": list(self.argv), "ram_size": self.ram_size,
-                "ram_backend_id": self.ram_backend_id}
+                "ram_backend_id": self.ram_backend_id,
+                "disks": [{"index": d.index, "path": d.path, "format": d.format,
+                           "virtual_size": d.virtual_size, "node": d.node}
+                          for d in self.disks]}
 
     @classmethod
     def from_json(cls, data: dict) -> VmSpec:
@@ -208,8 +234,12 @@ class VmSpec:
             argv = data["argv"]
             if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
                 raise TypeError("argv must be a list of strings")
+            disks = tuple(DiskSpec(index=int(d["index"]), path=str(d["path"]),
+                                   format=str(d["format"]), virtual_size=int(d["virtual_size"]),
+                                   node=str(d["node"]))
+                          for d in data.get("disks") or ())
             return cls(name=str(data["name"]), argv=tuple(argv), ram_size=int(data["ram_size"]),
-                       ram_backend_id=str(data["ram_backend_id"]))
+                       ram_backend_id=str(data["ram_backend_id"]), disks=disks)
         except (KeyError, TypeError, ValueError) as exc:
             raise UserError(f"malformed VM description: {exc}") from exc
 
@@ -261,12 +291,22 @@ class DestinationPaths:
                    incoming_path=vm_dir / "incoming.sock")
 
 
+@dataclass(frozen=True, slots=True)
+class DiskTarget:
+    """Where the destination puts one copied disk, and in which format."""
+
+    path: str
+    format: str
+    converts: bool = False         # format differs from the source's
+
+
 @dataclass(slots=True)
 class _Rewrite:
     """Working state while the destination rewrites an argv."""
 
     roots: tuple[Path, ...]
     paths: DestinationPaths
+    disks: dict[str, DiskTarget] = field(default_factory=dict)   # source path -> target
     out: list[str] = field(default_factory=list)
     dropped_chardevs: set[str] = field(default_factory=set)
     serial_count: int = 0
@@ -290,8 +330,13 @@ def require_allowed(path_text: str, roots: Sequence[Path], what: str) -> None:
 
 
 def destination_argv(spec: VmSpec, paths: DestinationPaths, roots: Sequence[Path],
-                     qemu_binary: str) -> list[str]:
-    """The argv the destination runs for spec: checked, with host resources its own."""
+                     qemu_binary: str,
+                     disks: dict[str, DiskTarget] | None = None) -> list[str]:
+    """The argv the destination runs for spec: checked, with host resources its own.
+
+    `disks` maps a copied disk's source path to its target on this host; disks not in it
+    are shared storage, used at the same path.
+    """
     options = split_options(spec.argv)
     backend_id, size, _, _ = ram_backend_of(options)
     if size != spec.ram_size or backend_id != spec.ram_backend_id:
@@ -299,7 +344,7 @@ def destination_argv(spec: VmSpec, paths: DestinationPaths, roots: Sequence[Path
     # Chardevs used only by monitors go with them; guest-visible ones are kept.
     mon_chardevs = {keyval_get(parse_keyval(o.value or ""), "chardev")
                     for o in options if o.name == "-mon"}
-    state = _Rewrite(roots=tuple(roots), paths=paths,
+    state = _Rewrite(roots=tuple(roots), paths=paths, disks=dict(disks or {}),
                      dropped_chardevs={c for c in mon_chardevs if c})
     for opt in options:
         _rewrite_option(opt, state)
@@ -356,19 +401,43 @@ def _rewrite_option(opt: Option, st: _Rewrite) -> None:
     elif policy is Policy.DRIVE:
         pairs = parse_keyval(value)
         file = keyval_get(pairs, "file")
+        target = st.disks.get(file or "")
+        if target is not None:
+            keyval_set(pairs, "file", target.path)
+            keyval_set(pairs, "format", target.format)
         if file:
-            require_allowed(file, st.roots, "disk")
-        st.out += opt.argv()
+            require_allowed(target.path if target else file, st.roots, "disk")
+        st.out += ["-drive", format_keyval(pairs)]
     elif policy is Policy.BLOCKDEV:
-        for filename in _blockdev_filenames(value):
-            require_allowed(filename, st.roots, "disk")
-        st.out += opt.argv()
+        st.out += ["-blockdev", _rewrite_blockdev(value, st)]
     elif policy is Policy.NETDEV:
         backend = parse_keyval(value, "type")[0][1]
         if backend not in PORTABLE_NETDEVS:
             raise UserError(f"{opt.name} {backend} is host-specific and not accepted "
                             f"(accepted: {', '.join(sorted(PORTABLE_NETDEVS))})")
         st.out += opt.argv()
+
+
+def _rewrite_blockdev(value: str, st: _Rewrite) -> str:
+    """A -blockdev with copied disks' filenames replaced; every filename checked."""
+    if value.lstrip().startswith("{"):
+        for filename in _blockdev_filenames(value):
+            if filename in st.disks:
+                raise UserError("a -blockdev in JSON form cannot be redirected to a copied "
+                                "disk's new path; use key=value form or shared storage")
+            require_allowed(filename, st.roots, "disk")
+        return value
+    pairs = parse_keyval(value)
+    for key, filename in list(pairs):
+        if filename and (key == "filename" or key.endswith(".filename")):
+            target = st.disks.get(filename)
+            if target is not None and target.converts:
+                raise UserError(f"disk {filename} is a -blockdev: its format cannot be "
+                                f"converted on the way (--disk-format works with -drive)")
+            if target is not None:
+                keyval_set(pairs, key, target.path)
+            require_allowed(target.path if target else filename, st.roots, "disk")
+    return format_keyval(pairs)
 
 
 def _blockdev_filenames(value: str) -> list[str]:

@@ -139,3 +139,35 @@ def test_spec_json_roundtrip_and_validation():
                           "ram_backend_id": "r"})
     with pytest.raises(UserError, match="invalid VM name"):
         VmSpec(name="../evil", argv=(), ram_size=4096, ram_backend_id="r")
+
+
+def test_copied_disks_are_redirected_in_drive_and_blockdev(dest, tmp_path):
+    from agent.vmspec import DiskTarget
+    paths, roots = dest
+    argv = source_argv("-drive", "file=/src/d0.qcow2,format=qcow2,if=virtio",
+                       "-blockdev", "driver=file,filename=/src/d1.img,node-name=f1",
+                       "-blockdev", "driver=raw,file=f1,node-name=d1")
+    targets = {"/src/d0.qcow2": DiskTarget(str(tmp_path / "d0.raw"), "raw", converts=True),
+               "/src/d1.img": DiskTarget(str(tmp_path / "d1.img"), "raw")}
+    out = destination_argv(spec_for(argv), paths, roots, "qemu", targets)
+    assert f"file={tmp_path / 'd0.raw'},format=raw,if=virtio" in out
+    assert f"driver=file,filename={tmp_path / 'd1.img'},node-name=f1" in out
+    assert "/src/" not in " ".join(out)
+
+
+def test_blockdev_format_conversion_is_refused(dest, tmp_path):
+    from agent.vmspec import DiskTarget
+    paths, roots = dest
+    argv = source_argv("-blockdev", "driver=file,filename=/src/d1.img,node-name=f1")
+    targets = {"/src/d1.img": DiskTarget(str(tmp_path / "d1.qcow2"), "qcow2", converts=True)}
+    with pytest.raises(UserError, match="cannot be converted"):
+        destination_argv(spec_for(argv), paths, roots, "qemu", targets)
+
+
+def test_disk_spec_refuses_unknown_formats():
+    from agent.vmspec import DiskSpec
+    with pytest.raises(UserError, match="cannot be copied"):
+        DiskSpec(index=0, path="/x/d.vmdk", format="vmdk", virtual_size=1 << 20, node="n")
+    spec = VmSpec(name="a", argv=(), ram_size=4096, ram_backend_id="r",
+                  disks=(DiskSpec(0, "/x/d.qcow2", "qcow2", 1 << 20, "#block1"),))
+    assert VmSpec.from_json(spec.to_json()) == spec
