@@ -35,7 +35,7 @@ import os
 from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
 from enum import Enum
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, cast
 
 from agent.errors import (
     NbdCommandError,
@@ -183,8 +183,8 @@ class _Link(asyncio.BufferedProtocol):
         self._write_resumed: asyncio.Future[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        self.transport = cast(asyncio.Transport, transport)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._client._proto.get_buffer(sizehint)
