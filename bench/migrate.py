@@ -14,7 +14,7 @@ and migrates it over loopback:
   300 ms (ferry's default); multifd-zstd adds multifd with 2 channels and zstd on both.
 - qemu plain-private: as plain, but with QEMU's usual private anonymous RAM (`-m` only)
   on both sides. The shared file ferry needs makes QEMU's own migration slower here
-  (measured: ~1.6x the total time), so this row shows ferry against QEMU at its best;
+  (1.5-2.5x the total time, measured), so this row shows ferry against QEMU at its best;
   the guest is then read over QMP (HMP `xp`, `pmemsave`) instead of from the file.
 
 Equal terms (DESIGN §7): QEMU < 9.0 under TCG loses dirty pages in its own migration when
@@ -25,8 +25,8 @@ destination: ferry's report counts from the source agent taking the job (it then
 and has the destination QEMU started) until the guest runs on the destination and the
 source QEMU quit; the QEMU figure counts from launching the destination QEMU until the
 guest RESUMEd there, and QEMU's own `total-time` (`migrate` to completion) is kept as
-qemu_total_ms. ok means the destination guest kept running
-for two full passes over its working set with 0 errors and its boot-time fill intact.
+qemu_total_ms. ok means the destination guest kept running for two full passes over its
+working set with 0 errors, and its boot-time fill arrived intact (XXH3-128 before/after).
 
 QEMU's wire bytes are what crossed the loopback of a private network namespace both QEMUs
 run in (QEMU 7.2 counts multifd pages before compression); ferry's come from its report.
