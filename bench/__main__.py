@@ -10,6 +10,7 @@ from collections.abc import Sequence
 SUBCOMMANDS: dict[str, str] = {
     "scan": "bench.scan",
     "codec": "bench.codec",
+    "migrate": "bench.migrate",
     "channel": "bench.channel",
 }
 
