@@ -3,6 +3,7 @@ hostile server that must get a protocol error, never a write outside the caller'
 
 from __future__ import annotations
 
+import itertools
 import random
 import struct
 
@@ -416,7 +417,7 @@ def test_a_whole_conversation_decodes_the_same_split_at_every_byte():
     edge = len(HANDSHAKE)
     for cut in range(1, len(stream)):
         bounds = sorted({0, cut, edge, len(stream)})
-        evs, buf = run_conversation([stream[a:b] for a, b in zip(bounds, bounds[1:])])
+        evs, buf = run_conversation([stream[a:b] for a, b in itertools.pairwise(bounds)])
         assert evs == whole_events and buf == whole_buf, cut
     evs, buf = run_conversation([stream[i:i + 1] for i in range(len(stream))])
     assert evs == whole_events and buf == whole_buf
@@ -627,7 +628,7 @@ def test_an_abandoned_large_read_goes_to_the_discard_buffer_mid_chunk():
 
 
 def test_abandoned_read_is_consumed_but_its_buffer_left_alone():
-    proto, cookie, backing, margin = read_setup()
+    proto, cookie, backing, _margin = read_setup()
     before = bytes(backing)
     proto.abandon(cookie)
     proto.receive_data(Server.data(cookie, 8192, b"Z" * 4096) + Server.none(cookie))
@@ -751,7 +752,7 @@ def read_replies(draw):
     bounds = [0, *cuts, length]
     disk = draw(st.binary(min_size=length, max_size=length))
     pieces = []
-    for start, end in zip(bounds, bounds[1:], strict=False):
+    for start, end in itertools.pairwise(bounds):
         as_hole = draw(st.booleans())
         pieces.append((start, end, as_hole))
     order = draw(st.permutations(pieces))

@@ -243,7 +243,7 @@ class NbdClient:
         self._waiters: dict[int, asyncio.Future[ReplyDone]] = {}
         self._idle: asyncio.Event | None = None
         self._failure: NbdError | None = None
-        self._aborted = False
+        self._failure_reported = False
         self._shutdown_requested = False
 
     # ------------------------------------------------------------------ connecting
@@ -299,7 +299,8 @@ class NbdClient:
     async def disconnect(self, timeout: float = DEFAULT_DISCONNECT_TIMEOUT) -> None:
         """Wait for pending replies, send NBD_CMD_DISC and close.
 
-        Raises the error that had ended the connection, if one did, so it is not lost.
+        Raises the error that had ended the connection, if one did, so it is not lost (once:
+        a second disconnect() is quiet).
         """
         if self._runstate in (Runstate.RUNNING, Runstate.DISCONNECTING):
             link = self._link
@@ -327,14 +328,15 @@ class NbdClient:
             self._enter(Runstate.CLOSED)
         else:
             self._close_transport()
-        if self._failure is not None and not self._aborted:
+        if self._failure is not None and not self._failure_reported:
+            self._failure_reported = True
             raise self._failure
 
     def abort(self) -> None:
         """Close the socket at once (no NBD_CMD_DISC); pending requests fail with
         NbdDisconnectedError (disconnect() afterwards does not raise it again)."""
         if self._runstate in (Runstate.RUNNING, Runstate.DISCONNECTING, Runstate.CONNECTING):
-            self._aborted = self._failure is None
+            self._failure_reported = self._failure is None
             self._fail(NbdDisconnectedError(f"{self.label}: connection aborted by this side"))
 
     async def __aenter__(self) -> Self:
