@@ -646,25 +646,38 @@ def test_garbage_after_the_handshake_fails_every_pending_request_with_a_protocol
     arun(main())
 
 
-def test_eshutdown_fails_the_request_and_the_client_says_goodbye(vm_dir):
+@pytest.mark.parametrize("others_pending", [False, True])
+def test_eshutdown_fails_the_request_and_the_client_says_goodbye(vm_dir, others_pending):
     path = str(vm_dir / "fake.sock")
     commands: list[int] = []
 
     async def on_request(flags, command, cookie, offset, length, writer) -> None:
         commands.append(command)
-        if command != Command.DISC:
+        if command == Command.FLUSH:
             writer.write(Server.error(cookie, NbdErrno.ESHUTDOWN, "going down"))
+        elif command == Command.WRITE:        # still in flight when ESHUTDOWN arrives
+            asyncio.get_running_loop().call_later(0.2, writer.write, Server.simple(cookie))
 
     async def main() -> None:
         async with fake_server(path, on_request):
             nbd = await NbdClient.connect(path)
+            write = asyncio.create_task(nbd.write(0, b"x")) if others_pending else None
+            await asyncio.sleep(0.01)
             with pytest.raises(NbdCommandError, match="ESHUTDOWN: going down") as info:
                 await nbd.flush()
             assert info.value.code == NbdErrno.ESHUTDOWN
             with pytest.raises(NbdDisconnectedError, match="shutting down"):
                 await nbd.read(0, 512)
-            await nbd.disconnect()
-            assert commands == [Command.FLUSH, Command.DISC]
+            if write is not None:
+                await write                       # earlier requests still complete
+            for _ in range(100):                  # the client says goodbye by itself ...
+                if Command.DISC in commands:
+                    break
+                await asyncio.sleep(0.01)
+            assert commands == ([Command.WRITE] if others_pending else []) + [
+                Command.FLUSH, Command.DISC]
+            await nbd.disconnect()                # ... and disconnect() has nothing to add
+            assert nbd.runstate is Runstate.CLOSED
 
     arun(main())
 

@@ -603,6 +603,8 @@ class NbdClient:
             finally:
                 if self._waiters.pop(cookie, None) is not None and not self._waiters:
                     self._idle.set()
+                    if self._shutdown_requested:
+                        self._send_disc()
         finally:
             self._budget.release(cost)
         if reply.error:
@@ -628,6 +630,16 @@ class NbdClient:
     # ------------------------------------------------------------------ protocol callbacks
 
     def _received(self, nbytes: int) -> None:
+        try:
+            self._dispatch(nbytes)
+        except Exception as exc:   # a bug here must not leave requests waiting for a timeout
+            log.debug("%s: internal error while decoding", self.label, exc_info=True)
+            error = NbdDisconnectedError(f"{self.label}: connection dropped after an internal "
+                                         f"error in the NBD client: {exc!r}")
+            error.__cause__ = exc
+            self._fail(error)
+
+    def _dispatch(self, nbytes: int) -> None:
         proto = self._proto
         proto.buffer_updated(nbytes)
         out = proto.data_to_send()
@@ -647,8 +659,6 @@ class NbdClient:
             if isinstance(exc, NbdProtocolError):
                 log.debug("%s: protocol error: %s", self.label, exc)
             self._fail(exc)
-        if self._shutdown_requested and not self._waiters:
-            self._send_disc()
 
     def _eof(self) -> None:
         reason = self._proto.receive_eof()
