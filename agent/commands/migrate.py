@@ -31,6 +31,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="pre-copy time budget before the timeout action (default 120)")
     p.add_argument("--timeout-action", choices=("abort", "force"), default="abort",
                    help="when pre-copy does not converge: roll back (default) or switch over")
+    p.add_argument("--storage", choices=("copy", "shared"), default="copy",
+                   help="copy the VM's writable disks live (default), or use the same paths "
+                        "on the destination (shared storage)")
+    p.add_argument("--disk-map", action="append", metavar="SRC=DST", default=[],
+                   help="put the copy of disk SRC at DST on the destination (repeatable)")
+    p.add_argument("--disk-format", choices=("qcow2", "raw"),
+                   help="convert copied disks to this format (default: keep each one's)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON line")
     p.set_defaults(func=run)
 
@@ -45,7 +52,9 @@ def request_from_args(args: argparse.Namespace) -> dict[str, Any]:
             "downtime_ms": args.downtime_ms,
             "bandwidth": parse_rate(args.bandwidth) if args.bandwidth else None,
             "compress": args.compress, "dedup": not args.no_dedup,
-            "timeout_s": args.timeout, "timeout_action": args.timeout_action}
+            "timeout_s": args.timeout, "timeout_action": args.timeout_action,
+            "storage": args.storage, "disk_map": args.disk_map,
+            "disk_format": args.disk_format}
 
 
 def progress_line(event: dict[str, Any]) -> str:
@@ -78,6 +87,9 @@ def report_text(report: dict[str, Any]) -> str:
         f"  on the wire:  {human_bytes(report.get('wire_bytes', 0))} "
         f"(compression {report.get('compression_ratio')}x)",
     ]
+    for disk in report.get("disks") or ():
+        lines.append(f"  disk:         {disk['path']}: {disk['rounds']} rounds, "
+                     f"{human_bytes(disk['wire_bytes'])} sent")
     if report.get("dest_pid"):
         lines.append(f"  destination:  QEMU pid {report['dest_pid']}")
     return "\n".join(lines)

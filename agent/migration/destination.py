@@ -26,6 +26,7 @@ from agent.migration.protocol import Kind, Op
 from agent.migration.qemu_stream import enable_capabilities, wait_migration_done
 from agent.service import journal, vms
 from agent.service.config import AgentConfig
+from agent.storage.disk_sink import StorageSink, parse_disk_map, plan_targets
 from agent.vmspec import PAGE_SIZE, DestinationPaths, VmSpec, destination_argv
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class IncomingVm:
     qmp: qmp_mod.Qmp | None = None
     ram_fd: int = -1
     ram: mmap.mmap | None = None
+    storage: StorageSink | None = None
     prefault: Prefaulter | None = None
     created_vm_dir: bool = False
 
@@ -77,6 +79,8 @@ class IncomingVm:
         if self.process is not None:
             self.process.kill()
         self.close_ram()
+        if self.storage is not None:
+            await self.storage.abort()
         self.paths.ram_path.unlink(missing_ok=True)
         if self.created_vm_dir:
             shutil.rmtree(self.paths.vm_dir, ignore_errors=True)
@@ -126,14 +130,19 @@ class DestinationJob:
             raise UserError(f"the destination already runs a VM named {spec.name}")
         paths = DestinationPaths.under(vm_dir, self.config.ram_dir,
                                        f"{spec.name}-{self.job_id}")
-        argv = destination_argv(spec, paths, self.config.roots, self.config.qemu_path())
+        targets = plan_targets(spec.disks, parse_disk_map(body.get("disk_map")),
+                               body.get("disk_format"), self.config.roots)
+        argv = destination_argv(spec, paths, self.config.roots, self.config.qemu_path(),
+                                targets)
         self._check_ram_space(spec.ram_size)
         incoming = self.incoming = IncomingVm(spec=spec, paths=paths)
+        incoming.storage = StorageSink(spec.disks, targets, paths.vm_dir / "nbd.sock")
         self._journal(incoming, pid=0)  # before creating anything a crash could leave
         if vm_dir.exists():
             shutil.rmtree(vm_dir)  # a stale directory of a VM that is not running
         vm_dir.mkdir(parents=True)
         incoming.created_vm_dir = True
+        incoming.storage.create_images()
         # The RAM file exists (sparse, all zero) before QEMU maps it: pages not sent are zero.
         incoming.ram_fd = os.open(paths.ram_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         os.ftruncate(incoming.ram_fd, spec.ram_size)
@@ -148,6 +157,7 @@ class DestinationJob:
         incoming.qmp = await qmp_mod.connect(paths.qmp_path)
         await incoming.qmp.execute("migrate-set-capabilities", enable_capabilities())
         await incoming.qmp.execute("migrate-incoming", {"uri": f"unix:{paths.incoming_path}"})
+        await incoming.storage.open(incoming.qmp)
         log.info("incoming %s from %s: QEMU pid %d waits for pages", spec.name, self.peer,
                  incoming.process.pid)
         await send_control(self.link, Op.PREPARED, dest_pid=incoming.process.pid,
@@ -157,7 +167,9 @@ class DestinationJob:
         journal.write(self.config, journal.Entry(
             job=self.job_id, role="destination", step=journal.Step.INCOMING,
             vm=incoming.spec.name, pid=pid, vm_dir=str(incoming.paths.vm_dir),
-            ram_path=str(incoming.paths.ram_path), peer=self.peer))
+            ram_path=str(incoming.paths.ram_path), peer=self.peer,
+            disks=[t.path for t in (incoming.storage.targets.values()
+                                    if incoming.storage else ())]))
 
     def _check_ram_space(self, ram_size: int) -> None:
         usage = shutil.disk_usage(self.config.ram_dir)
@@ -192,6 +204,10 @@ class DestinationJob:
                 if kind == Kind.RAM_BATCH:
                     await queue.put(payload)
                     continue
+                if kind == Kind.DISK_BATCH:
+                    assert incoming.storage is not None
+                    await incoming.storage.apply(memoryview(payload))
+                    continue
                 if kind == Kind.DEVICE_STATE:
                     await self._device_state(bytes(payload))
                     continue
@@ -204,6 +220,8 @@ class DestinationJob:
                     await queue.put(None)
                     await applier  # every page is in the RAM file before devices load
                     watched.discard(applier)
+                    assert incoming.storage is not None
+                    await incoming.storage.finish()  # disks flushed, exports gone
                     self.ram_done = True
                     await self._device_state(b"")
                 elif msg.op is Op.DEVICE_STATE_END:

@@ -35,6 +35,7 @@ from agent.migration.states import Phase, PhaseTracker
 from agent.migration.throttle import Throttle
 from agent.service import journal, vms
 from agent.service.config import AgentConfig
+from agent.storage.disk_source import StorageSource, copyable_disks
 from agent.vmspec import PAGE_SIZE, VmSpec
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,9 @@ class MigrationOptions:
     timeout_s: float = 120.0
     timeout_action: TimeoutAction = TimeoutAction.ABORT
     threads: int | None = None            # scanner threads; None: all cores
+    storage: str = "copy"                 # copy: copy writable disks; shared: same paths
+    disk_map: tuple[str, ...] = ()        # SRC=DST target paths on the destination
+    disk_format: str | None = None        # convert copied disks to this format
 
     @staticmethod
     def parse_compress(text: str, bandwidth: int | None) -> int | None:
@@ -100,6 +104,7 @@ class Counters:
     raw_data_bytes: int = 0
     wire_bytes: int = 0
     device_state_bytes: int = 0
+    disk_wire_bytes: int = 0
 
     def add(self, batch: codec.EncodedBatch) -> None:
         self.pages_sent += batch.entry_count
@@ -135,6 +140,7 @@ class SourceJob:
     tracker: HashScanTracker | None = None
     encoder: codec.BatchEncoder | None = None
     throttle: Throttle | None = None
+    storage: StorageSource | None = None
     migrate_socket: Path | None = None
     migrate_started: bool = False
     stop_us: int | None = None
@@ -147,6 +153,7 @@ class SourceJob:
     _last_progress: float = 0.0
     _migrate_writer: asyncio.StreamWriter | None = None
     _ram_done: asyncio.Event = field(default_factory=asyncio.Event)
+    _disk_bytes_before: int = 0
 
     # ------------------------------------------------------------------ driver
 
@@ -203,8 +210,11 @@ class SourceJob:
     async def _prepare(self) -> None:
         self.qmp = await qmp_mod.connect(self.qmp_path)
         self.info = info = await vm.describe_vm(self.qmp_path, qmp=self.qmp)
+        if self.options.storage not in ("copy", "shared"):
+            raise UserError(f"bad --storage {self.options.storage!r}: use copy or shared")
+        disks = await copyable_disks(self.qmp) if self.options.storage == "copy" else ()
         spec = VmSpec(name=self.vm_name or info.name, argv=info.argv[1:],
-                      ram_size=info.ram_size, ram_backend_id=info.ram_backend_id)
+                      ram_size=info.ram_size, ram_backend_id=info.ram_backend_id, disks=disks)
         status = (await self.qmp.execute("query-status")).get("status")
         if status != "running":
             raise UserError(f"VM {spec.name} is {status}, not running; resume it first")
@@ -222,12 +232,18 @@ class SourceJob:
         # Where the RAM file holds data: the destination populates those pages early.
         extents = coarse_extents(scan.data_extents(self.ram_fd, info.ram_size))
         await send_control(self.link, Op.PREPARE, vm=spec.to_json(), job=self.job_id,
-                           ram_extents=extents)
+                           ram_extents=extents, disk_map=list(self.options.disk_map),
+                           disk_format=self.options.disk_format)
         reply = await self.inbox.expect({Op.PREPARED}, timeout=PREPARE_TIMEOUT_S,
                                         what="preparing the destination")
         self.dest_pid = int(reply.body.get("dest_pid", 0)) or None
         self.throttle = Throttle(self.qmp)
         self._journal(journal.Step.PRECOPY)
+        self.storage = StorageSource(self.qmp, disks, self.config.run_dir / f"{self.job_id}.nbd",
+                                     self.job_id, dedup=self.options.dedup,
+                                     compress_level=self.options.compress_level)
+        self.config.run_dir.mkdir(parents=True, exist_ok=True)
+        await self.storage.start()  # bitmaps record writes from here on
         log.info("migration %s: destination ready after %.0f ms (QEMU pid %s)", self.job_id,
                  (time.monotonic() - self.started) * 1000, self.dest_pid)
 
@@ -247,9 +263,11 @@ class SourceJob:
         # Round 0 needs no scan: every page that may hold data goes to the encoder, which
         # hashes its copy anyway and skips pages still zero (what the destination holds).
         dirty, scan_s = self._data_pages(), 0.0
+        disk_rate = 0.0   # bytes per second the disk rounds achieved (best so far)
         while True:
             round_start = time.monotonic()
             send_s = await self._send_round(dirty)
+            disk_s = await self._send_disk_round(first=self.counters.rounds == 0, final=False)
             await send_control(self.link, Op.ROUND, index=self.counters.rounds,
                                pages=len(dirty))
             stats = RoundStats(index=self.counters.rounds, dirty_pages=len(dirty),
@@ -259,7 +277,11 @@ class SourceJob:
             log.info("migration %s round %d: %d pages in %.0f ms after a %.0f ms scan",
                      self.job_id, stats.index, stats.dirty_pages, send_s * 1000, scan_s * 1000)
             dirty, scan_s = await self._scan()
-            decision = policy.observe(stats, time.monotonic() - self.started, len(dirty), scan_s)
+            disk_dirty = await self.storage.dirty_bytes() if self.storage else 0
+            disk_rate = max(disk_rate, self._disk_rate(disk_s))
+            decision = policy.observe(stats, time.monotonic() - self.started, len(dirty),
+                                      scan_s + (disk_dirty / disk_rate if disk_rate else
+                                                (1.0 if disk_dirty else 0.0)))
             self._dirty_rate = len(dirty) / max(stats.elapsed_s, 1e-3)
             await self._emit(pages_left=len(dirty), policy=policy)
             if decision is Decision.SWITCHOVER:
@@ -315,6 +337,27 @@ class SourceJob:
             self._check_deadline(total - position)
         return time.monotonic() - start
 
+    async def _send_disk_round(self, *, first: bool, final: bool) -> float:
+        """One round of every copied disk's changed blocks; the seconds it took."""
+        if self.storage is None or not self.storage.disks:
+            return 0.0
+        assert self.link is not None
+        start = time.monotonic()
+        self._disk_bytes_before = self.counters.disk_wire_bytes
+        async for payload in self.storage.round_batches(first=first, final=final):
+            if self.inbox is not None:
+                self.inbox.check()
+            await self.link.send(Kind.DISK_BATCH, payload)
+            self.counters.disk_wire_bytes += len(payload)
+            await self._pace(start)
+            await self._emit()
+        return time.monotonic() - start
+
+    def _disk_rate(self, seconds: float) -> float:
+        """Bytes per second of the last disk round (0 when it moved too little to tell)."""
+        moved = self.counters.disk_wire_bytes - self._disk_bytes_before
+        return moved / seconds if seconds > 0.01 and moved > (1 << 20) else 0.0
+
     def _check_deadline(self, pages_left: int) -> None:
         """Abort a pre-copy round that overruns the time budget (rounds on a slow link can
         be long); with --timeout-action force the round finishes and switchover follows."""
@@ -330,8 +373,8 @@ class SourceJob:
         """Sleep as needed to keep the wire rate under --bandwidth."""
         if self.options.bandwidth is None:
             return
-        ahead = self.counters.wire_bytes / self.options.bandwidth - (time.monotonic()
-                                                                     - self.started)
+        sent = self.counters.wire_bytes + self.counters.disk_wire_bytes
+        ahead = sent / self.options.bandwidth - (time.monotonic() - self.started)
         if ahead > 0:
             await asyncio.sleep(ahead)
 
@@ -353,6 +396,7 @@ class SourceJob:
             send_s = await self._send_round(dirty)
             log.info("migration %s final round: %d pages in %.0f ms after a %.0f ms scan",
                      self.job_id, len(dirty), send_s * 1000, scan_s * 1000)
+            await self._send_disk_round(first=False, final=True)
             self.counters.rounds += 1
             await send_control(self.link, Op.RAM_DONE, pages=self.counters.pages_sent)
             self._ram_done.set()
@@ -463,6 +507,8 @@ class SourceJob:
         if self.link is not None:
             with contextlib.suppress(FerryError, ConnectionError, OSError):
                 await self.link.close()
+        if self.storage is not None and self.qmp is not None:
+            await self.storage.close()
         if self.qmp is not None:
             with contextlib.suppress(QemuError):
                 await self.qmp.disconnect()
@@ -530,7 +576,9 @@ class SourceJob:
             "pages_sent": c.pages_sent, "zero_pages": c.zero_pages,
             "dedup_pages": c.dedup_pages, "data_pages": c.data_pages,
             "unchanged_pages": c.unchanged_pages,
-            "wire_bytes": c.wire_bytes + c.device_state_bytes,
+            "wire_bytes": c.wire_bytes + c.device_state_bytes + c.disk_wire_bytes,
+            "disk_bytes": c.disk_wire_bytes,
+            "disks": self.storage.report() if self.storage else [],
             "device_state_bytes": c.device_state_bytes,
             "compression_ratio": round(c.raw_data_bytes / max(1, c.wire_bytes), 3)
             if c.wire_bytes else 1.0,

@@ -201,6 +201,9 @@ def migration_options(request: dict[str, Any]) -> MigrationOptions:
             dedup=bool(request.get("dedup", True)),
             timeout_s=float(request.get("timeout_s") or 120.0),
             timeout_action=TimeoutAction(request.get("timeout_action") or "abort"),
+            storage=str(request.get("storage") or "copy"),
+            disk_map=tuple(str(m) for m in request.get("disk_map") or ()),
+            disk_format=str(request["disk_format"]) if request.get("disk_format") else None,
         )
     except (TypeError, ValueError) as exc:
         raise UserError(f"bad migration options: {exc}") from exc

@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 import signal
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from agent import qmp as qmp_mod
@@ -50,6 +50,7 @@ class Entry:
     vm_dir: str = ""
     ram_path: str = ""
     peer: str = ""
+    disks: list[str] = field(default_factory=list)   # destination: images it created
 
 
 def _path(config: AgentConfig, job: str) -> Path:
@@ -103,6 +104,8 @@ async def recover(config: AgentConfig) -> list[str]:
             if entry.pid and _is_qemu(entry.pid):
                 os.kill(entry.pid, signal.SIGKILL)
             Path(entry.ram_path).unlink(missing_ok=True)
+            for disk in entry.disks:
+                Path(disk).unlink(missing_ok=True)
             if entry.vm_dir:
                 shutil.rmtree(entry.vm_dir, ignore_errors=True)
             done.append(f"incoming {entry.vm} (job {entry.job}): removed the unfinished copy")

@@ -1,0 +1,228 @@
+"""The destination side of copying a VM's disks: create each target image, write the
+blocks that arrive through the destination QEMU's own writable NBD export, flush, and
+remove the export before the device state loads (DESIGN §5, checked on QEMU 7.2)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent import codec, qmp as qmp_mod
+from agent.batch_format import EntryKind
+from agent.errors import FerryError, LocalError, ProtocolError, QemuError, UserError
+from agent.storage.disk_source import DISK_BLOCK, DISK_HEADER, EXPORT_GONE_TIMEOUT_S, blocks_of
+from agent.storage.nbd import NbdClient
+from agent.vmspec import DISK_FORMATS, DiskSpec, DiskTarget, require_allowed
+
+log = logging.getLogger(__name__)
+
+# Room the destination wants beyond the disk's virtual size for a raw image, or beyond
+# the allocated size the source reports, before it starts copying.
+SPACE_MARGIN = 64 << 20
+WRITES_IN_FLIGHT = 32
+
+
+def parse_disk_map(items: list[str] | None) -> dict[str, str]:
+    """`--disk-map SRC=DST` pairs as a dict (both absolute paths)."""
+    mapping: dict[str, str] = {}
+    for item in items or ():
+        src, sep, dst = item.partition("=")
+        if not sep or not src.startswith("/") or not dst.startswith("/"):
+            raise UserError(f"bad --disk-map {item!r}: use SRC=DST with absolute paths")
+        mapping[src] = dst
+    return mapping
+
+
+def plan_targets(disks: tuple[DiskSpec, ...], disk_map: dict[str, str],
+                 disk_format: str | None, roots: tuple[Path, ...]) -> dict[str, DiskTarget]:
+    """Where each copied disk goes here; refuses paths outside `roots`, formats it cannot
+    write, existing files and too little free space — all before anything is created."""
+    if disk_format is not None and disk_format not in DISK_FORMATS:
+        raise UserError(f"cannot write disk format {disk_format!r} "
+                        f"(ferry writes {', '.join(DISK_FORMATS)})")
+    targets: dict[str, DiskTarget] = {}
+    needed: dict[int, int] = {}
+    for disk in disks:
+        path = disk_map.get(disk.path, disk.path)
+        require_allowed(path, roots, "disk target")
+        if os.path.lexists(path):
+            raise UserError(f"disk target {path} already exists on the destination (map it "
+                            f"elsewhere with --disk-map {disk.path}=NEW_PATH)")
+        fmt = disk_format or disk.format
+        targets[disk.path] = DiskTarget(path=path, format=fmt, converts=fmt != disk.format)
+        device = os.stat(os.path.dirname(path) or "/").st_dev
+        needed[device] = needed.get(device, 0) + disk.virtual_size + SPACE_MARGIN
+        free = shutil.disk_usage(os.path.dirname(path)).free
+        if free < needed[device]:
+            raise UserError(f"not enough space for disk {path}: {needed[device] >> 20} MiB "
+                            f"needed (virtual size), {free >> 20} MiB free")
+    return targets
+
+
+@dataclass
+class DiskWriter:
+    """One target image and the NBD connection writing into it."""
+
+    disk: DiskSpec
+    target: DiskTarget
+    node: str = ""
+    nbd: NbdClient | None = None
+    created: bool = False
+    pending: set[asyncio.Task[None]] = field(default_factory=set)
+    blocks_written: int = 0
+
+    @property
+    def nblocks(self) -> int:
+        return blocks_of(self.disk.virtual_size)
+
+    def create(self) -> None:
+        """qemu-img create the target with the disk's virtual size."""
+        result = subprocess.run(["qemu-img", "create", "-q", "-f", self.target.format,
+                                 self.target.path, str(self.disk.virtual_size)],
+                                capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise LocalError(f"cannot create disk {self.target.path}: {result.stderr.strip()}")
+        self.created = True
+
+    async def apply(self, payload: memoryview) -> None:
+        """Write one decoded batch through NBD, in entry order where order matters."""
+        assert self.nbd is not None
+        batch = codec.decode_batch(payload, self.nblocks, DISK_BLOCK)
+        size = self.disk.virtual_size
+        for entry in batch:
+            offset = entry.block * DISK_BLOCK
+            length = min(DISK_BLOCK, size - offset)
+            if entry.kind is EntryKind.COPY:
+                await self.drain()  # the source block may be one of the writes in flight
+                data = await self.nbd.read(entry.source * DISK_BLOCK,
+                                           min(DISK_BLOCK, size - entry.source * DISK_BLOCK))
+                self._start(self.nbd.write(offset, data[:length]))
+            elif entry.kind is EntryKind.ZERO:
+                self._start(self.nbd.write_zeroes(offset, length))
+            else:
+                assert entry.data is not None
+                self._start(self.nbd.write(offset, bytes(entry.data[:length])))
+            self.blocks_written += 1
+            if len(self.pending) >= WRITES_IN_FLIGHT:
+                await asyncio.wait(self.pending, return_when=asyncio.FIRST_COMPLETED)
+                self._reap()
+
+    def _start(self, write: object) -> None:
+        task = asyncio.ensure_future(write)  # type: ignore[arg-type]
+        self.pending.add(task)
+
+    def _reap(self) -> None:
+        for task in [t for t in self.pending if t.done()]:
+            self.pending.discard(task)
+            task.result()  # a failed write fails the job
+
+    async def drain(self) -> None:
+        if self.pending:
+            await asyncio.wait(self.pending)
+            self._reap()
+
+
+@dataclass
+class StorageSink:
+    """Every copied disk of one incoming VM: targets, the NBD server, the writers."""
+
+    disks: tuple[DiskSpec, ...]
+    targets: dict[str, DiskTarget]
+    socket_path: Path
+    writers: list[DiskWriter] = field(default_factory=list)
+    qmp: qmp_mod.Qmp | None = None
+    _server: bool = False
+    _exports: list[str] = field(default_factory=list)
+
+    def create_images(self) -> None:
+        """Create every target image (before QEMU starts: it opens them)."""
+        for disk in self.disks:
+            writer = DiskWriter(disk, self.targets[disk.path])
+            self.writers.append(writer)
+            writer.create()
+
+    async def open(self, qmp: qmp_mod.Qmp) -> None:
+        """Export each target node writable from the incoming QEMU and connect to it."""
+        self.qmp = qmp
+        if not self.writers:
+            return
+        nodes = {(b.get("inserted") or {}).get("file"): (b.get("inserted") or {}).get("node-name")
+                 for b in await qmp.execute("query-block")}
+        self.socket_path.unlink(missing_ok=True)
+        await qmp.execute("nbd-server-start", {
+            "addr": {"type": "unix", "data": {"path": str(self.socket_path)}}})
+        self._server = True
+        for writer in self.writers:
+            node = nodes.get(writer.target.path)
+            if not node:
+                raise QemuError(f"destination QEMU has no disk {writer.target.path}")
+            writer.node = node
+            export = f"ferry-in-{writer.disk.index}"
+            await qmp.execute("block-export-add", {"type": "nbd", "id": export,
+                                                   "node-name": node, "name": export,
+                                                   "writable": True})
+            self._exports.append(export)
+            writer.nbd = await NbdClient.connect(str(self.socket_path), export)
+
+    async def apply(self, payload: memoryview) -> None:
+        """One DISK_BATCH message: the disk index, then a batch for that disk."""
+        if payload.nbytes < DISK_HEADER.size:
+            raise ProtocolError("disk batch without its disk index")
+        (index,) = DISK_HEADER.unpack_from(payload)
+        if index >= len(self.writers):
+            raise ProtocolError(f"disk batch for disk {index}; the VM has {len(self.writers)}")
+        await self.writers[index].apply(payload[DISK_HEADER.size:])
+
+    async def finish(self) -> None:
+        """Every block written and flushed; exports gone (before the device state loads)."""
+        for writer in self.writers:
+            await writer.drain()
+            if writer.nbd is not None:
+                await writer.nbd.flush()
+                await writer.nbd.disconnect()
+                writer.nbd = None
+        await self._remove_exports()
+
+    async def _remove_exports(self) -> None:
+        assert self.qmp is not None or not self._exports
+        for export in list(self._exports):
+            self._exports.remove(export)
+            mark = self.qmp.event_mark()  # type: ignore[union-attr]
+            with contextlib.suppress(QemuError):
+                await self.qmp.execute("block-export-del", {"id": export})  # type: ignore[union-attr]
+                await self.qmp.wait_event(  # type: ignore[union-attr]
+                    "BLOCK_EXPORT_DELETED", after=mark, timeout=EXPORT_GONE_TIMEOUT_S,
+                    match=lambda e, x=export: e.data.get("id") == x)
+        if self._server and self.qmp is not None:
+            self._server = False
+            with contextlib.suppress(QemuError):
+                await self.qmp.execute("nbd-server-stop")
+        self.socket_path.unlink(missing_ok=True)
+
+    async def abort(self) -> None:
+        """Drop connections and delete the images this migration created."""
+        for writer in self.writers:
+            for task in writer.pending:
+                task.cancel()
+            if writer.nbd is not None:
+                writer.nbd.abort()
+                writer.nbd = None
+        with contextlib.suppress(FerryError):
+            await self._remove_exports()
+        self.remove_images()
+
+    def remove_images(self) -> None:
+        for writer in self.writers:
+            if writer.created:
+                Path(writer.target.path).unlink(missing_ok=True)
+                writer.created = False
+
+    def report(self) -> list[dict[str, object]]:
+        return [{"path": w.target.path, "format": w.target.format,
+                 "blocks_written": w.blocks_written} for w in self.writers]

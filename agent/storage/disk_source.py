@@ -1,0 +1,297 @@
+"""The source side of copying a VM's disks: which disks, and each round's changed blocks,
+read through the source QEMU's own NBD export (DESIGN §5, checked on QEMU 7.2).
+
+Per disk, a dirty bitmap records the guest's writes from the start of the migration.
+Round 0 reads everything allocated (`base:allocation`, holes and zero ranges skipped: the
+destination's fresh image reads as zero there). Every later round swaps bitmaps in one
+transaction (add a new enabled one, disable the current), exports the node read-only with
+the disabled bitmap, reads the ranges it marks (`qemu:dirty-bitmap:NAME`), then removes
+export and bitmap. The final round runs with the guest stopped, so it is exact.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import logging
+import struct
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent import codec, qmp as qmp_mod
+from agent.errors import FerryError, QemuError, UserError
+from agent.storage.nbd import NbdClient
+from agent.vmspec import DISK_FORMATS, DiskSpec
+
+log = logging.getLogger(__name__)
+
+DISK_BLOCK = 64 << 10
+"""Disk blocks in batches are 64 KiB: qcow2's default cluster and the bitmaps' granularity."""
+READ_CHUNK = 4 << 20
+"""Bytes per NBD read; several are in flight at once."""
+READS_IN_FLIGHT = 8
+ALLOCATION_CONTEXT = "base:allocation"
+ZERO_FLAG = 2          # base:allocation: the range reads as zeros
+DIRTY_FLAG = 1         # qemu:dirty-bitmap:NAME: the range was written
+DISK_HEADER = struct.Struct("<H")
+"""A DISK_BATCH message is the disk's index (u16) followed by one encoded batch."""
+EXPORT_GONE_TIMEOUT_S = 10.0
+
+
+async def copyable_disks(qmp: qmp_mod.Qmp) -> tuple[DiskSpec, ...]:
+    """The VM's writable disks, each to be copied; refuses what cannot be copied safely."""
+    blocks = await qmp.execute("query-block")
+    busy = {job.get("device") for job in await qmp.execute("query-block-jobs")}
+    disks = []
+    for block in blocks:
+        inserted = block.get("inserted")
+        if not inserted or inserted.get("ro"):
+            continue  # empty drive or read-only media: nothing the guest can change
+        path, node, fmt = inserted.get("file", ""), inserted.get("node-name", ""), inserted.get("drv")
+        if block.get("device") in busy or node in busy:
+            raise UserError(f"disk {path} is in use by a block job; wait for it to finish "
+                            f"(query-block-jobs) before migrating")
+        if fmt not in DISK_FORMATS:
+            raise UserError(f"disk {path} is {fmt}; ferry copies {' and '.join(DISK_FORMATS)} "
+                            f"images (convert it with qemu-img, or use --storage shared)")
+        if not path.startswith("/"):
+            raise UserError(f"disk {path!r} is not a plain image file ferry can copy")
+        size = int(inserted.get("image", {}).get("virtual-size", 0))
+        disks.append(DiskSpec(index=len(disks), path=path, format=fmt, virtual_size=size,
+                              node=node))
+    return tuple(disks)
+
+
+def blocks_of(nbytes: int) -> int:
+    return -(-nbytes // DISK_BLOCK)
+
+
+@dataclass
+class DiskCounters:
+    """What one disk's copy sent."""
+
+    rounds: int = 0
+    blocks_read: int = 0
+    batches: int = 0
+    data_blocks: int = 0
+    zero_blocks: int = 0
+    dedup_blocks: int = 0
+    wire_bytes: int = 0
+    last_dirty_bytes: int = 0
+
+
+@dataclass
+class DiskRounds:
+    """One disk's bitmaps, exports and encoder on the source for one migration."""
+
+    qmp: qmp_mod.Qmp
+    disk: DiskSpec
+    socket_path: Path
+    job_id: str
+    dedup: bool = True
+    compress_level: int | None = None
+    counters: DiskCounters = field(default_factory=DiskCounters)
+    _bitmap_seq: int = 0
+    _bitmaps: list[str] = field(default_factory=list)
+    _exports: list[str] = field(default_factory=list)
+    _encoder: codec.BatchEncoder | None = None
+
+    def __post_init__(self) -> None:
+        nblocks = blocks_of(self.disk.virtual_size)
+        sent = bytearray(codec.zero_block_hash(DISK_BLOCK) * nblocks)
+        self._encoder = codec.BatchEncoder(None, DISK_BLOCK, sent, dedup=self.dedup,
+                                           compress_level=self.compress_level)
+
+    @property
+    def current_bitmap(self) -> str:
+        return f"ferry-{self.job_id}-{self._bitmap_seq}"
+
+    async def start(self) -> None:
+        """Begin recording writes, before round 0 reads anything."""
+        await self.qmp.execute("block-dirty-bitmap-add",
+                               {"node": self.disk.node, "name": self.current_bitmap})
+        self._bitmaps.append(self.current_bitmap)
+
+    async def dirty_bytes(self) -> int:
+        """Bytes the current bitmap marks (what the next round would read)."""
+        for block in await self.qmp.execute("query-block"):
+            inserted = block.get("inserted") or {}
+            if inserted.get("node-name") != self.disk.node:
+                continue
+            for bitmap in inserted.get("dirty-bitmaps", []):
+                if bitmap.get("name") == self.current_bitmap:
+                    return int(bitmap.get("count", 0))
+        return 0
+
+    async def batches(self, *, first: bool, final: bool) -> AsyncIterator[bytes]:
+        """The DISK_BATCH payloads of one round (bitmaps and export handled around it)."""
+        export = f"ferry-{self.job_id}-{self.disk.index}-{self.counters.rounds}"
+        if first:
+            context, wanted = ALLOCATION_CONTEXT, None
+            bitmaps: list[str] = []
+        else:
+            done = self.current_bitmap
+            actions = [{"type": "block-dirty-bitmap-disable",
+                        "data": {"node": self.disk.node, "name": done}}]
+            if not final:
+                self._bitmap_seq += 1
+                actions.insert(0, {"type": "block-dirty-bitmap-add",
+                                   "data": {"node": self.disk.node, "name": self.current_bitmap}})
+                self._bitmaps.append(self.current_bitmap)
+            await self.qmp.execute("transaction", {"actions": actions})
+            context, wanted, bitmaps = f"qemu:dirty-bitmap:{done}", DIRTY_FLAG, [done]
+        await self.qmp.execute("block-export-add", {
+            "type": "nbd", "id": export, "node-name": self.disk.node, "name": export,
+            "writable": False, "bitmaps": bitmaps})
+        self._exports.append(export)
+        try:
+            async with NbdClient.connect(str(self.socket_path), export,
+                                         meta_contexts=[context]) as nbd:
+                extents = await nbd.block_status(0, self.disk.virtual_size, context)
+                if wanted is None:   # round 0: everything that does not read as zero
+                    ranges = [(e.offset, e.length) for e in extents if not e.flags & ZERO_FLAG]
+                else:
+                    ranges = [(e.offset, e.length) for e in extents if e.flags & wanted]
+                self.counters.last_dirty_bytes = sum(n for _, n in ranges)
+                async for payload in self._read_and_encode(nbd, ranges):
+                    yield payload
+        finally:
+            await self._drop_export(export)
+            if not first:
+                await self._drop_bitmap(bitmaps[0])
+        self.counters.rounds += 1
+
+    async def _read_and_encode(self, nbd: NbdClient,
+                               ranges: list[tuple[int, int]]) -> AsyncIterator[bytes]:
+        """Read block-aligned chunks covering `ranges` (several in flight) and encode them."""
+        assert self._encoder is not None
+        size = self.disk.virtual_size
+        chunks = list(_aligned_chunks(ranges, size))
+        loop = asyncio.get_running_loop()
+        for start in range(0, len(chunks), READS_IN_FLIGHT):
+            group = chunks[start:start + READS_IN_FLIGHT]
+            buffers = [bytearray(n_blocks * DISK_BLOCK) for _, n_blocks in group]
+            # The last block of a disk whose size is not a whole block stays zero-padded.
+            await asyncio.gather(*(
+                nbd.readinto(first * DISK_BLOCK,
+                             memoryview(buf)[:min(len(buf), size - first * DISK_BLOCK)])
+                for (first, _), buf in zip(group, buffers)))
+            for (first, n_blocks), buf in zip(group, buffers):
+                self.counters.blocks_read += n_blocks
+                indices = array.array("Q", range(first, first + n_blocks))
+                position = 0
+                while position < n_blocks:
+                    batch, position = await loop.run_in_executor(
+                        None, lambda p=position, b=buf, i=indices, f=first:
+                        self._encoder.encode(i, p, src=b, base=f))
+                    if batch.entry_count:
+                        self.counters.batches += 1
+                        self.counters.data_blocks += batch.data_count
+                        self.counters.zero_blocks += batch.zero_count
+                        self.counters.dedup_blocks += batch.copy_count
+                        payload = DISK_HEADER.pack(self.disk.index) + bytes(batch.payload)
+                        self.counters.wire_bytes += len(payload)
+                        yield payload
+
+    async def _drop_export(self, export: str) -> None:
+        if export not in self._exports:
+            return
+        self._exports.remove(export)
+        mark = self.qmp.event_mark()
+        try:
+            await self.qmp.execute("block-export-del", {"id": export})
+            await self.qmp.wait_event("BLOCK_EXPORT_DELETED", after=mark,
+                                      timeout=EXPORT_GONE_TIMEOUT_S,
+                                      match=lambda e: e.data.get("id") == export)
+        except QemuError as exc:
+            log.warning("could not remove NBD export %s: %s", export, exc)
+
+    async def _drop_bitmap(self, name: str) -> None:
+        if name not in self._bitmaps:
+            return
+        self._bitmaps.remove(name)
+        try:
+            await self.qmp.execute("block-dirty-bitmap-remove",
+                                   {"node": self.disk.node, "name": name})
+        except QemuError as exc:
+            log.warning("could not remove dirty bitmap %s on %s: %s", name, self.disk.node, exc)
+
+    async def close(self) -> None:
+        """Remove every export and bitmap this copy made (also after a failure)."""
+        for export in list(self._exports):
+            await self._drop_export(export)
+        for bitmap in list(self._bitmaps):
+            await self._drop_bitmap(bitmap)
+
+
+def _aligned_chunks(ranges: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """(first block, block count) chunks of at most READ_CHUNK covering `ranges`."""
+    per_chunk = READ_CHUNK // DISK_BLOCK
+    last = blocks_of(size)
+    chunks: list[tuple[int, int]] = []
+    covered = 0  # blocks below this are already in a chunk (ranges may share a block)
+    for offset, length in ranges:
+        first = max(offset // DISK_BLOCK, covered)
+        end = min(blocks_of(offset + length), last)
+        while first < end:
+            n = min(per_chunk, end - first)
+            chunks.append((first, n))
+            first += n
+        covered = max(covered, end)
+    return chunks
+
+
+@dataclass
+class StorageSource:
+    """Every copied disk of one migration on the source, and the NBD server they share."""
+
+    qmp: qmp_mod.Qmp
+    disks: tuple[DiskSpec, ...]
+    socket_path: Path
+    job_id: str
+    dedup: bool = True
+    compress_level: int | None = None
+    rounds: list[DiskRounds] = field(default_factory=list)
+    _server: bool = False
+
+    async def start(self) -> None:
+        if not self.disks:
+            return
+        self.socket_path.unlink(missing_ok=True)
+        await self.qmp.execute("nbd-server-start", {
+            "addr": {"type": "unix", "data": {"path": str(self.socket_path)}}})
+        self._server = True
+        for disk in self.disks:
+            rounds = DiskRounds(self.qmp, disk, self.socket_path, self.job_id, self.dedup,
+                                self.compress_level)
+            await rounds.start()
+            self.rounds.append(rounds)
+
+    async def dirty_bytes(self) -> int:
+        return sum([await r.dirty_bytes() for r in self.rounds])
+
+    async def round_batches(self, *, first: bool, final: bool) -> AsyncIterator[bytes]:
+        for rounds in self.rounds:
+            async for payload in rounds.batches(first=first, final=final):
+                yield payload
+
+    async def close(self) -> None:
+        """Leave the source QEMU as it was: no export, bitmap or NBD server of ours."""
+        for rounds in self.rounds:
+            with contextlib.suppress(FerryError):
+                await rounds.close()
+        if self._server:
+            self._server = False
+            with contextlib.suppress(QemuError):
+                await self.qmp.execute("nbd-server-stop")
+        self.socket_path.unlink(missing_ok=True)
+
+    def report(self) -> list[dict[str, object]]:
+        """Per-disk figures for the migration report."""
+        return [{"path": r.disk.path, "format": r.disk.format, "size": r.disk.virtual_size,
+                 "rounds": r.counters.rounds, "blocks_read": r.counters.blocks_read,
+                 "data_blocks": r.counters.data_blocks, "zero_blocks": r.counters.zero_blocks,
+                 "dedup_blocks": r.counters.dedup_blocks, "wire_bytes": r.counters.wire_bytes}
+                for r in self.rounds]

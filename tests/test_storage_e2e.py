@@ -1,0 +1,179 @@
+"""Live storage migration end to end: a VM with a qcow2 and a raw disk, written to while
+it migrates, arrives with both disks exactly as they were when the source stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent import qmp
+from agent.errors import QemuError
+from agent.guest import GuestConfig
+from agent.guest.build import default_cache_dir
+from tests.agents import AgentPair, pid_alive, read_guest
+
+pytestmark = pytest.mark.qemu
+
+MIB = 1 << 20
+QCOW2_SIZE = 96 * MIB
+RAW_SIZE = 48 * MIB + 12 * 1024   # not a whole number of 64 KiB blocks
+
+
+@pytest.fixture
+def root() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="fys-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def agents(root: Path) -> Iterator[AgentPair]:
+    (root / "target").mkdir()
+    pair = AgentPair.create(root, allow=(default_cache_dir(), root / "target"))
+    try:
+        pair.start()
+        yield pair
+    finally:
+        pair.cleanup()
+
+
+def make_disks(root: Path) -> tuple[Path, Path]:
+    """A qcow2 and a raw image with random data, a repeated pattern (dedup), zeroed ranges,
+    holes, and a raw size that is not a whole number of 64 KiB blocks."""
+    src = root / "src"
+    src.mkdir()
+    qcow2, raw = src / "d0.qcow2", src / "d1.img"
+    seed = src / "seed.img"
+    with open(seed, "wb") as f:
+        f.truncate(QCOW2_SIZE)
+        f.write(os.urandom(8 * MIB))
+        f.seek(40 * MIB)
+        f.write(os.urandom(MIB))
+    subprocess.run(["qemu-img", "convert", "-q", "-O", "qcow2", str(seed), str(qcow2)], check=True)
+    seed.unlink()
+    with open(raw, "wb") as f:
+        f.truncate(RAW_SIZE)
+        f.seek(MIB)
+        f.write(os.urandom(3 * MIB))
+    for image, fmt, cmd in ((qcow2, "qcow2", "write -P 0x22 16M 4M"),
+                            (qcow2, "qcow2", "write -z 24M 4M"),
+                            (raw, "raw", f"write -P 0x44 {RAW_SIZE - 12 * 1024} 12k")):
+        subprocess.run(["qemu-io", "-f", fmt, "-c", cmd, str(image)], check=True,
+                       capture_output=True)
+    return qcow2, raw
+
+
+def disk_args(qcow2: Path, raw: Path, writer_sock: Path) -> tuple[str, ...]:
+    return ("-drive", f"file={qcow2},format=qcow2,if=none,id=d0",
+            "-device", "virtio-blk-pci,drive=d0,id=vd0",
+            "-blockdev", f"driver=file,filename={raw},node-name=f1",
+            "-blockdev", "driver=raw,file=f1,node-name=n1",
+            "-device", "virtio-blk-pci,drive=n1,id=vd1",
+            "-chardev", f"socket,id=wq,path={writer_sock},server=on,wait=off",
+            "-mon", "chardev=wq,mode=control")
+
+
+class DiskWriter(threading.Thread):
+    """Writes 64 KiB patterns through the block layer (HMP qemu-io) while the VM runs."""
+
+    def __init__(self, sock: Path) -> None:
+        super().__init__(daemon=True)
+        self.sock = sock
+        self.stop = threading.Event()
+        self.log: list[tuple[str, int, int]] = []
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            asyncio.run(self._write())
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+
+    async def _write(self) -> None:
+        targets = (("/machine/peripheral/vd0/virtio-backend", QCOW2_SIZE),
+                   ("/machine/peripheral/vd1/virtio-backend", RAW_SIZE))
+        async with qmp.connect(self.sock) as monitor:
+            n = 0
+            while not self.stop.is_set():
+                status = (await monitor.execute("query-status"))["status"]
+                if status != "running":
+                    return
+                device, size = targets[n % 2]
+                offset = (n * 7919 * 65536) % (size - 65536) // 65536 * 65536
+                pattern = 1 + n % 250
+                try:
+                    await monitor.hmp(f'qemu-io -d {device} "write -P {pattern} {offset} 64k"')
+                except QemuError:
+                    return  # the VM stopped for the switchover
+                self.log.append((device, offset, pattern))
+                n += 1
+                await asyncio.sleep(0.005)
+
+
+def compare(a: Path, b: Path, fmt_a: str, fmt_b: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["qemu-img", "compare", "-U", "-f", fmt_a, "-F", fmt_b, str(a), str(b)],
+                          capture_output=True, text=True, check=False)
+
+
+def test_vm_with_two_disks_migrates_live(agents, start_guest, root) -> None:
+    qcow2, raw = make_disks(root)
+    writer_sock = root / "w.sock"
+    guest = start_guest(config=GuestConfig(ws_pages=2000, rate=2000), ram_size=64 * MIB,
+                        name="stor", extra_args=disk_args(qcow2, raw, writer_sock))
+    guest.wait_until(lambda s: s.passes >= 1, timeout=30, what="the first pass")
+    writer = DiskWriter(writer_sock)
+    writer.start()
+    time.sleep(0.5)  # writes before and during the migration
+    t0, t1 = root / "target" / "d0.qcow2", root / "target" / "d1.img"
+    rc, report, stderr = agents.migrate("--qmp", str(guest.qmp_path), "--bandwidth", "40M",
+                                        "--disk-map", f"{qcow2}={t0}", "--disk-map",
+                                        f"{raw}={t1}")
+    writer.stop.set()
+    writer.join(10)
+    assert rc == 0, f"{report}\n{stderr}\n{agents.logs()}"
+    assert writer.error is None and len(writer.log) > 10, writer.error
+    assert report["disk_bytes"] > 11 * MIB and len(report["disks"]) == 2
+    assert all(d["rounds"] >= 2 for d in report["disks"]), report["disks"]
+    # The source QEMU quit; its images are the content at the moment it stopped.
+    deadline = time.monotonic() + 10
+    while guest.process.returncode is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for src, dst, fmt in ((qcow2, t0, "qcow2"), (raw, t1, "raw")):
+        result = compare(src, dst, fmt, fmt)
+        assert result.returncode == 0, f"{src} vs {dst}: {result.stdout}{result.stderr}"
+    assert subprocess.run(["qemu-img", "info", "-U", "--output=json", str(t0)],
+                          capture_output=True, text=True, check=True).stdout.count('"qcow2"')
+    # The destination runs the guest, with no bitmap or export of ours left behind.
+    record = agents.b.vm_record("stor")
+    assert pid_alive(record.pid) and read_guest(record.ram_path).errors == 0
+    leftovers = asyncio.run(_bitmaps_and_exports(Path(record.qmp_path)))
+    assert leftovers == ([], []), leftovers
+
+
+async def _bitmaps_and_exports(qmp_path: Path) -> tuple[list, list]:
+    async with qmp.connect(qmp_path) as monitor:
+        bitmaps = [b for blk in await monitor.execute("query-block")
+                   for b in (blk.get("inserted") or {}).get("dirty-bitmaps", [])]
+        exports = await monitor.execute("query-block-exports")
+    return bitmaps, exports
+
+
+def test_disk_format_conversion_raw_to_qcow2(agents, start_guest, root) -> None:
+    qcow2, raw = make_disks(root)
+    guest = start_guest(config=GuestConfig(ws_pages=100), ram_size=64 * MIB, name="stor",
+                        extra_args=("-drive", f"file={raw},format=raw,if=virtio"))
+    guest.wait_until(lambda s: s.passes >= 1, timeout=30, what="the first pass")
+    target = root / "target" / "d1.qcow2"
+    rc, report, stderr = agents.migrate("--qmp", str(guest.qmp_path), "--disk-format", "qcow2",
+                                        "--disk-map", f"{raw}={target}")
+    assert rc == 0, f"{report}\n{stderr}\n{agents.logs()}"
+    assert compare(raw, target, "raw", "qcow2").returncode == 0
