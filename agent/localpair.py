@@ -140,6 +140,8 @@ class AgentPair:
         for agent in (a, b):
             agent.ram_dir.mkdir(parents=True)
             identity.ensure_home(agent.home)
+            # In agent.toml, not only a flag: `ferry vm start` reads it too.
+            (agent.home / "agent.toml").write_text(f'ram_dir = "{agent.ram_dir}"\n')
         ident_a, _ = identity.load_identity(a.home)
         ident_b, _ = identity.load_identity(b.home)
         identity.trust_peer(a.home, "hostb", ident_b.public_key, f"127.0.0.1:{b.port}")

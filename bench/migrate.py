@@ -631,10 +631,6 @@ def ferry_row(case: Case, note: Callable[[str], None]) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="ferry-bench-"))
     pair = AgentPair.create(root, allow=(default_cache_dir(),))
     try:
-        # `ferry vm start` reads the RAM dir from agent.toml, not from the agent's --ram-dir
-        # flag that AgentPair uses: without this the RAM file would be /dev/shm/bench.ram,
-        # shared by concurrent runs and left behind by an interrupted one.
-        (pair.a.home / "agent.toml").write_text(f"ram_dir = {json.dumps(str(pair.a.ram_dir))}\n")
         kernel = build_guest(config)
         pair.start()
         note(f"ferry {FERRY_MODE}: booting a {case.label} guest")

@@ -580,6 +580,8 @@ class SourceJob:
             "disk_bytes": c.disk_wire_bytes,
             "disks": self.storage.report() if self.storage else [],
             "device_state_bytes": c.device_state_bytes,
+            "compression": (f"zstd:{self.options.compress_level}"
+                            if self.options.compress_level is not None else "off"),
             "compression_ratio": round(c.raw_data_bytes / max(1, c.wire_bytes), 3)
             if c.wire_bytes else 1.0,
             "dest_pid": self.dest_pid if status == "completed" else None,
