@@ -3,7 +3,7 @@
 # Runs as root, or through sudo for a normal user.
 set -euo pipefail
 
-PACKAGES=(qemu-system-x86 qemu-utils libxxhash-dev gcc make binutils iproute2)
+PACKAGES=(qemu-system-x86 qemu-system-common qemu-utils libxxhash-dev gcc make binutils iproute2)
 
 # A python3 from Debian needs venv and headers as packages; another python3 (pyenv) brings its own.
 if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then PACKAGES+=(python3-venv); fi
