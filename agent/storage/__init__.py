@@ -1,1 +1,2 @@
-"""Disks: the NBD client (sans-IO protocol in nbd_proto, asyncio glue in nbd)."""
+"""Disks: the NBD client (nbd_proto: the protocol without I/O; nbd: its asyncio glue) and
+the code that moves disk blocks with it."""

@@ -40,6 +40,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum, IntFlag
+from types import MappingProxyType
 
 from agent.errors import (
     NbdError,
@@ -1041,7 +1042,7 @@ class ClientProtocol:
             if self._flags is None:
                 raise NbdProtocolError("OPT_GO succeeded without INFO_EXPORT")
             self.export = ExportInfo(self.export_name, self._size, self._flags,
-                                     self._block_sizes, dict(self._contexts),
+                                     self._block_sizes, MappingProxyType(dict(self._contexts)),
                                      self._structured)
             self._enter(Phase.TRANSMISSION)
             self._events.append(HandshakeDone(self.export))
