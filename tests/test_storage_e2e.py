@@ -177,3 +177,103 @@ def test_disk_format_conversion_raw_to_qcow2(agents, start_guest, root) -> None:
                                         "--disk-map", f"{raw}={target}")
     assert rc == 0, f"{report}\n{stderr}\n{agents.logs()}"
     assert compare(raw, target, "raw", "qcow2").returncode == 0
+
+
+# ---------------------------------------------------------------------------- rollback, refusals
+
+def boot_with_disks(start_guest, root: Path, *extra: str):
+    qcow2, raw = make_disks(root)
+    writer_sock = root / "w.sock"
+    guest = start_guest(config=GuestConfig(ws_pages=500, rate=2000), ram_size=64 * MIB,
+                        name="stor", extra_args=(*disk_args(qcow2, raw, writer_sock), *extra))
+    guest.wait_until(lambda s: s.passes >= 1, timeout=30, what="the first pass")
+    return guest, qcow2, raw, writer_sock
+
+
+def source_leftovers(guest) -> tuple[list, list]:
+    """Bitmaps and exports on the source QEMU once the agent let go of its monitor."""
+    return asyncio.run(_bitmaps_and_exports(guest.qmp_path))
+
+
+def test_destination_qemu_killed_during_disk_copy_rolls_back(agents, start_guest, root):
+    import os
+    import signal
+
+    guest, qcow2, raw, _ = boot_with_disks(start_guest, root)
+    before = {p: p.read_bytes() if p.suffix == ".img" else None for p in (raw,)}
+    t0, t1 = root / "target" / "d0.qcow2", root / "target" / "d1.img"
+    proc = agents.popen_migrate("--qmp", str(guest.qmp_path), "--bandwidth", "4M",
+                                "--disk-map", f"{qcow2}={t0}", "--disk-map", f"{raw}={t1}")
+    deadline = time.monotonic() + 30
+    while (pid := agents.b.incoming_pid("stor")) is None:
+        assert time.monotonic() < deadline, agents.logs()
+        time.sleep(0.02)
+    time.sleep(1.0)  # RAM round 0 (~9 MiB at 4 MB/s) is under way, disks next
+    os.kill(pid, signal.SIGKILL)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, f"{out}\n{err}"
+    assert guest.process.returncode is None and guest.mailbox().errors == 0
+    assert raw.read_bytes() == before[raw]          # the guest did not write; neither did we
+    assert source_leftovers(guest) == ([], [])
+    deadline = time.monotonic() + 10
+    while t0.exists() or t1.exists():
+        assert time.monotonic() < deadline, "destination images left behind"
+        time.sleep(0.05)
+
+
+def test_disk_target_outside_allowed_paths_is_refused(agents, start_guest, root) -> None:
+    guest, qcow2, raw, _ = boot_with_disks(start_guest, root)
+    rc, report, _ = agents.migrate("--qmp", str(guest.qmp_path),
+                                   "--disk-map", f"{qcow2}={root / 'elsewhere' / 'd0.qcow2'}",
+                                   "--disk-map", f"{raw}={root / 'target' / 'd1.img'}")
+    assert rc == 1 and "outside the destination's allowed paths" in report["error"]
+    assert guest.process.returncode is None
+    assert source_leftovers(guest) == ([], [])
+    assert not any((root / "target").iterdir())
+
+
+def test_disk_that_does_not_fit_is_refused_before_copying(agents, start_guest, root) -> None:
+    huge = root / "huge.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(huge), "64T"], check=True)
+    guest = start_guest(config=GuestConfig(ws_pages=100), ram_size=64 * MIB, name="stor",
+                        extra_args=("-drive", f"file={huge},format=qcow2,if=virtio"))
+    guest.wait_until(lambda s: s.passes >= 1, timeout=30, what="the first pass")
+    rc, report, _ = agents.migrate("--qmp", str(guest.qmp_path), "--disk-map",
+                                   f"{huge}={root / 'target' / 'huge.qcow2'}")
+    assert rc == 1 and "not enough space for disk" in report["error"]
+    assert not any((root / "target").iterdir())
+
+
+def test_disk_format_ferry_cannot_copy_is_refused(agents, start_guest, root) -> None:
+    vmdk = root / "d.vmdk"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", str(vmdk), "16M"], check=True)
+    guest = start_guest(config=GuestConfig(ws_pages=100), ram_size=64 * MIB, name="stor",
+                        extra_args=("-drive", f"file={vmdk},format=vmdk,if=virtio"))
+    guest.wait_until(lambda s: s.passes >= 1, timeout=30, what="the first pass")
+    rc, report, _ = agents.migrate("--qmp", str(guest.qmp_path))
+    assert rc == 1 and "ferry copies qcow2 and raw" in report["error"]
+    assert agents.b.leftovers() == []
+
+
+def test_disk_in_use_by_a_block_job_is_refused(agents, start_guest, root) -> None:
+    guest, qcow2, raw, writer_sock = boot_with_disks(start_guest, root)
+
+    async def start_job() -> None:
+        async with qmp.connect(writer_sock) as monitor:
+            await monitor.execute("drive-mirror", {
+                "device": "d0", "target": str(root / "mirror.qcow2"), "format": "qcow2",
+                "sync": "full", "mode": "absolute-paths", "speed": 1, "job-id": "slow"})
+
+    async def cancel_job() -> None:
+        async with qmp.connect(writer_sock) as monitor:
+            await monitor.execute("block-job-cancel", {"device": "slow", "force": True})
+
+    asyncio.run(start_job())
+    try:
+        rc, report, _ = agents.migrate("--qmp", str(guest.qmp_path), "--disk-map",
+                                       f"{qcow2}={root / 'target' / 'a'}", "--disk-map",
+                                       f"{raw}={root / 'target' / 'b'}")
+        assert rc == 1 and "in use by a block job" in report["error"]
+        assert agents.b.leftovers() == []
+    finally:
+        asyncio.run(cancel_job())

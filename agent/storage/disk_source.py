@@ -43,16 +43,19 @@ EXPORT_GONE_TIMEOUT_S = 10.0
 async def copyable_disks(qmp: qmp_mod.Qmp) -> tuple[DiskSpec, ...]:
     """The VM's writable disks, each to be copied; refuses what cannot be copied safely."""
     blocks = await qmp.execute("query-block")
-    busy = {job.get("device") for job in await qmp.execute("query-block-jobs")}
+    jobs = await qmp.execute("query-block-jobs")
+    if jobs:
+        # A job's "device" is its id, not always the disk's name, and a copy taken while a
+        # job rewrites the disk could be torn: refuse while any block job runs.
+        names = ", ".join(f"{j.get('type')} job {j.get('device')!r}" for j in jobs)
+        raise UserError(f"the VM's disks are in use by a block job ({names}); wait for it to "
+                        f"finish or cancel it (block-job-cancel) before migrating")
     disks = []
     for block in blocks:
         inserted = block.get("inserted")
         if not inserted or inserted.get("ro"):
             continue  # empty drive or read-only media: nothing the guest can change
         path, node, fmt = inserted.get("file", ""), inserted.get("node-name", ""), inserted.get("drv")
-        if block.get("device") in busy or node in busy:
-            raise UserError(f"disk {path} is in use by a block job; wait for it to finish "
-                            f"(query-block-jobs) before migrating")
         if fmt not in DISK_FORMATS:
             raise UserError(f"disk {path} is {fmt}; ferry copies {' and '.join(DISK_FORMATS)} "
                             f"images (convert it with qemu-img, or use --storage shared)")
