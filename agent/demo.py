@@ -1,14 +1,17 @@
-"""`make demo`: a real live migration of the test guest between two agents on this machine.
+"""`make demo`: a real live migration of the test guest, with a local disk, between two
+agents on this machine.
 
 Two agents (own homes, ports on loopback, trusting each other) run as processes; the
-guest is started with `ferry vm start` on the first and moved with `ferry migrate` while
-it rewrites memory and checks every page it wrote. Afterwards it must run on the second
-agent's host with no page lost: the guest itself counts the pages it finds corrupted.
+guest is started with `ferry vm start` on the first, with a qcow2 disk, and moved with
+`ferry migrate` while it rewrites memory and checks every page it wrote. Afterwards it
+must run on the second agent's host with no page lost (the guest itself counts the pages
+it finds corrupted) and the disk's copy must equal the original (`qemu-img compare`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -31,6 +34,8 @@ DEFAULT_RATE = 5000          # pages per second the guest rewrites (~20 MB/s)
 BOOT_TIMEOUT_S = 30.0
 WATCH_S = 1.0
 VM_NAME = "demo"
+DISK_MIB = 256
+DISK_DATA_MIB = 32
 
 
 def ferry(*args: str) -> list[str]:
@@ -53,26 +58,32 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
     config = guest_config(args.ram_mib, args.fill_mib, args.rate)
     kernel = build_guest(config)
     root = Path(tempfile.mkdtemp(prefix="ferry-demo-"))
-    pair = AgentPair.create(root, allow=(default_cache_dir(),))
+    disk, disk_copy = root / "disk.qcow2", root / "b-disks" / "disk.qcow2"
+    disk_copy.parent.mkdir()
+    pair = AgentPair.create(root, allow=(default_cache_dir(), disk_copy.parent))
     try:
+        make_disk(disk, args.disk_mib)
         pair.start()
         out(f"agents: a on 127.0.0.1:{pair.a.port}, b on 127.0.0.1:{pair.b.port} "
             f"(homes in {root}), each trusting the other's key")
         started = subprocess.run(
             ferry("vm", "start", VM_NAME, "--memory", f"{args.ram_mib}M", "--home",
-                  str(pair.a.home), "--", "-kernel", str(kernel)),
+                  str(pair.a.home), "--", "-kernel", str(kernel),
+                  "-drive", f"file={disk},format=qcow2,if=virtio"),
             capture_output=True, text=True, check=False)
         if started.returncode != 0:
             raise QemuError(f"ferry vm start failed: {started.stderr.strip()}")
         out(started.stdout.strip())
         source = pair.a.vm_record(VM_NAME)
         out(f"guest: {config.fill_pages // PAGES_PER_MIB} MiB of content, rewrites "
-            f"{config.ws_pages} pages at {config.rate} pages/s and checks each one")
+            f"{config.ws_pages} pages at {config.rate} pages/s and checks each one; "
+            f"disk {disk} ({args.disk_mib} MiB qcow2, {DISK_DATA_MIB} MiB written)")
         wait_for_passes(source.ram_path, 1, BOOT_TIMEOUT_S)
-        out(f"$ ferry migrate {VM_NAME} --to hostb")
+        out(f"$ ferry migrate {VM_NAME} --to hostb --disk-map {disk}={disk_copy}")
         sys.stdout.flush()
         migrate = subprocess.run(ferry("migrate", VM_NAME, "--to", "hostb", "--home",
-                                       str(pair.a.home)), check=False)
+                                       str(pair.a.home), "--disk-map", f"{disk}={disk_copy}"),
+                                 check=False)
         if migrate.returncode != 0:
             out("migration failed; the source VM keeps running on a")
             return 1
@@ -84,10 +95,26 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
             f" ms in {WATCH_S:g} s, {after.passes} passes, {after.errors} corrupted pages")
         out(f"on a: source QEMU pid {source.pid} "
             f"{'still runs (unexpected)' if pid_alive(source.pid) else 'has quit'}")
-        return 0 if after.errors == 0 and after.heartbeat > before.heartbeat else 1
+        same = subprocess.run(["qemu-img", "compare", "-U", str(disk), str(disk_copy)],
+                              capture_output=True, text=True, check=False)
+        out(f"disk: {disk_copy} on b {'equals' if same.returncode == 0 else 'DIFFERS FROM'} "
+            f"the original")
+        ok = after.errors == 0 and after.heartbeat > before.heartbeat and same.returncode == 0
+        return 0 if ok else 1
     finally:
         pair.cleanup()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def make_disk(path: Path, size_mib: int) -> None:
+    """A qcow2 disk with random data at its start (what a guest would have written)."""
+    seed = path.with_suffix(".seed")
+    with open(seed, "wb") as f:
+        f.truncate(size_mib * MIB)
+        f.write(os.urandom(min(DISK_DATA_MIB, size_mib) * MIB))
+    subprocess.run(["qemu-img", "convert", "-q", "-O", "qcow2", str(seed), str(path)],
+                   check=True)
+    seed.unlink()
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -95,6 +122,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--ram-mib", type=int, default=DEFAULT_RAM_MIB)
     parser.add_argument("--fill-mib", type=int, default=DEFAULT_FILL_MIB)
     parser.add_argument("--rate", type=int, default=DEFAULT_RATE, help="pages per second")
+    parser.add_argument("--disk-mib", type=int, default=DISK_MIB)
     return parser.parse_args(argv)
 
 

@@ -11,7 +11,8 @@ from agent import demo
 def test_demo_migrates_the_guest(capfd):
     lines: list[str] = []
     status = demo.run(demo.parse_args(["--ram-mib", "128", "--fill-mib", "16",
-                                       "--rate", "2000"]), out=lines.append)
+                                       "--rate", "2000", "--disk-mib", "64"]),
+                      out=lines.append)
     printed = capfd.readouterr().out
     text = "\n".join(lines)
     assert status == 0, f"{text}\n{printed}"
@@ -19,3 +20,4 @@ def test_demo_migrates_the_guest(capfd):
     assert "downtime:" in printed
     assert ", 0 corrupted pages" in text
     assert "has quit" in text
+    assert "disk:" in printed and "equals the original" in text

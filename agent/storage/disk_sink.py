@@ -13,7 +13,8 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent import codec, qmp as qmp_mod
+from agent import codec
+from agent import qmp as qmp_mod
 from agent.batch_format import EntryKind
 from agent.errors import FerryError, LocalError, ProtocolError, QemuError, UserError
 from agent.storage.disk_source import DISK_BLOCK, DISK_HEADER, EXPORT_GONE_TIMEOUT_S, blocks_of

@@ -20,9 +20,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent import codec, qmp as qmp_mod
+from agent import codec
+from agent import qmp as qmp_mod
 from agent.errors import FerryError, QemuError, UserError
 from agent.storage.nbd import NbdClient
+from agent.storage.nbd_proto import BASE_ALLOCATION, DIRTY, DIRTY_BITMAP_PREFIX, AllocationFlag
 from agent.vmspec import DISK_FORMATS, DiskSpec
 
 log = logging.getLogger(__name__)
@@ -32,9 +34,6 @@ DISK_BLOCK = 64 << 10
 READ_CHUNK = 4 << 20
 """Bytes per NBD read; several are in flight at once."""
 READS_IN_FLIGHT = 8
-ALLOCATION_CONTEXT = "base:allocation"
-ZERO_FLAG = 2          # base:allocation: the range reads as zeros
-DIRTY_FLAG = 1         # qemu:dirty-bitmap:NAME: the range was written
 DISK_HEADER = struct.Struct("<H")
 """A DISK_BATCH message is the disk's index (u16) followed by one encoded batch."""
 EXPORT_GONE_TIMEOUT_S = 10.0
@@ -132,7 +131,7 @@ class DiskRounds:
         """The DISK_BATCH payloads of one round (bitmaps and export handled around it)."""
         export = f"ferry-{self.job_id}-{self.disk.index}-{self.counters.rounds}"
         if first:
-            context, wanted = ALLOCATION_CONTEXT, None
+            context, wanted = BASE_ALLOCATION, None
             bitmaps: list[str] = []
         else:
             done = self.current_bitmap
@@ -144,7 +143,7 @@ class DiskRounds:
                                    "data": {"node": self.disk.node, "name": self.current_bitmap}})
                 self._bitmaps.append(self.current_bitmap)
             await self.qmp.execute("transaction", {"actions": actions})
-            context, wanted, bitmaps = f"qemu:dirty-bitmap:{done}", DIRTY_FLAG, [done]
+            context, wanted, bitmaps = f"{DIRTY_BITMAP_PREFIX}{done}", DIRTY, [done]
         await self.qmp.execute("block-export-add", {
             "type": "nbd", "id": export, "node-name": self.disk.node, "name": export,
             "writable": False, "bitmaps": bitmaps})
@@ -154,7 +153,7 @@ class DiskRounds:
                                          meta_contexts=[context]) as nbd:
                 extents = await nbd.block_status(0, self.disk.virtual_size, context)
                 if wanted is None:   # round 0: everything that does not read as zero
-                    ranges = [(e.offset, e.length) for e in extents if not e.flags & ZERO_FLAG]
+                    ranges = [(e.offset, e.length) for e in extents if not e.flags & AllocationFlag.ZERO]
                 else:
                     ranges = [(e.offset, e.length) for e in extents if e.flags & wanted]
                 self.counters.last_dirty_bytes = sum(n for _, n in ranges)
