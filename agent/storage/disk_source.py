@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import struct
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,7 @@ class DiskCounters:
     dedup_blocks: int = 0
     wire_bytes: int = 0
     last_dirty_bytes: int = 0
+    seconds: float = 0.0       # time spent in this disk's rounds (reading, encoding, sending)
 
 
 @dataclass
@@ -129,6 +131,7 @@ class DiskRounds:
 
     async def batches(self, *, first: bool, final: bool) -> AsyncIterator[bytes]:
         """The DISK_BATCH payloads of one round (bitmaps and export handled around it)."""
+        started = time.monotonic()
         export = f"ferry-{self.job_id}-{self.disk.index}-{self.counters.rounds}"
         if first:
             context, wanted = BASE_ALLOCATION, None
@@ -163,6 +166,7 @@ class DiskRounds:
             await self._drop_export(export)
             if not first:
                 await self._drop_bitmap(bitmaps[0])
+            self.counters.seconds += time.monotonic() - started
         self.counters.rounds += 1
 
     async def _read_and_encode(self, nbd: NbdClient,
@@ -295,5 +299,6 @@ class StorageSource:
         return [{"path": r.disk.path, "format": r.disk.format, "size": r.disk.virtual_size,
                  "rounds": r.counters.rounds, "blocks_read": r.counters.blocks_read,
                  "data_blocks": r.counters.data_blocks, "zero_blocks": r.counters.zero_blocks,
-                 "dedup_blocks": r.counters.dedup_blocks, "wire_bytes": r.counters.wire_bytes}
+                 "dedup_blocks": r.counters.dedup_blocks, "wire_bytes": r.counters.wire_bytes,
+                 "seconds": round(r.counters.seconds, 3)}
                 for r in self.rounds]
