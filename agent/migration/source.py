@@ -154,6 +154,7 @@ class SourceJob:
     _migrate_writer: asyncio.StreamWriter | None = None
     _ram_done: asyncio.Event = field(default_factory=asyncio.Event)
     _disk_bytes_before: int = 0
+    switchover: dict[str, float] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ driver
 
@@ -393,14 +394,18 @@ class SourceJob:
         tunnel = asyncio.create_task(self._tunnel_device_state(), name="device-state")
         try:
             dirty, scan_s = await self._scan()  # exact: the guest is stopped
+            self._mark("scanned")
             send_s = await self._send_round(dirty)
+            self._mark("pages_sent")
             log.info("migration %s final round: %d pages in %.0f ms after a %.0f ms scan",
                      self.job_id, len(dirty), send_s * 1000, scan_s * 1000)
             await self._send_disk_round(first=False, final=True)
             self.counters.rounds += 1
             await send_control(self.link, Op.RAM_DONE, pages=self.counters.pages_sent)
+            self._mark("ram_done")
             self._ram_done.set()
             await tunnel
+            self._mark("device_state_sent")
         finally:
             if not tunnel.done():
                 tunnel.cancel()
@@ -408,9 +413,14 @@ class SourceJob:
                     await tunnel
         await self.inbox.expect({Op.LOADED}, timeout=LOADED_TIMEOUT_S,
                                 what="destination loading the device state")
+        self._mark("loaded")
         log.info("migration %s: device state (%d bytes) loaded %.0f ms after stop",
-                 self.job_id, self.counters.device_state_bytes,
-                 (time.time() - self.stop_us / 1e6) * 1000)
+                 self.job_id, self.counters.device_state_bytes, self.switchover["loaded"])
+
+    def _mark(self, step: str) -> None:
+        """Note when a switchover step ended, in ms after the source's STOP event."""
+        if self.stop_us is not None:
+            self.switchover[step] = round(time.time() * 1000 - self.stop_us / 1000, 1)
 
     async def _tunnel_device_state(self) -> None:
         """Serve QEMU's `migrate` on a unix socket and forward its bytes to the peer."""
@@ -431,9 +441,12 @@ class SourceJob:
             self.migrate_started = True
             reader = await asyncio.wait_for(accepted, timeout=10)
             while chunk := await reader.read(DEVICE_STATE_CHUNK):
+                if not self.counters.device_state_bytes:
+                    self._mark("device_state_first_bytes")
                 self.counters.device_state_bytes += len(chunk)
                 await self.link.send(Kind.DEVICE_STATE, chunk)
             await self._wait_source_migration()
+            self._mark("source_qemu_done")
             await self._ram_done.wait()  # the destination expects RAM_DONE first
             await send_control(self.link, Op.DEVICE_STATE_END,
                                bytes=self.counters.device_state_bytes)
@@ -459,6 +472,7 @@ class SourceJob:
         reply = await self.inbox.expect({Op.COMMITTED}, timeout=COMMIT_TIMEOUT_S,
                                         what="destination resuming the VM")
         self.resume_us = int(reply.body.get("resume_us", 0)) or None
+        self._mark("committed")
         self.dest_pid = int(reply.body.get("dest_pid", 0)) or self.dest_pid
         with contextlib.suppress(QemuError):
             await self.qmp.quit()
@@ -586,4 +600,5 @@ class SourceJob:
             if c.wire_bytes else 1.0,
             "dest_pid": self.dest_pid if status == "completed" else None,
             "throttle": self.throttle.share if self.throttle else 0.0,
+            "switchover_ms": self.switchover,
         }
