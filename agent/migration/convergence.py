@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 # Device state (~200 KB), QMP round trips and the destination's `cont`: measured ~20-40 ms
 # here; the prediction adds this to the RAM part.
 DEFAULT_SWITCHOVER_OVERHEAD_S = 0.035
+# Switch over only when the prediction fits this share of the limit: the guest keeps
+# dirtying pages between the decision and the stop, so the real stop-and-copy is longer.
+PREDICTION_MARGIN = 0.8
 # A round "did not shrink" the dirty set when it kept more than this share of the best.
 NO_PROGRESS_SHARE = 0.9
 # Rounds in a row without progress before throttling harder.
@@ -90,7 +93,8 @@ class ConvergencePolicy:
         """Record a finished round and decide, given the dirty set found for the next one."""
         self.history.append(stats)
         self.max_page_rate = max(self.max_page_rate, stats.page_rate)
-        if self.predicted_downtime_s(next_dirty, next_scan_s) <= self.downtime_limit_s:
+        if (self.predicted_downtime_s(next_dirty, next_scan_s)
+                <= self.downtime_limit_s * PREDICTION_MARGIN):
             return Decision.SWITCHOVER
         if elapsed_total_s >= self.timeout_s:
             return (Decision.SWITCHOVER if self.timeout_action is TimeoutAction.FORCE

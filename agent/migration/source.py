@@ -48,6 +48,9 @@ DEVICE_STATE_CHUNK = 256 << 10
 # QEMU's default max-bandwidth (128 MiB/s in 7.2) would pace even the device state.
 QEMU_MAX_BANDWIDTH = 1 << 40
 PROGRESS_INTERVAL_S = 0.25
+# Below this the countdown has run out before the work did (a later round found more
+# dirty pages than predicted); progress then shows no ETA rather than a stuck zero.
+ETA_FLOOR_S = 0.05
 
 class ConvergenceTimeout(UserError):
     """Pre-copy ran out of its time budget without converging (timeout action: abort)."""
@@ -556,13 +559,17 @@ class SourceJob:
         if pages_left is not None:
             event["pages_left"] = pages_left
             rate = self.counters.pages_sent / elapsed if elapsed > 0 else 0
-            estimate = pages_left / rate if rate > 0 else None
+            # Later rounds resend what the guest dirties meanwhile: with dirty rate d and
+            # send rate r they add up to pages_left / r * 1 / (1 - d / r).
+            dirtying = min((self._dirty_rate or 0.0) / rate, 0.9) if rate > 0 else 0.0
+            estimate = pages_left / rate / (1 - dirtying) if rate > 0 else None
             if estimate is not None:
                 # The ETA only moves forward: it may shrink faster than time, never grow.
                 if self._eta is not None:
                     estimate = min(estimate, max(0.0, self._eta - (now - self._eta_at)))
                 self._eta, self._eta_at = estimate, now
-                event["eta_s"] = round(estimate, 2)
+                if estimate >= ETA_FLOOR_S:
+                    event["eta_s"] = round(estimate, 2)
         if self._dirty_rate is not None:
             event["dirty_pages_per_s"] = round(self._dirty_rate)
         if self.throttle is not None and self.throttle.share:
