@@ -137,7 +137,7 @@ def test_destination_qemu_killed_during_precopy_rolls_back(agents, start_guest) 
     dest_pid = wait_for_precopy(agents)
     os.kill(dest_pid, signal.SIGKILL)
     rc, report, stderr = finish(proc)
-    assert rc == 1 and report["status"] == "failed", f"{report}\n{stderr}"
+    assert rc == 1 and report.get("status") == "failed", f"{report}\n{stderr}\n{agents.logs()}"
     assert "QEMU exited" in report["error"]
     assert_source_intact(guest)
     assert_destination_clean(agents, dest_pid)
@@ -154,7 +154,7 @@ def test_connection_cut_during_precopy_rolls_back(agents, start_guest) -> None:
         rc, report, stderr = finish(proc)
     finally:
         proxy.close()
-    assert rc == 1 and report["status"] == "failed", f"{report}\n{stderr}"
+    assert rc == 1 and report.get("status") == "failed", f"{report}\n{stderr}\n{agents.logs()}"
     assert_source_intact(guest)
     assert_destination_clean(agents, dest_pid)
 
@@ -171,7 +171,7 @@ def test_destination_agent_killed_rolls_back_and_restart_cleans_up(agents, start
     dest_pid = wait_for_precopy(agents)
     agents.b.stop(signal.SIGKILL)
     rc, report, stderr = finish(proc)
-    assert rc == 1 and report["status"] == "failed", f"{report}\n{stderr}"
+    assert rc == 1 and report.get("status") == "failed", f"{report}\n{stderr}\n{agents.logs()}"
     assert_source_intact(guest)
     # The killed agent could not clean up; restarted, it finishes the job from its journal.
     agents.b.start()

@@ -19,7 +19,8 @@ from typing import Any
 
 from agent import codec, vm
 from agent import qmp as qmp_mod
-from agent.errors import FerryError, PeerError, ProtocolError, QemuError, UserError
+from agent.errors import (FerryError, LocalError, PeerError, ProtocolError, QemuError,
+                          UserError)
 from agent.memory.prefault import Prefaulter
 from agent.migration.link import Link, parse_message, send_control
 from agent.migration.protocol import Kind, Op
@@ -102,7 +103,7 @@ class DestinationJob:
     pages_applied: int = 0
 
     async def run(self) -> None:
-        """Serve the job until it completes or is rolled back; never raises FerryError."""
+        """Serve the job until it completes or is rolled back; raises only CancelledError."""
         try:
             kind, payload = await self.link.receive()
             msg = parse_message(kind, payload)
@@ -113,9 +114,16 @@ class DestinationJob:
         except asyncio.CancelledError:
             await self._roll_back("the agent is shutting down")
             raise
-        except FerryError as exc:
-            log.error("incoming migration %s from %s failed: %s", self.job_id, self.peer, exc)
-            log.debug("traceback", exc_info=True)
+        except Exception as exc:
+            if isinstance(exc, FerryError):
+                log.error("incoming migration %s from %s failed: %s", self.job_id, self.peer,
+                          exc)
+                log.debug("traceback", exc_info=True)
+            else:
+                # A bug, or an untranslated library error: the copy is removed all the same.
+                log.exception("incoming migration %s from %s: unexpected error", self.job_id,
+                              self.peer)
+                exc = LocalError(f"destination internal error: {exc!r}")
             with contextlib.suppress(FerryError, ConnectionError):
                 await send_control(self.link, Op.ERROR, message=str(exc),
                                    error_type=type(exc).__name__)

@@ -23,7 +23,7 @@ from typing import Any
 
 from agent import codec, vm
 from agent import qmp as qmp_mod
-from agent.errors import FerryError, QemuError, UserError
+from agent.errors import FerryError, LocalError, QemuError, UserError
 from agent.memory import scan
 from agent.memory.prefault import coarse_extents
 from agent.memory.tracker import HashScanTracker
@@ -162,7 +162,7 @@ class SourceJob:
     # ------------------------------------------------------------------ driver
 
     async def run(self) -> dict[str, Any]:
-        """Run the job to its end and return the report; never raises FerryError."""
+        """Run the job to its end and return the report; raises only CancelledError."""
         body = asyncio.create_task(self._migrate(), name=f"migrate-{self.job_id}")
         cancel_wait = asyncio.create_task(self.cancel.wait())
         error: str | None = None
@@ -181,7 +181,11 @@ class SourceJob:
                     break
                 # After COMMIT a cancel changes nothing: the destination owns the VM now.
                 cancel_wait = asyncio.create_task(asyncio.sleep(3600))
-        except FerryError as exc:
+        except Exception as exc:
+            if not isinstance(exc, FerryError):
+                # A bug, or an error some library let through untranslated: still roll back.
+                log.exception("migration %s: unexpected error", self.job_id)
+                exc = LocalError(f"internal error: {exc!r}")
             if self.inbox is not None:
                 exc = await self.inbox.explain(exc)
             error = str(exc)
