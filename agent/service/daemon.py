@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import identity as identity_mod
-from agent.errors import FerryError, TrustError, UserError
+from agent.errors import FerryError, PeerError, TrustError, UserError
 from agent.migration.convergence import TimeoutAction
 from agent.migration.destination import DestinationJob
 from agent.migration.link import Link
@@ -36,10 +36,16 @@ class ChannelLink:
         self.channel = channel
 
     async def send(self, kind: int, payload: bytes | memoryview) -> None:
-        await self.channel.send(MsgType(kind), payload)
+        try:
+            await self.channel.send(MsgType(kind), payload)
+        except OSError as exc:  # the socket's own errors, e.g. a reset link
+            raise PeerError(f"link to {self.channel.peer_name} lost: {exc}") from exc
 
     async def receive(self) -> tuple[int, bytes | memoryview]:
-        msg_type, payload = await self.channel.receive()
+        try:
+            msg_type, payload = await self.channel.receive()
+        except OSError as exc:
+            raise PeerError(f"link to {self.channel.peer_name} lost: {exc}") from exc
         return int(msg_type), payload
 
     async def close(self) -> None:
