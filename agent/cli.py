@@ -63,14 +63,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 2
+    return guarded("ferry", lambda: func(args))
+
+
+def guarded(prog: str, body: Callable[[], int]) -> int:
+    """Run a command's body: a FerryError becomes one clear line and exit code 1, Ctrl-C
+    exit code 130 (tracebacks only at -vv)."""
     try:
-        return func(args)
+        return body()
     except FerryError as exc:
         log.debug("command failed", exc_info=True)
-        print(f"ferry: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("ferry: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -21,8 +21,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from agent import vm
+from agent.cli import guarded
 from agent.demo_dirty import PAGES_PER_MIB, guest_config
-from agent.errors import FerryError, QemuError
+from agent.errors import QemuError
 from agent.guest import build_guest
 from agent.guest.build import default_cache_dir
 from agent.localpair import AgentPair, pid_alive, read_guest
@@ -128,14 +129,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        return run(args)
-    except FerryError as exc:
-        print(f"ferry demo: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("ferry demo: interrupted", file=sys.stderr)
-        return 130
+    return guarded("ferry demo", lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from agent import qmp, vm
-from agent.errors import FerryError, UserError
+from agent.cli import guarded
+from agent.errors import UserError
 from agent.guest import FREE_BASE_PAGE, PAGE_SIZE, GuestConfig, RunningGuest, boot_guest
 from agent.memory import scan
 from agent.memory.tracker import DirtyTracker, choose_tracker
@@ -133,14 +134,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        return asyncio.run(run(args))
-    except FerryError as exc:
-        print(f"ferry demo: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("ferry demo: interrupted", file=sys.stderr)
-        return 130
+    return guarded("ferry demo", lambda: asyncio.run(run(args)))
 
 
 if __name__ == "__main__":
