@@ -276,3 +276,17 @@ def test_vm_with_several_monitors_and_named_options_migrates(agents, start_guest
     assert not any(str(vm_dir).encode() in arg for arg in dest_argv)
     assert b"-mon" not in dest_argv and b"-monitor" not in dest_argv
     assert read_guest(agents.b.vm_record("mig").ram_path).errors == 0
+
+
+def test_dead_qmp_socket_and_missing_path_give_clear_errors(agents, vm_dir) -> None:
+    import socket as socket_mod
+
+    rc, report, stderr = agents.migrate("--qmp", str(vm_dir / "nothing.sock"))
+    assert rc == 1 and "no QMP socket at" in stderr
+    stale = vm_dir / "stale.sock"
+    with socket_mod.socket(socket_mod.AF_UNIX) as listener:
+        listener.bind(str(stale))  # the file stays; nobody listens once it is closed
+    rc, report, stderr = agents.migrate("--qmp", str(stale))
+    assert rc == 1 and report.get("status") == "failed"
+    assert "cannot open QMP socket" in report["error"] or "cannot reach" in report["error"]
+    assert agents.b.leftovers() == []
