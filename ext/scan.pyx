@@ -347,6 +347,19 @@ def runs(indices):
     return result
 
 
+def shifted(indices, uint64_t delta):
+    """A copy of page indices with delta added to each (indices of a slice made absolute)."""
+    cdef array.array pages = _index_array(indices)
+    cdef uint64_t i, n = len(pages)
+    cdef array.array out = array.clone(_INDEX_TEMPLATE, n, False)
+    cdef const uint64_t *src = <const uint64_t *>pages.data.as_ulonglongs
+    cdef uint64_t *dst = <uint64_t *>out.data.as_ulonglongs
+    with nogil:
+        for i in range(n):
+            dst[i] = src[i] + delta
+    return out
+
+
 # ---- holes and soft-dirty --------------------------------------------------------------
 
 def data_extents(int fd, length):

@@ -188,3 +188,45 @@ def test_soft_dirty_tracker_on_this_process(shm_file):
                 assert 7 in second
             else:
                 assert second == array("Q")      # the bit never sets without kernel support
+
+
+@pytest.mark.parametrize("count", [1, 3, 8, 1000])
+def test_collect_in_parts_equals_collect(tmp_path, count):
+    """Scanning part by part finds exactly what one scan finds, as absolute indices."""
+    import mmap as mmap_mod
+    import os as os_mod
+    import random
+
+    path = tmp_path / "ram"
+    npages = 300
+    with open(path, "wb") as f:
+        f.truncate(npages * 4096)
+    fd = os_mod.open(path, os_mod.O_RDWR)
+    try:
+        ram = mmap_mod.mmap(fd, npages * 4096)
+        rng = random.Random(count)
+        for page in rng.sample(range(npages), 60):
+            ram[page * 4096:page * 4096 + 8] = rng.randbytes(8)
+        whole = HashScanTracker(ram, fd=fd)
+        pieces = HashScanTracker(ram, fd=fd)
+        expected = list(whole.collect())
+        parts = pieces.parts(count)
+        assert parts[0].first == 0 and parts[-1].end == npages
+        assert all(p.first < p.end for p in parts) and len(parts) <= count
+        assert all(parts[i].end == parts[i + 1].first for i in range(len(parts) - 1))
+        found = [page for part in parts for page in pieces.collect_part(part)]
+        assert found == expected
+        assert pieces.current_hashes == whole.current_hashes
+        whole.close()
+        pieces.close()
+        ram.close()
+    finally:
+        os_mod.close(fd)
+
+
+def test_shifted_matches_twin():
+    from agent.memory import _scan_py, scan as scan_sel
+
+    indices = array("Q", [0, 5, 7, 1 << 40])
+    assert list(scan_sel.shifted(indices, 3)) == list(_scan_py.shifted(indices, 3)) == [
+        3, 8, 10, (1 << 40) + 3]

@@ -131,6 +131,11 @@ def _index_array(indices: Iterable[int]) -> array[int]:
     return array("Q", indices)
 
 
+def shifted(indices: Iterable[int], delta: int) -> array[int]:
+    """A copy of page indices with delta added to each (indices of a slice made absolute)."""
+    return array("Q", (page + delta for page in _index_array(indices)))
+
+
 def zero_pages(buf: ReadableBuffer, indices: Iterable[int] | None = None) -> array[int]:
     """Those of indices (default: every page, ascending) whose page is all zero bytes, in order."""
     npages = page_count(buf)

@@ -24,6 +24,7 @@ indices_to_bitmap = _impl.indices_to_bitmap
 page_count = _impl.page_count
 runs = _impl.runs
 scan = _impl.scan
+shifted = _impl.shifted
 soft_dirty_indices = _impl.soft_dirty_indices
 zero_pages = _impl.zero_pages
 
@@ -43,6 +44,7 @@ __all__ = [
     "page_count",
     "runs",
     "scan",
+    "shifted",
     "soft_dirty_indices",
     "zero_pages",
 ]

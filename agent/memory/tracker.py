@@ -12,6 +12,7 @@ import logging
 import mmap
 import os
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from array import array
 from collections.abc import Iterable
 from types import TracebackType
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PAGE_SIZE = scan.PAGE_SIZE
+HASH_SIZE = scan.HASH_SIZE
 HASH_SIZE = scan.HASH_SIZE
 PAGEMAP_ENTRY_SIZE = scan.PAGEMAP_ENTRY_SIZE
 # Written to /proc/PID/clear_refs: clear the soft-dirty bits of every page of the process.
@@ -63,6 +65,15 @@ class DirtyTracker(ABC):
         self.close()
 
 
+@dataclass(frozen=True, slots=True)
+class ScanPart:
+    """Pages [first, end) of RAM and, relative to first, the runs that may hold data."""
+
+    first: int
+    end: int
+    ranges: list[tuple[int, int]]
+
+
 class HashScanTracker(DirtyTracker):
     """Hashes every page each round and compares with the hash of what was sent for it.
 
@@ -98,12 +109,50 @@ class HashScanTracker(DirtyTracker):
         """Rescan RAM; the pages whose hash differs from the hash of what was sent."""
         if self._ram is None:
             raise LocalError("hash-scan tracker used after close()")
-        ranges = None
-        if self._fd is not None:
-            extents = scan.data_extents(self._fd, self.npages * PAGE_SIZE)
-            ranges = scan.extent_pages(extents, self.npages)
         return scan.scan(self._ram, self.sent_hashes, self.current_hashes,
-                         threads=self.threads, ranges=ranges)
+                         threads=self.threads, ranges=self._data_ranges())
+
+    def parts(self, count: int) -> list[ScanPart]:
+        """Up to `count` consecutive page ranges holding about equal shares of the data
+        pages, for scanning RAM piece by piece (`collect_part`). The file's data extents
+        are read once here, not per part."""
+        ranges = self._data_ranges() or [(0, self.npages)]
+        total = sum(n for _, n in ranges)
+        share = max(1, -(-total // max(1, count)))
+        bounds, seen, start = [], 0, 0
+        for first, n in ranges:
+            while seen + n >= share * (len(bounds) + 1) and len(bounds) < count - 1:
+                cut = first + share * (len(bounds) + 1) - seen
+                bounds.append((start, cut))
+                start = cut
+            seen += n
+        bounds.append((start, self.npages))
+        return [ScanPart(a, b, [(max(f, a) - a, min(f + n, b) - max(f, a))
+                                for f, n in ranges if f < b and f + n > a])
+                for a, b in bounds if b > a]
+
+    def collect_part(self, part: ScanPart) -> array[int]:
+        """collect() restricted to one part: its dirty pages, as absolute indices.
+
+        Scanning in parts lets the final round send one part while hashing the next.
+        """
+        if self._ram is None:
+            raise LocalError("hash-scan tracker used after close()")
+        first, end = part.first, part.end
+        with memoryview(self._ram) as ram, memoryview(self.sent_hashes) as sent, \
+                memoryview(self.current_hashes) as current:
+            dirty = scan.scan(ram[first * PAGE_SIZE:end * PAGE_SIZE],
+                              sent[first * HASH_SIZE:end * HASH_SIZE],
+                              current[first * HASH_SIZE:end * HASH_SIZE],
+                              threads=self.threads, ranges=part.ranges)
+        return scan.shifted(dirty, first)
+
+    def _data_ranges(self) -> list[tuple[int, int]] | None:
+        """(first page, count) runs of the RAM file that may hold data (None: all of it)."""
+        if self._fd is None:
+            return None
+        extents = scan.data_extents(self._fd, self.npages * PAGE_SIZE)
+        return scan.extent_pages(extents, self.npages)
 
     def acknowledge(self, indices: Iterable[int]) -> None:
         """Take the last scan's hashes of these pages (strictly ascending) as sent."""

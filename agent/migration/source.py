@@ -48,6 +48,8 @@ DEVICE_STATE_CHUNK = 256 << 10
 # QEMU's default max-bandwidth (128 MiB/s in 7.2) would pace even the device state.
 QEMU_MAX_BANDWIDTH = 1 << 40
 PROGRESS_INTERVAL_S = 0.25
+# The final scan runs in this many parts so that sending overlaps hashing.
+FINAL_SCAN_PARTS = 4
 # Below this the countdown has run out before the work did (a later round found more
 # dirty pages than predicted); progress then shows no ETA rather than a stuck zero.
 ETA_FLOOR_S = 0.05
@@ -400,12 +402,10 @@ class SourceJob:
         await self._emit(force=True)
         tunnel = asyncio.create_task(self._tunnel_device_state(), name="device-state")
         try:
-            dirty, scan_s = await self._scan()  # exact: the guest is stopped
-            self._mark("scanned")
-            send_s = await self._send_round(dirty)
+            pages = await self._final_ram_round()
             self._mark("pages_sent")
-            log.info("migration %s final round: %d pages in %.0f ms after a %.0f ms scan",
-                     self.job_id, len(dirty), send_s * 1000, scan_s * 1000)
+            log.info("migration %s final round: %d pages, sent %.0f ms after stop", self.job_id,
+                     pages, self.switchover["pages_sent"])
             await self._send_disk_round(first=False, final=True)
             self.counters.rounds += 1
             await send_control(self.link, Op.RAM_DONE, pages=self.counters.pages_sent)
@@ -428,6 +428,24 @@ class SourceJob:
         """Note when a switchover step ended, in ms after the source's STOP event."""
         if self.stop_us is not None:
             self.switchover[step] = round(time.time() * 1000 - self.stop_us / 1000, 1)
+
+    async def _final_ram_round(self) -> int:
+        """Scan RAM in parts (exact: the guest is stopped), sending each part's dirty pages
+        while the next part is hashed; the number of pages found."""
+        assert self.tracker is not None
+        loop = asyncio.get_running_loop()
+        parts = self.tracker.parts(FINAL_SCAN_PARTS)
+        pending = loop.run_in_executor(None, self.tracker.collect_part, parts[0])
+        found = 0
+        for index in range(len(parts)):
+            dirty = await pending
+            if index + 1 < len(parts):
+                pending = loop.run_in_executor(None, self.tracker.collect_part, parts[index + 1])
+            else:
+                self._mark("scanned")
+            found += len(dirty)
+            await self._send_round(dirty)
+        return found
 
     async def _tunnel_device_state(self) -> None:
         """Serve QEMU's `migrate` on a unix socket and forward its bytes to the peer."""
