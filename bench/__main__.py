@@ -12,6 +12,7 @@ SUBCOMMANDS: dict[str, str] = {
     "codec": "bench.codec",
     "migrate": "bench.migrate",
     "channel": "bench.channel",
+    "disk": "bench.disk",
 }
 
 

@@ -10,8 +10,10 @@ import logging
 import os
 import shutil
 import subprocess
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from agent import codec
 from agent import qmp as qmp_mod
@@ -27,6 +29,78 @@ log = logging.getLogger(__name__)
 # the allocated size the source reports, before it starts copying.
 SPACE_MARGIN = 64 << 20
 WRITES_IN_FLIGHT = 32
+WRITE_BYTES_IN_FLIGHT = 16 << 20
+"""Bytes of received batches that writes in flight may hold on to: the channel recycles its
+receive buffers only once nothing views them, so holding much more costs fresh pages."""
+RUN_BLOCKS = 64
+"""Most blocks one NBD request writes (4 MiB): neighbouring entries go out as one request."""
+
+Span = tuple[int, int]
+"""Blocks [first, end) that one request reads or writes."""
+
+
+@dataclass(frozen=True, slots=True)
+class WriteRun:
+    """Neighbouring entries of one batch that one NBD request applies: `count` blocks from
+    `block` on; COPY reads them from `source` on, DATA takes them from `data`."""
+
+    kind: EntryKind
+    block: int
+    count: int
+    source: int = -1
+    data: memoryview | None = None
+
+    @property
+    def spans(self) -> tuple[Span, ...]:
+        """What the request touches: the target blocks, and a COPY's source blocks."""
+        target = (self.block, self.block + self.count)
+        return (target, (self.source, self.source + self.count)) \
+            if self.kind is EntryKind.COPY else (target,)
+
+
+def write_runs(batch: codec.DecodedBatch, max_blocks: int = RUN_BLOCKS) -> list[WriteRun]:
+    """The batch's entries as runs, in apply order: applying the runs one after the other
+    (a COPY run reads all its source blocks, then writes) does what the entries do.
+
+    An entry joins the run before it when it has the same kind, the next target block and,
+    for COPY, the next source block; a COPY run whose source and target blocks would overlap
+    is not extended (entry by entry, a later block could read what an earlier one wrote).
+    DATA entries take the DATA section in order, so a DATA run's bytes are contiguous.
+    """
+    runs: list[WriteRun] = []
+    size = batch.block_size
+    kind, first, count, source, data_at = None, 0, 0, -1, 0
+    taken = 0
+
+    def close() -> None:
+        if kind is None:
+            return
+        data = (batch.data[data_at * size:(data_at + count) * size]
+                if kind is EntryKind.DATA else None)
+        runs.append(WriteRun(kind, first, count, source, data))
+
+    for entry in batch:
+        extends = (entry.kind is kind and entry.block == first + count and count < max_blocks)
+        if extends and kind is EntryKind.COPY:
+            assert entry.source is not None
+            extends = (entry.source == source + count
+                       and (source + count + 1 <= first or first + count + 1 <= source))
+        if extends:
+            count += 1
+        else:
+            close()
+            kind, first, count = entry.kind, entry.block, 1
+            source = entry.source if entry.source is not None else -1
+            data_at = taken
+        if entry.kind is EntryKind.DATA:
+            taken += 1
+    close()
+    return runs
+
+
+def overlaps(a: tuple[Span, ...], b: tuple[Span, ...]) -> bool:
+    """Whether any span of a shares a block with any span of b."""
+    return any(x0 < y1 and y0 < x1 for x0, x1 in a for y0, y1 in b)
 
 
 def parse_disk_map(items: list[str] | None) -> dict[str, str]:
@@ -76,6 +150,8 @@ class DiskWriter:
     nbd: NbdClient | None = None
     created: bool = False
     pending: set[asyncio.Task[None]] = field(default_factory=set)
+    touches: dict[asyncio.Task[None], tuple[tuple[Span, ...], int]] = field(default_factory=dict)
+    held: int = 0     # bytes the requests in flight hold (see WRITE_BYTES_IN_FLIGHT)
     blocks_written: int = 0
 
     @property
@@ -92,35 +168,58 @@ class DiskWriter:
         self.created = True
 
     async def apply(self, payload: memoryview) -> None:
-        """Write one decoded batch through NBD, in entry order where order matters."""
+        """Write one decoded batch through NBD. Neighbouring entries become one request
+        (write_runs); requests of this and earlier batches overlap in flight unless they
+        touch the same blocks, so the disk ends up as if the entries ran one by one."""
         assert self.nbd is not None
         batch = codec.decode_batch(payload, self.nblocks, DISK_BLOCK)
         size = self.disk.virtual_size
-        for entry in batch:
-            offset = entry.block * DISK_BLOCK
-            length = min(DISK_BLOCK, size - offset)
-            if entry.kind is EntryKind.COPY:
-                await self.drain()  # the source block may be one of the writes in flight
-                data = await self.nbd.read(entry.source * DISK_BLOCK,
-                                           min(DISK_BLOCK, size - entry.source * DISK_BLOCK))
-                self._start(self.nbd.write(offset, data[:length]))
-            elif entry.kind is EntryKind.ZERO:
-                self._start(self.nbd.write_zeroes(offset, length))
+        for run in write_runs(batch):
+            spans = run.spans
+            await self._after(spans)
+            offset = run.block * DISK_BLOCK
+            length = min(run.count * DISK_BLOCK, size - offset)
+            if run.kind is EntryKind.COPY:
+                self._start(self._copy(offset, run.source * DISK_BLOCK, run.count, length),
+                            spans, run.count * DISK_BLOCK)
+            elif run.kind is EntryKind.ZERO:
+                self._start(self.nbd.write_zeroes(offset, length), spans, 0)
             else:
-                assert entry.data is not None
-                self._start(self.nbd.write(offset, bytes(entry.data[:length])))
-            self.blocks_written += 1
-            if len(self.pending) >= WRITES_IN_FLIGHT:
+                assert run.data is not None
+                # The view keeps the received frame alive (not reused) until written.
+                self._start(self.nbd.write(offset, run.data[:length]), spans, length)
+            self.blocks_written += run.count
+            while len(self.pending) >= WRITES_IN_FLIGHT or self.held > WRITE_BYTES_IN_FLIGHT:
                 await asyncio.wait(self.pending, return_when=asyncio.FIRST_COMPLETED)
                 self._reap()
 
-    def _start(self, write: object) -> None:
-        task = asyncio.ensure_future(write)  # type: ignore[arg-type]
+    async def _copy(self, offset: int, source_offset: int, count: int, length: int) -> None:
+        """COPY: read `count` blocks at source_offset (up to the disk's end), write them."""
+        assert self.nbd is not None
+        size = self.disk.virtual_size
+        data = await self.nbd.read(source_offset,
+                                   min(count * DISK_BLOCK, size - source_offset))
+        await self.nbd.write(offset, memoryview(data)[:length])
+
+    async def _after(self, spans: tuple[Span, ...]) -> None:
+        """Wait for the requests in flight that touch any of these blocks."""
+        touching = [task for task, (their, _) in self.touches.items() if overlaps(their, spans)]
+        if touching:
+            await asyncio.wait(touching)
+            self._reap()
+
+    def _start(self, request: Coroutine[Any, Any, None], spans: tuple[Span, ...],
+               held: int) -> None:
+        task = asyncio.ensure_future(request)
         self.pending.add(task)
+        self.touches[task] = (spans, held)
+        self.held += held
 
     def _reap(self) -> None:
         for task in [t for t in self.pending if t.done()]:
             self.pending.discard(task)
+            _, held = self.touches.pop(task)
+            self.held -= held
             task.result()  # a failed write fails the job
 
     async def drain(self) -> None:

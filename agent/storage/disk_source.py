@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import collections
 import contextlib
 import logging
 import struct
@@ -20,6 +21,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from agent import codec
 from agent import qmp as qmp_mod
@@ -35,6 +37,11 @@ DISK_BLOCK = 64 << 10
 READ_CHUNK = 4 << 20
 """Bytes per NBD read; several are in flight at once."""
 READS_IN_FLIGHT = 8
+BATCH_DATA_BYTES = 2 << 20
+"""DATA bytes per disk batch: twice RAM's, so half the messages and NBD writes per byte (a
+batch with its entries stays well inside the channel's 4 MiB frames)."""
+BATCH_ENTRIES = 1024
+"""Entries per disk batch; a 64 KiB block each, so DATA fills a batch long before this."""
 DISK_HEADER = struct.Struct("<H")
 """A DISK_BATCH message is the disk's index (u16) followed by one encoded batch."""
 EXPORT_GONE_TIMEOUT_S = 10.0
@@ -106,7 +113,9 @@ class DiskRounds:
         nblocks = blocks_of(self.disk.virtual_size)
         sent = bytearray(codec.zero_block_hash(DISK_BLOCK) * nblocks)
         self._encoder = codec.BatchEncoder(None, DISK_BLOCK, sent, dedup=self.dedup,
-                                           compress_level=self.compress_level)
+                                           compress_level=self.compress_level,
+                                           max_data_bytes=BATCH_DATA_BYTES,
+                                           max_entries=BATCH_ENTRIES)
 
     @property
     def current_bitmap(self) -> str:
@@ -129,7 +138,7 @@ class DiskRounds:
                     return int(bitmap.get("count", 0))
         return 0
 
-    async def batches(self, *, first: bool, final: bool) -> AsyncIterator[bytes]:
+    async def batches(self, *, first: bool, final: bool) -> AsyncIterator[memoryview]:
         """The DISK_BATCH payloads of one round (bitmaps and export handled around it)."""
         started = time.monotonic()
         export = f"ferry-{self.job_id}-{self.disk.index}-{self.counters.rounds}"
@@ -170,36 +179,99 @@ class DiskRounds:
         self.counters.rounds += 1
 
     async def _read_and_encode(self, nbd: NbdClient,
-                               ranges: list[tuple[int, int]]) -> AsyncIterator[bytes]:
-        """Read block-aligned chunks covering `ranges` (several in flight) and encode them."""
+                               ranges: list[tuple[int, int]]) -> AsyncIterator[memoryview]:
+        """Read block-aligned chunks covering `ranges` and encode them, overlapped: the
+        reads run READS_IN_FLIGHT chunks ahead, and the next chunk is encoded (in a worker
+        thread) while the batches of this one are sent. Batches leave in disk order."""
         assert self._encoder is not None
         size = self.disk.virtual_size
-        chunks = list(_aligned_chunks(ranges, size))
         loop = asyncio.get_running_loop()
-        for start in range(0, len(chunks), READS_IN_FLIGHT):
-            group = chunks[start:start + READS_IN_FLIGHT]
-            buffers = [bytearray(n_blocks * DISK_BLOCK) for _, n_blocks in group]
-            # The last block of a disk whose size is not a whole block stays zero-padded.
-            await asyncio.gather(*(
-                nbd.readinto(first * DISK_BLOCK,
-                             memoryview(buf)[:min(len(buf), size - first * DISK_BLOCK)])
-                for (first, _), buf in zip(group, buffers)))
-            for (first, n_blocks), buf in zip(group, buffers):
-                self.counters.blocks_read += n_blocks
-                indices = array.array("Q", range(first, first + n_blocks))
-                position = 0
-                while position < n_blocks:
-                    batch, position = await loop.run_in_executor(
-                        None, lambda p=position, b=buf, i=indices, f=first:
-                        self._encoder.encode(i, p, src=b, base=f))
-                    if batch.entry_count:
-                        self.counters.batches += 1
-                        self.counters.data_blocks += batch.data_count
-                        self.counters.zero_blocks += batch.zero_count
-                        self.counters.dedup_blocks += batch.copy_count
-                        payload = DISK_HEADER.pack(self.disk.index) + bytes(batch.payload)
-                        self.counters.wire_bytes += len(payload)
-                        yield payload
+        upcoming = iter(_aligned_chunks(ranges, size))
+        reads: collections.deque[tuple[int, int, bytearray, asyncio.Future[None]]] = \
+            collections.deque()
+        # Read buffers are reused: a fresh 4 MiB buffer per chunk costs a zero fill and a
+        # page fault per 4 KiB, a quarter of this process's time in a copy.
+        spare: list[bytearray] = []
+        payloads: list[bytearray] = []
+
+        def read_ahead() -> None:
+            while len(reads) < READS_IN_FLIGHT and (chunk := next(upcoming, None)):
+                first, n_blocks = chunk
+                buf = spare.pop() if spare else bytearray(READ_CHUNK)
+                valid = min(n_blocks * DISK_BLOCK, size - first * DISK_BLOCK)
+                # The last block of a disk whose size is not a whole block is zero-padded.
+                buf[valid:n_blocks * DISK_BLOCK] = bytes(n_blocks * DISK_BLOCK - valid)
+                reads.append((first, n_blocks, buf, asyncio.ensure_future(
+                    nbd.readinto(first * DISK_BLOCK, memoryview(buf)[:valid]))))
+
+        async def encode_next() -> list[tuple[memoryview, BatchCounts]] | None:
+            """The next chunk's batches, or None when every chunk is done."""
+            read_ahead()
+            if not reads:
+                return None
+            first, n_blocks, buf, read = reads[0]
+            await read
+            reads.popleft()
+            read_ahead()
+            self.counters.blocks_read += n_blocks
+            # One encoder, one thread at a time: the next encode starts only after this one,
+            # and a cancelled round still waits for the thread to let go of the encoder.
+            job = loop.run_in_executor(None, self._encode_chunk, first, n_blocks,
+                                       memoryview(buf)[:n_blocks * DISK_BLOCK], payloads)
+            try:
+                encoded = await asyncio.shield(job)
+            finally:
+                if not job.done():
+                    await asyncio.wait([job])
+            spare.append(buf)  # the batches hold copies of the blocks
+            return encoded
+
+        encoding: asyncio.Task[list[tuple[memoryview, BatchCounts]] | None] | None = None
+        try:
+            encoding = asyncio.ensure_future(encode_next())
+            while (encoded := await encoding) is not None:
+                encoding = asyncio.ensure_future(encode_next())
+                while encoded:  # popped, so each payload's buffer is free once sent
+                    payload, counts = encoded.pop(0)
+                    self.counters.batches += 1
+                    self.counters.data_blocks += counts.data
+                    self.counters.zero_blocks += counts.zero
+                    self.counters.dedup_blocks += counts.copy
+                    self.counters.wire_bytes += len(payload)
+                    yield payload
+            encoding = None
+        finally:
+            # Stopped early (a failed send, say): nothing may keep reading, nor the encoder
+            # keep running in its thread, once the round is over.
+            leftovers: list[asyncio.Future[Any]] = [read for *_, read in reads]
+            if encoding is not None:
+                leftovers.append(encoding)
+            for task in leftovers:
+                task.cancel()
+            if leftovers:
+                await asyncio.gather(*leftovers, return_exceptions=True)
+
+    def _encode_chunk(self, first: int, n_blocks: int, buf: memoryview,
+                      pool: list[bytearray]) -> list[tuple[memoryview, BatchCounts]]:
+        """Every batch of one chunk read from the disk, as DISK_BATCH payloads in buffers
+        from `pool` (worker thread; the encoder's own buffer is freed here, so the next
+        batch gets the same memory back instead of fresh pages)."""
+        assert self._encoder is not None
+        indices = array.array("Q", range(first, first + n_blocks))
+        encoded = []
+        position = 0
+        while position < n_blocks:
+            batch, position = self._encoder.encode(indices, position, src=buf, base=first)
+            if batch.entry_count:
+                size = DISK_HEADER.size + batch.nbytes
+                out = _unviewed(pool, size)
+                DISK_HEADER.pack_into(out, 0, self.disk.index)
+                out[DISK_HEADER.size:size] = batch.payload
+                encoded.append((memoryview(out)[:size].toreadonly(),
+                                BatchCounts(batch.data_count, batch.zero_count,
+                                            batch.copy_count)))
+            del batch
+        return encoded
 
     async def _drop_export(self, export: str) -> None:
         if export not in self._exports:
@@ -230,6 +302,38 @@ class DiskRounds:
             await self._drop_export(export)
         for bitmap in list(self._bitmaps):
             await self._drop_bitmap(bitmap)
+
+
+class BatchCounts(NamedTuple):
+    """Entries of one encoded batch, by kind."""
+
+    data: int
+    zero: int
+    copy: int
+
+
+PAYLOAD_POOL = 16
+"""DISK_BATCH payload buffers kept for reuse within a round."""
+PAYLOAD_GRAIN = 256 << 10
+
+
+def _unviewed(pool: list[bytearray], size: int) -> bytearray:
+    """A buffer of at least `size` bytes from `pool` that nothing views any more (a payload
+    handed out earlier that its consumer dropped), else a new one kept in the pool."""
+    for buffer in pool:
+        if len(buffer) >= size:
+            # CPython refuses to resize a bytearray that has exports (views); shrinking by
+            # a byte and growing back stays inside the allocation.
+            try:
+                last = buffer.pop()
+            except BufferError:
+                continue
+            buffer.append(last)
+            return buffer
+    buffer = bytearray(-(-size // PAYLOAD_GRAIN) * PAYLOAD_GRAIN)
+    if len(pool) < PAYLOAD_POOL:
+        pool.append(buffer)
+    return buffer
 
 
 def _aligned_chunks(ranges: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
@@ -278,7 +382,7 @@ class StorageSource:
     async def dirty_bytes(self) -> int:
         return sum([await r.dirty_bytes() for r in self.rounds])
 
-    async def round_batches(self, *, first: bool, final: bool) -> AsyncIterator[bytes]:
+    async def round_batches(self, *, first: bool, final: bool) -> AsyncIterator[memoryview]:
         for rounds in self.rounds:
             async for payload in rounds.batches(first=first, final=final):
                 yield payload

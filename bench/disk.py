@@ -1,0 +1,400 @@
+"""ferry's disk copy between two local agents against reading the same export with qemu-img.
+
+    python -m bench disk [--json] [--disk-mib N] [--repeat N] [--reads N]
+
+One run builds a qcow2 disk (2 GiB virtual by default) with mixed content: random runs,
+text-like (compressible) runs, duplicated runs (dedup), zeroed ranges (qcow2 zero clusters)
+and holes, in runs of 64 KiB to 8 MiB, the first MiB a hole. Then, per repeat:
+
+- two real agents (agent.localpair); `ferry vm start` boots a 64 MiB VM with that disk on
+  virtio and no kernel: the firmware finds nothing to boot and halts, so the guest is idle
+  and the disk dominates (the test guest busy-waits, which under TCG takes one of the two
+  cores for itself);
+- nbd_read: from the VM's own QEMU (QMP `nbd-server-start` + `block-export-add`, read-only,
+  as ferry does), `qemu-img convert -n -f raw nbd+unix:///EXPORT?socket=PATH
+  --target-image-opts driver=null-co,size=N` reads the export and drops the bytes (a raw
+  /dev/null target is refused: it cannot grow). One untimed warm-up, then --reads timed runs,
+  wall time of the whole process;
+- disk_copy: `ferry migrate NAME --to hostb --disk-map SRC=DST --json`; the time is the
+  report's per-disk `seconds` (every round of that disk: bitmaps, exports, NBD reads,
+  encoding, sending over the encrypted channel); the copy is then checked with
+  `qemu-img compare`.
+
+Both speeds count the same bytes: the disk's data, i.e. every extent that the export's
+`base:allocation` does not flag ZERO (holes and zero clusters read as zero; both ferry and
+qemu-img skip them). GB/s is 10**9 of those bytes per second. ferry's `seconds` end when
+its last batch is queued on the channel, so up to ~20 MiB may still be on the way to the
+destination (channel high-water marks both ways, writes in flight): ~2 % of the default
+disk's ~1.1 GB of data, in ferry's favour; the destination's final flush is not counted.
+
+Target: disk_copy_gbps >= 0.7 * nbd_read_gbps (medians over the repeats and timed reads).
+Exit code 0 when met, 1 when not or when a run failed, 130 when interrupted. Everything the
+bench starts or writes (agents, QEMUs, images, /dev/shm files) is removed on the way out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from agent import qmp as qmp_mod
+from agent.errors import FerryError
+from agent.localpair import AgentPair
+from agent.storage.nbd import NbdClient
+from agent.storage.nbd_proto import BASE_ALLOCATION, AllocationFlag
+from bench.scan import WORDS
+
+MIB = 1 << 20
+GIB = 1 << 30
+GB = 1e9
+BLOCK = 64 << 10
+"""Runs are whole 64 KiB blocks: qcow2's cluster and ferry's disk block."""
+TARGET_RATIO = 0.7
+DEFAULT_DISK_MIB = 2048
+RAM_MIB = 64
+VM_NAME = "benchdisk"
+EXPORT = "bench-read"
+# Shares of the disk by kind of run; data (random, text, dup) is about half of the disk.
+MIX = {"random": 0.24, "text": 0.22, "dup": 0.06, "zero": 0.12, "hole": 0.36}
+DATA_KINDS = ("random", "text", "dup")
+MAX_RUN_BLOCKS = 128          # 8 MiB
+FIRST_HOLE = MIB              # keeps the firmware from finding a boot sector
+TEXT_TEMPLATE = 8 * MIB
+QEMU_IMG_TIMEOUT_S = 120.0
+MIGRATE_TIMEOUT_S = 300.0
+COMPARE_TIMEOUT_S = 120.0
+
+
+class BenchError(FerryError):
+    """A run could not be measured (setup failed, a migration or a read did not finish)."""
+
+
+# ---------------------------------------------------------------------------- the disk
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """length bytes at offset of one kind; a dup run copies the bytes at source."""
+
+    offset: int
+    length: int
+    kind: str
+    source: int = -1
+
+
+def plan_layout(size: int, seed: int = 1) -> list[Run]:
+    """Runs of whole blocks covering [0, size) (a partial last block is a hole), kinds
+    drawn by MIX; a dup run copies an earlier random or text run of at least its length."""
+    rng = random.Random(seed)
+    kinds, weights = list(MIX), list(MIX.values())
+    runs = [Run(0, min(FIRST_HOLE, size), "hole")]
+    offset = runs[0].length
+    end = size - size % BLOCK
+    data: list[Run] = []
+    while offset < end:
+        kind = rng.choices(kinds, weights)[0]
+        length = min(rng.randint(1, MAX_RUN_BLOCKS) * BLOCK, end - offset)
+        source = -1
+        if kind == "dup":
+            donors = [r for r in data if r.length >= length]
+            if not donors:
+                kind = "random"
+            else:
+                source = rng.choice(donors).offset
+        run = Run(offset, length, kind, source)
+        if kind in ("random", "text"):
+            data.append(run)
+        runs.append(run)
+        offset += length
+    if end < size:
+        runs.append(Run(end, size - end, "hole"))
+    return runs
+
+
+def shares(runs: Sequence[Run]) -> dict[str, int]:
+    """Bytes of each kind."""
+    total = dict.fromkeys(MIX, 0)
+    for run in runs:
+        total[run.kind] += run.length
+    return total
+
+
+def text_template(rng: random.Random) -> bytes:
+    """TEXT_TEMPLATE bytes of words: compressible like logs or source files."""
+    words = []
+    size = 0
+    while size < TEXT_TEMPLATE:
+        word = rng.choice(WORDS)
+        words.append(word)
+        size += len(word) + 1
+    return " ".join(words).encode()[:TEXT_TEMPLATE]
+
+
+def write_seed(path: Path, runs: Sequence[Run], size: int, seed: int = 1) -> None:
+    """A sparse raw file holding the data runs (zero runs and holes left sparse)."""
+    rng = random.Random(seed)
+    text = text_template(rng)
+    # AES-CTR keystream: random-looking, reproducible, and far faster than random.randbytes.
+    stream = Cipher(algorithms.AES(rng.randbytes(32)), modes.CTR(rng.randbytes(16))).encryptor()
+    with open(path, "wb+") as f:
+        f.truncate(size)
+        for run in runs:
+            if run.kind == "random":
+                data = stream.update(bytes(run.length))
+            elif run.kind == "text":
+                # Each block from its own offset, so blocks differ (no accidental dedup).
+                starts = (rng.randrange(len(text) - BLOCK) for _ in range(run.length // BLOCK))
+                data = b"".join(text[s:s + BLOCK] for s in starts)
+            elif run.kind == "dup":
+                data = os.pread(f.fileno(), run.length, run.source)
+            else:
+                continue
+            os.pwrite(f.fileno(), data, run.offset)
+
+
+def make_disk(path: Path, runs: Sequence[Run], size: int) -> None:
+    """The qcow2 image: the seed converted, then the zero runs made zero clusters."""
+    seed = path.with_suffix(".seed")
+    try:
+        write_seed(seed, runs, size)
+        subprocess.run(["qemu-img", "convert", "-q", "-O", "qcow2", str(seed), str(path)],
+                       check=True, capture_output=True)
+    finally:
+        seed.unlink(missing_ok=True)
+    zero = [f"write -z {r.offset} {r.length}" for r in runs if r.kind == "zero"]
+    for start in range(0, len(zero), 200):   # keep the command line short
+        argv = ["qemu-io", "-f", "qcow2"]
+        for command in zero[start:start + 200]:
+            argv += ["-c", command]
+        subprocess.run([*argv, str(path)], check=True, capture_output=True)
+
+
+# ---------------------------------------------------------------------------- measuring
+
+def qemu_img_read_argv(socket_path: Path, export: str, size: int) -> list[str]:
+    """qemu-img reading a whole NBD export and dropping the bytes (null-co target)."""
+    return ["qemu-img", "convert", "-n", "-f", "raw",
+            f"nbd+unix:///{export}?socket={socket_path}",
+            "--target-image-opts", f"driver=null-co,size={size}"]
+
+
+async def _node_of(monitor: qmp_mod.Qmp, image: Path) -> tuple[str, int]:
+    for block in await monitor.execute("query-block"):
+        inserted = block.get("inserted") or {}
+        if inserted.get("file") == str(image):
+            return inserted["node-name"], int(inserted["image"]["virtual-size"])
+    raise BenchError(f"the VM has no disk {image}")
+
+
+async def _data_bytes(socket_path: Path) -> int:
+    """Bytes of the export that base:allocation does not flag ZERO (what both copy)."""
+    async with NbdClient.connect(str(socket_path), EXPORT,
+                                 meta_contexts=[BASE_ALLOCATION]) as nbd:
+        extents = await nbd.block_status(0, nbd.size, BASE_ALLOCATION)
+    return sum(e.length for e in extents if not e.flags & AllocationFlag.ZERO)
+
+
+async def _timed(argv: Sequence[str]) -> float:
+    start = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.DEVNULL,
+                                                stderr=asyncio.subprocess.PIPE)
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), QEMU_IMG_TIMEOUT_S)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise BenchError(f"{argv[0]} did not finish within {QEMU_IMG_TIMEOUT_S:g} s") from None
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise BenchError(f"{' '.join(argv)} failed: {err.decode(errors='replace').strip()}")
+    return seconds
+
+
+async def nbd_reads(qmp_path: Path, image: Path, socket_path: Path,
+                    reads: int) -> tuple[int, list[float]]:
+    """(data bytes, seconds of each timed qemu-img read) of the VM's disk, exported by the
+    VM's own QEMU; the export and the NBD server are gone again afterwards."""
+    async with qmp_mod.connect(qmp_path) as monitor:
+        node, size = await _node_of(monitor, image)
+        await monitor.execute("nbd-server-start", {
+            "addr": {"type": "unix", "data": {"path": str(socket_path)}}})
+        try:
+            await monitor.execute("block-export-add", {
+                "type": "nbd", "id": EXPORT, "node-name": node, "name": EXPORT,
+                "writable": False})
+            try:
+                data = await _data_bytes(socket_path)
+                argv = qemu_img_read_argv(socket_path, EXPORT, size)
+                await _timed(argv)   # warm-up
+                times = [await _timed(argv) for _ in range(reads)]
+            finally:
+                mark = monitor.event_mark()
+                await monitor.execute("block-export-del", {"id": EXPORT})
+                await monitor.wait_event("BLOCK_EXPORT_DELETED", after=mark, timeout=10)
+        finally:
+            await monitor.execute("nbd-server-stop")
+            socket_path.unlink(missing_ok=True)
+    return data, times
+
+
+def ferry(*args: str) -> list[str]:
+    return [sys.executable, "-m", "agent", *args]
+
+
+def one_run(image: Path, work: Path, reads: int, note: Callable[[str], None]) -> dict[str, Any]:
+    """Boot the VM on a fresh agent pair, time the qemu-img reads, migrate, check the copy."""
+    root = Path(tempfile.mkdtemp(prefix="run-", dir=work))
+    target_dir = root / "b-disks"
+    target_dir.mkdir()
+    target = target_dir / image.name
+    pair = AgentPair.create(root, allow=(target_dir,))
+    try:
+        pair.start()
+        started = subprocess.run(
+            ferry("vm", "start", VM_NAME, "--memory", f"{RAM_MIB}M", "--home", str(pair.a.home),
+                  "--", "-drive", f"file={image},format=qcow2,if=virtio"),
+            capture_output=True, text=True, check=False)
+        if started.returncode != 0:
+            raise BenchError(f"ferry vm start failed: {started.stderr.strip()}")
+        record = pair.a.vm_record(VM_NAME)
+        note(f"reading the export with qemu-img ({reads} timed runs after a warm-up)")
+        data, times = asyncio.run(nbd_reads(Path(record.qmp_path), image, root / "read.nbd",
+                                            reads))
+        note(f"qemu-img: {data / GB:.2f} GB of data in {statistics.median(times):.2f} s "
+             f"(median); migrating")
+        rc, report, stderr = pair.migrate(VM_NAME, "--disk-map", f"{image}={target}",
+                                          timeout=MIGRATE_TIMEOUT_S)
+        if rc != 0 or report.get("status") != "completed":
+            why = report.get("error") or " ".join(stderr.strip().splitlines()[-1:]) or f"exit {rc}"
+            raise BenchError(f"ferry migrate failed: {why}")
+        disk = report["disks"][0]
+        same = subprocess.run(["qemu-img", "compare", "-U", "-f", "qcow2", "-F", "qcow2",
+                               str(image), str(target)], capture_output=True, text=True,
+                              check=False, timeout=COMPARE_TIMEOUT_S)
+        if same.returncode != 0:
+            raise BenchError(f"the copy differs from the original: {same.stdout.strip()}")
+        return {"data_bytes": data, "qemu_img_seconds": [round(t, 3) for t in times],
+                "ferry_seconds": disk["seconds"], "blocks_read": disk["blocks_read"],
+                "wire_bytes": disk["wire_bytes"], "rounds": disk["rounds"],
+                "data_blocks": disk["data_blocks"], "zero_blocks": disk["zero_blocks"],
+                "dedup_blocks": disk["dedup_blocks"], "total_ms": report.get("total_ms"),
+                "downtime_ms": report.get("downtime_ms")}
+    finally:
+        pair.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The two speeds (GB/s of data bytes; medians over runs and timed reads) and the
+    verdict."""
+    copy = statistics.median(r["data_bytes"] / r["ferry_seconds"] for r in runs) / GB
+    read = statistics.median(r["data_bytes"] / t for r in runs for t in r["qemu_img_seconds"]) / GB
+    return {"disk_copy_gbps": round(copy, 3), "nbd_read_gbps": round(read, 3),
+            "ratio": round(copy / read, 3) if read else None, "target_ratio": TARGET_RATIO,
+            "met": copy >= TARGET_RATIO * read}
+
+
+def readable(result: dict[str, Any]) -> str:
+    verdict = "met" if result["met"] else "NOT met"
+    run = result["runs"][0]
+    return (f"disk copy {result['disk_copy_gbps']:.2f} GB/s, NBD read (qemu-img) "
+            f"{result['nbd_read_gbps']:.2f} GB/s, ratio {result['ratio']:.2f} "
+            f"({run['data_bytes'] / GB:.2f} GB of data on a {result['disk_mib']} MiB disk; "
+            f"load {result['load_before'][0]:.2f} -> {result['load_after'][0]:.2f})\n"
+            f"target disk copy >= {TARGET_RATIO:.0%} of NBD read: {verdict}")
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # the same cleanup as Ctrl-C
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench disk", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--disk-mib", type=int, default=DEFAULT_DISK_MIB,
+                        help=f"virtual size of the disk in MiB (default {DEFAULT_DISK_MIB})")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="migrations (each with its own qemu-img reads; default 1)")
+    parser.add_argument("--reads", type=int, default=3, metavar="N",
+                        help="timed qemu-img reads per migration (default 3)")
+    args = parser.parse_args(argv)
+    if args.disk_mib < 2 or args.repeat < 1 or args.reads < 1:
+        parser.error("--disk-mib must be at least 2, --repeat and --reads at least 1")
+    return args
+
+
+@dataclass
+class Workspace:
+    """The bench's directory on tmpfs (images), removed whatever happens."""
+
+    path: Path
+
+    @classmethod
+    def create(cls) -> Workspace:
+        return cls(Path(tempfile.mkdtemp(prefix="ferry-bench-disk-", dir="/dev/shm")))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def measure(args: argparse.Namespace, note: Callable[[str], None]) -> dict[str, Any]:
+    size = args.disk_mib * MIB
+    work = Workspace.create()
+    try:
+        image = work.path / "disk.qcow2"
+        layout = plan_layout(size)
+        note(f"building a {args.disk_mib} MiB qcow2 disk: "
+             + ", ".join(f"{kind} {n / GIB:.2f} GiB" for kind, n in shares(layout).items()))
+        make_disk(image, layout, size)
+        load_before = os.getloadavg()
+        runs = []
+        for n in range(args.repeat):
+            note(f"run {n + 1} of {args.repeat}")
+            runs.append(one_run(image, work.path, args.reads, note))
+        return {**summarize(runs), "disk_mib": args.disk_mib, "cpus": os.cpu_count(),
+                "load_before": [round(x, 2) for x in load_before],
+                "load_after": [round(x, 2) for x in os.getloadavg()], "runs": runs}
+    finally:
+        work.remove()
+
+
+def main(argv: Sequence[str]) -> int:
+    """`python -m bench disk`: 0 when the target holds, 1 when not or on failure."""
+    args = parse_args(argv)
+
+    def note(text: str) -> None:
+        print(f"bench disk: {text}", file=sys.stderr, flush=True)
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        result = measure(args, note)
+    except KeyboardInterrupt:
+        note("interrupted; everything started was cleaned up")
+        return 130
+    except (FerryError, OSError, subprocess.SubprocessError) as exc:
+        note(f"failed: {exc}")
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(json.dumps(result) if args.json else readable(result))
+    return 0 if result["met"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
