@@ -23,9 +23,14 @@ and holes, in runs of 64 KiB to 8 MiB, the first MiB a hole. Then, per repeat:
 Both speeds count the same bytes: the disk's data, i.e. every extent that the export's
 `base:allocation` does not flag ZERO (holes and zero clusters read as zero; both ferry and
 qemu-img skip them). GB/s is 10**9 of those bytes per second. ferry's `seconds` end when
-its last batch is queued on the channel, so up to ~20 MiB may still be on the way to the
-destination (channel high-water marks both ways, writes in flight): ~2 % of the default
-disk's ~1.1 GB of data, in ferry's favour; the destination's final flush is not counted.
+its last batch is queued on the channel, so some data may still be on the way to the
+destination image: at most the channel's high-water marks (8 MiB each way), the loopback
+socket buffers and the destination's writes in flight (16 MiB), about 40 MiB or 4 % of the
+default disk's ~1 GB of data, in ferry's favour; the final flush is not counted either.
+
+On a small machine the CPUs decide both speeds, so each run also reports the CPU seconds per GB
+of data each side cost: qemu-img plus the VM's QEMU during the timed reads; for ferry, both
+agents, both QEMUs and the CLI during the whole migration (its 64 MiB of RAM included).
 
 Target: disk_copy_gbps >= 0.7 * nbd_read_gbps (medians over the repeats and timed reads).
 Exit code 0 when met, 1 when not or when a run failed, 130 when interrupted. Everything the
@@ -39,17 +44,19 @@ import asyncio
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self, TypeVar
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -77,8 +84,13 @@ MAX_RUN_BLOCKS = 128          # 8 MiB
 FIRST_HOLE = MIB              # keeps the firmware from finding a boot sector
 TEXT_TEMPLATE = 8 * MIB
 QEMU_IMG_TIMEOUT_S = 120.0
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+CPU_POLL_S = 0.05
 MIGRATE_TIMEOUT_S = 300.0
 COMPARE_TIMEOUT_S = 120.0
+
+
+T = TypeVar("T")
 
 
 class BenchError(FerryError):
@@ -210,25 +222,83 @@ async def _data_bytes(socket_path: Path) -> int:
 
 
 async def _timed(argv: Sequence[str]) -> float:
+    """Wall seconds of one run of argv, which must succeed; killed if it overruns or if
+    the bench is interrupted."""
     start = time.perf_counter()
     proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.DEVNULL,
                                                 stderr=asyncio.subprocess.PIPE)
     try:
         _, err = await asyncio.wait_for(proc.communicate(), QEMU_IMG_TIMEOUT_S)
     except TimeoutError:
-        proc.kill()
-        await proc.wait()
         raise BenchError(f"{argv[0]} did not finish within {QEMU_IMG_TIMEOUT_S:g} s") from None
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         raise BenchError(f"{' '.join(argv)} failed: {err.decode(errors='replace').strip()}")
     return seconds
 
 
-async def nbd_reads(qmp_path: Path, image: Path, socket_path: Path,
-                    reads: int) -> tuple[int, list[float]]:
-    """(data bytes, seconds of each timed qemu-img read) of the VM's disk, exported by the
-    VM's own QEMU; the export and the NBD server are gone again afterwards."""
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds of a live process so far (None if there is none)."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def children_cpu_seconds() -> float:
+    """CPU seconds of this process's children that were waited for (qemu-img, ferry CLI)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+class CpuWatch:
+    """CPU seconds that some processes spend while the watch runs, polled from /proc so that
+    a process that quits meanwhile (the source QEMU) still counts up to its last poll; one
+    that appears meanwhile (the destination QEMU) counts from its start."""
+
+    def __init__(self, pids: Callable[[], dict[str, int | None]]) -> None:
+        self._pids = pids
+        self._first: dict[str, float] = {}
+        self._last: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _poll(self, *, starting: bool = False) -> None:
+        for label, pid in self._pids().items():
+            if (seconds := cpu_seconds(pid)) is not None:
+                self._first.setdefault(label, seconds if starting else 0.0)
+                self._last[label] = seconds
+
+    def _run(self) -> None:
+        while not self._stop.wait(CPU_POLL_S):
+            self._poll()
+
+    def __enter__(self) -> Self:
+        self._poll(starting=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._poll()
+
+    def spent(self) -> dict[str, float]:
+        return {label: round(self._last[label] - self._first[label], 3) for label in self._last}
+
+
+async def nbd_reads(qmp_path: Path, image: Path, socket_path: Path, reads: int,
+                    qemu_pid: int) -> tuple[int, list[float], dict[str, float]]:
+    """(data bytes, seconds of each timed qemu-img read, CPU seconds per read of qemu-img
+    and of the VM's QEMU) for the VM's disk, exported by the VM's own QEMU; the export and
+    the NBD server are gone again afterwards."""
     async with qmp_mod.connect(qmp_path) as monitor:
         node, size = await _node_of(monitor, image)
         await monitor.execute("nbd-server-start", {
@@ -241,7 +311,11 @@ async def nbd_reads(qmp_path: Path, image: Path, socket_path: Path,
                 data = await _data_bytes(socket_path)
                 argv = qemu_img_read_argv(socket_path, EXPORT, size)
                 await _timed(argv)   # warm-up
+                children, served = children_cpu_seconds(), cpu_seconds(qemu_pid) or 0.0
                 times = [await _timed(argv) for _ in range(reads)]
+                cpu = {"qemu-img": round((children_cpu_seconds() - children) / reads, 3),
+                       "qemu_src": round(((cpu_seconds(qemu_pid) or served) - served) / reads,
+                                         3)}
             finally:
                 mark = monitor.event_mark()
                 await monitor.execute("block-export-del", {"id": EXPORT})
@@ -249,7 +323,7 @@ async def nbd_reads(qmp_path: Path, image: Path, socket_path: Path,
         finally:
             await monitor.execute("nbd-server-stop")
             socket_path.unlink(missing_ok=True)
-    return data, times
+    return data, times, cpu
 
 
 def ferry(*args: str) -> list[str]:
@@ -273,12 +347,17 @@ def one_run(image: Path, work: Path, reads: int, note: Callable[[str], None]) ->
             raise BenchError(f"ferry vm start failed: {started.stderr.strip()}")
         record = pair.a.vm_record(VM_NAME)
         note(f"reading the export with qemu-img ({reads} timed runs after a warm-up)")
-        data, times = asyncio.run(nbd_reads(Path(record.qmp_path), image, root / "read.nbd",
-                                            reads))
+        data, times, read_cpu = run_async(nbd_reads(
+            Path(record.qmp_path), image, root / "read.nbd", reads, record.pid))
         note(f"qemu-img: {data / GB:.2f} GB of data in {statistics.median(times):.2f} s "
              f"(median); migrating")
-        rc, report, stderr = pair.migrate(VM_NAME, "--disk-map", f"{image}={target}",
-                                          timeout=MIGRATE_TIMEOUT_S)
+        assert pair.a.proc is not None and pair.b.proc is not None
+        pids = {"agent_a": pair.a.proc.pid, "agent_b": pair.b.proc.pid, "qemu_src": record.pid}
+        children = children_cpu_seconds()
+        with CpuWatch(lambda: {**pids, "qemu_dst": pair.b.incoming_pid(VM_NAME)}) as watch:
+            rc, report, stderr = pair.migrate(VM_NAME, "--disk-map", f"{image}={target}",
+                                              timeout=MIGRATE_TIMEOUT_S)
+        copy_cpu = {**watch.spent(), "ferry_cli": round(children_cpu_seconds() - children, 3)}
         if rc != 0 or report.get("status") != "completed":
             why = report.get("error") or " ".join(stderr.strip().splitlines()[-1:]) or f"exit {rc}"
             raise BenchError(f"ferry migrate failed: {why}")
@@ -293,7 +372,8 @@ def one_run(image: Path, work: Path, reads: int, note: Callable[[str], None]) ->
                 "wire_bytes": disk["wire_bytes"], "rounds": disk["rounds"],
                 "data_blocks": disk["data_blocks"], "zero_blocks": disk["zero_blocks"],
                 "dedup_blocks": disk["dedup_blocks"], "total_ms": report.get("total_ms"),
-                "downtime_ms": report.get("downtime_ms")}
+                "downtime_ms": report.get("downtime_ms"), "qemu_img_cpu_s": read_cpu,
+                "migration_cpu_s": copy_cpu}
     finally:
         pair.cleanup()
         shutil.rmtree(root, ignore_errors=True)
@@ -304,9 +384,15 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     verdict."""
     copy = statistics.median(r["data_bytes"] / r["ferry_seconds"] for r in runs) / GB
     read = statistics.median(r["data_bytes"] / t for r in runs for t in r["qemu_img_seconds"]) / GB
+    # CPU per GB of data: what each side costs the machine (both are CPU-bound on 2 cores).
+    read_cpu = statistics.median(sum(r["qemu_img_cpu_s"].values()) / r["data_bytes"]
+                                 for r in runs) * GB
+    copy_cpu = statistics.median(sum(r["migration_cpu_s"].values()) / r["data_bytes"]
+                                 for r in runs) * GB
     return {"disk_copy_gbps": round(copy, 3), "nbd_read_gbps": round(read, 3),
             "ratio": round(copy / read, 3) if read else None, "target_ratio": TARGET_RATIO,
-            "met": copy >= TARGET_RATIO * read}
+            "met": copy >= TARGET_RATIO * read,
+            "cpu_s_per_gb": {"nbd_read": round(read_cpu, 2), "disk_copy": round(copy_cpu, 2)}}
 
 
 def readable(result: dict[str, Any]) -> str:
@@ -316,11 +402,42 @@ def readable(result: dict[str, Any]) -> str:
             f"{result['nbd_read_gbps']:.2f} GB/s, ratio {result['ratio']:.2f} "
             f"({run['data_bytes'] / GB:.2f} GB of data on a {result['disk_mib']} MiB disk; "
             f"load {result['load_before'][0]:.2f} -> {result['load_after'][0]:.2f})\n"
+            f"CPU seconds per GB: disk copy {result['cpu_s_per_gb']['disk_copy']:.2f} "
+            f"(agents, both QEMUs, CLI; the 64 MiB of RAM too), NBD read "
+            f"{result['cpu_s_per_gb']['nbd_read']:.2f} (qemu-img and the VM's QEMU) on "
+            f"{result['cpus']} CPUs\n"
             f"target disk copy >= {TARGET_RATIO:.0%} of NBD read: {verdict}")
 
 
+_cancel_running: list[Callable[[], object]] = []
+"""How to stop the asyncio work under way, if any (see run_async)."""
+
+
 def _terminate(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # the same cleanup as Ctrl-C
+    """SIGTERM: the same clean-up as Ctrl-C."""
+    if _cancel_running:
+        _cancel_running[-1]()
+        return
+    raise KeyboardInterrupt
+
+
+def run_async(work: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run(work), stopped by SIGTERM through a cancellation, so its `finally`
+    blocks (QMP clean-up) run: an exception raised into the event loop from a signal handler
+    can leave asyncio.run waiting forever. An interrupted run raises KeyboardInterrupt."""
+    async def guarded() -> T:
+        loop, task = asyncio.get_running_loop(), asyncio.current_task()
+        assert task is not None
+        _cancel_running.append(lambda: loop.call_soon_threadsafe(task.cancel))
+        try:
+            return await work
+        finally:
+            _cancel_running.pop()
+
+    try:
+        return asyncio.run(guarded())
+    except asyncio.CancelledError:
+        raise KeyboardInterrupt from None
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:

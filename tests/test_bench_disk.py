@@ -12,6 +12,7 @@ import json
 import os
 import random
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -91,9 +92,14 @@ def test_qemu_img_reads_the_export_into_a_null_target():
 
 
 def test_summary_uses_the_same_bytes_for_both_speeds():
-    runs = [{"data_bytes": 10**9, "ferry_seconds": 2.0, "qemu_img_seconds": [1.0, 1.2, 0.8]},
-            {"data_bytes": 10**9, "ferry_seconds": 1.0, "qemu_img_seconds": [1.0, 1.0, 1.0]}]
+    cpu = {"qemu_img_cpu_s": {"qemu-img": 1.0, "qemu_src": 0.5},
+           "migration_cpu_s": {"agent_a": 1.0, "agent_b": 1.0, "qemu_dst": 1.5}}
+    runs = [{"data_bytes": 10**9, "ferry_seconds": 2.0, "qemu_img_seconds": [1.0, 1.2, 0.8],
+             **cpu},
+            {"data_bytes": 10**9, "ferry_seconds": 1.0, "qemu_img_seconds": [1.0, 1.0, 1.0],
+             **cpu}]
     result = bd.summarize(runs)
+    assert result["cpu_s_per_gb"] == {"nbd_read": 1.5, "disk_copy": 3.5}
     assert result["disk_copy_gbps"] == pytest.approx(0.75)
     assert result["nbd_read_gbps"] == pytest.approx(1.0)
     assert result["ratio"] == pytest.approx(0.75) and result["met"] is True
@@ -405,3 +411,18 @@ def test_bench_disk_small_run(capsys):
     run = result["runs"][0]
     assert run["data_bytes"] > 4 * MIB and run["blocks_read"] * DISK_BLOCK >= run["data_bytes"]
     assert set(os.listdir("/dev/shm")) <= before
+    assert run["qemu_img_cpu_s"]["qemu-img"] > 0
+    assert {"agent_a", "agent_b", "qemu_src", "qemu_dst"} <= set(run["migration_cpu_s"])
+
+
+def test_cpu_watch_counts_a_process_that_appears_from_its_start():
+    pids: dict[str, int | None] = {"me": os.getpid(), "later": None}
+    with bd.CpuWatch(lambda: dict(pids)) as watch:
+        deadline = time.process_time() + 0.2
+        while time.process_time() < deadline:
+            pass
+        pids["later"] = os.getpid()
+        time.sleep(3 * bd.CPU_POLL_S)
+    spent = watch.spent()
+    assert 0.1 <= spent["me"] < 5
+    assert spent["later"] >= spent["me"]      # counted from 0: this process's whole life
