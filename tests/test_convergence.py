@@ -6,7 +6,7 @@ from agent.migration.convergence import (THROTTLE_STEPS, ConvergencePolicy, Deci
 
 def stats(i, dirty, send_s=0.1):
     return RoundStats(index=i, dirty_pages=dirty, scan_s=0.05, send_s=send_s,
-                      wire_bytes=dirty * 4096, elapsed_s=send_s + 0.05)
+                      elapsed_s=send_s + 0.05)
 
 
 def test_switches_over_when_prediction_fits():
@@ -48,7 +48,7 @@ def test_dirty_rate_far_above_link_throttles_hard_at_once():
     # link: 10k pages/s; the guest dirtied 20k pages in a 2 s round -> 10k pages/s, twice
     # what LINK_SHARE allows: half the time stopped at least.
     policy.observe(stats(0, 20_000, send_s=2.0), 2.0, 20_000, 0.05)
-    decision = policy.observe(RoundStats(1, 20_000, 0.05, 2.0, 0, 2.0), 4.0, 20_000, 0.05)
+    decision = policy.observe(RoundStats(1, 20_000, 0.05, 2.0, 2.0), 4.0, 20_000, 0.05)
     assert decision is Decision.THROTTLE
     assert policy.throttle_share >= 0.5
 

@@ -54,7 +54,6 @@ class RoundStats:
     dirty_pages: int        # pages found dirty at the start of the round (and sent in it)
     scan_s: float           # time the dirty scan took
     send_s: float           # time to encode and send those pages
-    wire_bytes: int
     elapsed_s: float        # wall time since the previous round started
 
     @property

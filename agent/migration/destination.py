@@ -21,7 +21,7 @@ from agent import codec, vm
 from agent import qmp as qmp_mod
 from agent.errors import (FerryError, LocalError, PeerError, ProtocolError, QemuError,
                           UserError)
-from agent.memory.prefault import Prefaulter
+from agent.memory.prefault import MAX_EXTENTS, Prefaulter
 from agent.migration.link import Link, parse_message, send_control
 from agent.migration.protocol import Kind, Op
 from agent.migration.qemu_stream import enable_capabilities, wait_migration_done
@@ -42,7 +42,7 @@ def _extents(value: Any) -> list[tuple[int, int]]:
     if not isinstance(value, list):
         return []
     try:
-        return [(int(o), int(n)) for o, n in value][:4096]
+        return [(int(o), int(n)) for o, n in value[:MAX_EXTENTS]]
     except (TypeError, ValueError):
         return []
 

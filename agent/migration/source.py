@@ -158,8 +158,8 @@ class SourceJob:
     _last_progress: float = 0.0
     _migrate_writer: asyncio.StreamWriter | None = None
     _ram_done: asyncio.Event = field(default_factory=asyncio.Event)
-    _disk_bytes_before: int = 0
     switchover: dict[str, float] = field(default_factory=dict)
+    _ram_extents: list[tuple[int, int]] = field(default_factory=list)
 
     # ------------------------------------------------------------------ driver
 
@@ -240,7 +240,8 @@ class SourceJob:
         self.link = await self.connect_peer(self.peer)
         self.inbox = Inbox(self.link)
         # Where the RAM file holds data: the destination populates those pages early.
-        extents = coarse_extents(scan.data_extents(self.ram_fd, info.ram_size))
+        self._ram_extents = scan.data_extents(self.ram_fd, info.ram_size)
+        extents = coarse_extents(self._ram_extents)
         await send_control(self.link, Op.PREPARE, vm=spec.to_json(), job=self.job_id,
                            ram_extents=extents, disk_map=list(self.options.disk_map),
                            disk_format=self.options.disk_format)
@@ -277,21 +278,23 @@ class SourceJob:
         while True:
             round_start = time.monotonic()
             send_s = await self._send_round(dirty)
-            disk_s = await self._send_disk_round(first=self.counters.rounds == 0, final=False)
+            disk_rate = max(disk_rate, await self._send_disk_round(
+                first=self.counters.rounds == 0, final=False))
             await send_control(self.link, Op.ROUND, index=self.counters.rounds,
                                pages=len(dirty))
             stats = RoundStats(index=self.counters.rounds, dirty_pages=len(dirty),
-                               scan_s=scan_s, send_s=send_s, wire_bytes=self.counters.wire_bytes,
+                               scan_s=scan_s, send_s=send_s,
                                elapsed_s=time.monotonic() - round_start + scan_s)
             self.counters.rounds += 1
             log.info("migration %s round %d: %d pages in %.0f ms after a %.0f ms scan",
                      self.job_id, stats.index, stats.dirty_pages, send_s * 1000, scan_s * 1000)
             dirty, scan_s = await self._scan()
+            # The disks' last round adds to the stop-and-copy time (counted with the scan);
+            # before any rate is known, a second stands for it.
             disk_dirty = await self.storage.dirty_bytes() if self.storage else 0
-            disk_rate = max(disk_rate, self._disk_rate(disk_s))
+            disk_final_s = (disk_dirty / disk_rate if disk_rate else 1.0) if disk_dirty else 0.0
             decision = policy.observe(stats, time.monotonic() - self.started, len(dirty),
-                                      scan_s + (disk_dirty / disk_rate if disk_rate else
-                                                (1.0 if disk_dirty else 0.0)))
+                                      scan_s + disk_final_s)
             self._dirty_rate = len(dirty) / max(stats.elapsed_s, 1e-3)
             await self._emit(pages_left=len(dirty), policy=policy)
             if decision is Decision.SWITCHOVER:
@@ -311,10 +314,11 @@ class SourceJob:
                 self.throttle.set_share(policy.throttle_share)
 
     def _data_pages(self) -> array.array[int]:
-        """Indices of the pages inside the RAM file's data extents (holes read as zero)."""
+        """Indices of the pages inside the RAM file's data extents at prepare time (holes
+        read as zero; pages written since are found by the next scan)."""
         assert self.info is not None
         pages: array.array[int] = array.array("Q")
-        for first, count in scan.extent_pages(scan.data_extents(self.ram_fd, self.info.ram_size),
+        for first, count in scan.extent_pages(self._ram_extents,
                                               self.info.ram_size // PAGE_SIZE):
             pages.extend(range(first, first + count))
         return pages
@@ -338,35 +342,33 @@ class SourceJob:
             pending = (loop.run_in_executor(None, self.encoder.encode, dirty, position)
                        if position < total else None)
             if batch.entry_count:
-                if self.inbox is not None:
-                    self.inbox.check()
-                await self.link.send(Kind.RAM_BATCH, batch.payload)
+                await self._send(Kind.RAM_BATCH, batch.payload)
                 self.counters.add(batch)
-                await self._pace(start)
             await self._emit(pages_left=total - position)
             self._check_deadline(total - position)
         return time.monotonic() - start
 
     async def _send_disk_round(self, *, first: bool, final: bool) -> float:
-        """One round of every copied disk's changed blocks; the seconds it took."""
+        """One round of every copied disk's changed blocks; its rate in bytes per second
+        (0 when it moved too little to tell)."""
         if self.storage is None or not self.storage.disks:
             return 0.0
-        assert self.link is not None
-        start = time.monotonic()
-        self._disk_bytes_before = self.counters.disk_wire_bytes
+        start, before = time.monotonic(), self.counters.disk_wire_bytes
         async for payload in self.storage.round_batches(first=first, final=final):
-            if self.inbox is not None:
-                self.inbox.check()
-            await self.link.send(Kind.DISK_BATCH, payload)
+            await self._send(Kind.DISK_BATCH, payload)
             self.counters.disk_wire_bytes += len(payload)
-            await self._pace(start)
             await self._emit()
-        return time.monotonic() - start
-
-    def _disk_rate(self, seconds: float) -> float:
-        """Bytes per second of the last disk round (0 when it moved too little to tell)."""
-        moved = self.counters.disk_wire_bytes - self._disk_bytes_before
+        seconds, moved = time.monotonic() - start, self.counters.disk_wire_bytes - before
         return moved / seconds if seconds > 0.01 and moved > (1 << 20) else 0.0
+
+    async def _send(self, kind: Kind, payload: bytes | memoryview) -> None:
+        """Send one batch, unless the destination already reported a failure; then keep
+        the wire rate under --bandwidth."""
+        assert self.link is not None
+        if self.inbox is not None:
+            self.inbox.check()
+        await self.link.send(kind, payload)
+        await self._pace()
 
     def _check_deadline(self, pages_left: int) -> None:
         """Abort a pre-copy round that overruns the time budget (rounds on a slow link can
@@ -379,7 +381,7 @@ class SourceJob:
                 f"({pages_left} pages of this round still to send); raise --timeout, "
                 f"--bandwidth, or use --timeout-action force to accept a longer downtime")
 
-    async def _pace(self, round_start: float) -> None:
+    async def _pace(self) -> None:
         """Sleep as needed to keep the wire rate under --bandwidth."""
         if self.options.bandwidth is None:
             return
