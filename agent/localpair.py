@@ -27,6 +27,7 @@ from agent.guest import MailboxState, read_mailbox
 from agent.service import vms
 from agent.service.config import AgentConfig
 from agent.service.control import AgentUnreachableError, ControlClient
+from agent.vm import is_qemu
 
 START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 10.0
@@ -183,9 +184,8 @@ class AgentPair:
                 with contextlib.suppress(OSError, ValueError):
                     pids.append(int(pidfile.read_text()))
         for pid in set(pids):
-            with contextlib.suppress(ProcessLookupError):
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-                if b"qemu" in cmdline.split(b"\0", 1)[0]:
+            if is_qemu(pid):
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.a.ram_dir.parent, ignore_errors=True)
 

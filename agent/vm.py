@@ -125,6 +125,16 @@ def read_argv(pid: int) -> list[str]:
     return [arg.decode("utf-8", "surrogateescape") for arg in raw.rstrip(b"\0").split(b"\0")]
 
 
+def is_qemu(pid: int) -> bool:
+    """Whether pid is a running QEMU (its argv[0] names qemu): a check before signalling a
+    pid taken from a record or pidfile, which may since belong to another process."""
+    try:
+        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0]
+    except OSError:
+        return False
+    return b"qemu" in argv0
+
+
 @dataclass(frozen=True, slots=True)
 class VmInfo:
     """What ferry learns about a running VM from its QMP socket and /proc."""

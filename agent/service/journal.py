@@ -24,6 +24,7 @@ from pathlib import Path
 from agent import qmp as qmp_mod
 from agent.errors import QemuError
 from agent.service.config import AgentConfig
+from agent.vm import is_qemu
 
 log = logging.getLogger(__name__)
 
@@ -88,20 +89,12 @@ def entries(config: AgentConfig) -> list[Entry]:
     return found
 
 
-def _is_qemu(pid: int) -> bool:
-    try:
-        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0]
-    except OSError:
-        return False
-    return b"qemu" in argv0
-
-
 async def recover(config: AgentConfig) -> list[str]:
     """Finish or undo every journaled job; one line per job saying what was done."""
     done = []
     for entry in entries(config):
         if entry.role == "destination":
-            if entry.pid and _is_qemu(entry.pid):
+            if entry.pid and is_qemu(entry.pid):
                 os.kill(entry.pid, signal.SIGKILL)
             Path(entry.ram_path).unlink(missing_ok=True)
             for disk in entry.disks:

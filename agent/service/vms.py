@@ -9,6 +9,7 @@ from pathlib import Path
 
 from agent.errors import UserError
 from agent.service.config import AgentConfig
+from agent.vm import is_qemu
 
 RECORD_FILE = "vm.json"
 
@@ -26,11 +27,7 @@ class VmRecord:
 
     def alive(self) -> bool:
         """Whether the recorded QEMU process still runs."""
-        try:
-            cmdline = Path(f"/proc/{self.pid}/cmdline").read_bytes()
-        except OSError:
-            return False
-        return b"qemu" in cmdline.split(b"\0", 1)[0]
+        return is_qemu(self.pid)
 
 
 def record_path(config: AgentConfig, name: str) -> Path:
