@@ -139,14 +139,19 @@ class Agent:
         finally:
             self.incoming.discard(task)
 
-    async def connect_peer(self, name: str) -> Link:
-        """An open channel to the trusted peer `name`."""
+    def trusted_peer(self, name: str) -> identity_mod.Peer:
+        """The trusted peer `name`, or a TrustError saying how to add it."""
         peer = self.trust.current().by_name(name)
         if peer is None:
             known = ", ".join(p.name for p in self.trust.current()) or "none"
             raise TrustError(f"no trusted peer named {name!r} (known: {known}); add it with "
                              f"`ferry trust --home {self.config.home} {name} PUBKEY "
                              f"--address HOST:PORT`")
+        return peer
+
+    async def connect_peer(self, name: str) -> Link:
+        """An open channel to the trusted peer `name`."""
+        peer = self.trusted_peer(name)
         host, port = peer.host_port
         channel = await channel_mod.connect(host, port, self.identity, self.trust.current(),
                                             expected_key=peer.public_key)
@@ -182,8 +187,7 @@ class Agent:
         else:
             raise UserError("name a VM or give --qmp PATH")
         peer = str(request.get("to") or "")
-        if self.trust.current().by_name(peer) is None:
-            await self.connect_peer(peer)  # raises the clear "no trusted peer" error
+        self.trusted_peer(peer)  # refuse an unknown peer before touching the VM
         job = SourceJob(config=self.config, qmp_path=qmp_path, peer=peer, options=options,
                         connect_peer=self.connect_peer, progress=send, cancel=cancel,
                         vm_name=str(name) if name else None)
