@@ -277,3 +277,14 @@ def test_disk_in_use_by_a_block_job_is_refused(agents, start_guest, root) -> Non
         assert agents.b.leftovers() == []
     finally:
         asyncio.run(cancel_job())
+
+
+def test_plan_targets_names_a_missing_directory(tmp_path) -> None:
+    from agent.errors import UserError
+    from agent.storage.disk_sink import plan_targets
+    from agent.vmspec import DiskSpec
+
+    disk = DiskSpec(0, "/src/d.qcow2", "qcow2", MIB, "#block1")
+    with pytest.raises(UserError, match="does not exist on the destination"):
+        plan_targets((disk,), {"/src/d.qcow2": str(tmp_path / "no" / "d.qcow2")}, None,
+                     (tmp_path,))

@@ -129,6 +129,9 @@ def plan_targets(disks: tuple[DiskSpec, ...], disk_map: dict[str, str],
         if os.path.lexists(path):
             raise UserError(f"disk target {path} already exists on the destination (map it "
                             f"elsewhere with --disk-map {disk.path}=NEW_PATH)")
+        if not os.path.isdir(os.path.dirname(path)):
+            raise UserError(f"disk target {path}: directory {os.path.dirname(path)} does not "
+                            f"exist on the destination")
         fmt = disk_format or disk.format
         targets[disk.path] = DiskTarget(path=path, format=fmt, converts=fmt != disk.format)
         device = os.stat(os.path.dirname(path) or "/").st_dev
