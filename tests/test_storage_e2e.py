@@ -4,6 +4,7 @@ it migrates, arrives with both disks exactly as they were when the source stoppe
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ from agent import qmp
 from agent.errors import QemuError
 from agent.guest import GuestConfig
 from agent.guest.build import default_cache_dir
+from agent.storage.disk_sink import SPACE_MARGIN
 from tests.agents import AgentPair, pid_alive, read_guest
 
 pytestmark = pytest.mark.qemu
@@ -218,6 +220,54 @@ def test_destination_qemu_killed_during_disk_copy_rolls_back(agents, start_guest
     deadline = time.monotonic() + 10
     while t0.exists() or t1.exists():
         assert time.monotonic() < deadline, "destination images left behind"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def small_target(agents: AgentPair, root: Path) -> Iterator[Path]:
+    """root/target as a tmpfs just big enough to pass the space check for the two disks
+    of make_disks: a disk that fills up after the check, as a real one can."""
+    if os.geteuid() != 0:
+        pytest.fail("this test mounts a tmpfs: run the suite as root (CI does)")
+    target = root / "target"
+    size = QCOW2_SIZE + RAW_SIZE + 2 * SPACE_MARGIN + 4 * MIB
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "ferry-test", str(target)],
+                   check=True)
+    try:
+        yield target
+    finally:
+        # Lazy: a QEMU that still holds an image open must not keep the mount alive.
+        subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+def test_destination_disk_full_mid_way_rolls_back(agents, start_guest, root, small_target):
+    guest, qcow2, raw, _ = boot_with_disks(start_guest, root)
+    before = raw.read_bytes()
+    t0, t1 = small_target / "d0.qcow2", small_target / "d1.img"
+    proc = agents.popen_migrate("--qmp", str(guest.qmp_path), "--bandwidth", "8M",
+                                "--disk-map", f"{qcow2}={t0}", "--disk-map", f"{raw}={t1}")
+    # The space check has passed once the images exist; now the disk fills up, leaving
+    # less than the ~12 MiB of data the two disks hold. RAM goes first (~9 MiB at 8 MB/s),
+    # so the filler wins the race by a wide margin.
+    deadline = time.monotonic() + 30
+    while not t0.exists():
+        assert time.monotonic() < deadline and proc.poll() is None, agents.logs()
+        time.sleep(0.01)
+    filler = small_target / "filler"
+    with open(filler, "wb") as f:
+        os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(small_target).free - 2 * MIB)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, f"{out}\n{err}\n{agents.logs()}"
+    error = json.loads(out)["error"]
+    assert "no space left on the destination" in error and str(small_target) in error, error
+    # Nothing lost: the source runs on, its disks untouched, with nothing of ours left in
+    # its QEMU; the destination removed its images and kept nothing running.
+    assert guest.process.returncode is None and guest.mailbox().errors == 0
+    assert raw.read_bytes() == before
+    assert source_leftovers(guest) == ([], [])
+    deadline = time.monotonic() + 10
+    while t0.exists() or t1.exists() or agents.b.leftovers():
+        assert time.monotonic() < deadline, (list(small_target.iterdir()), agents.b.leftovers())
         time.sleep(0.05)
 
 

@@ -18,9 +18,10 @@ from typing import Any
 from agent import codec
 from agent import qmp as qmp_mod
 from agent.batch_format import EntryKind
-from agent.errors import FerryError, LocalError, ProtocolError, QemuError, UserError
+from agent.errors import FerryError, LocalError, NbdCommandError, ProtocolError, QemuError, UserError
 from agent.storage.disk_source import DISK_BLOCK, DISK_HEADER, EXPORT_GONE_TIMEOUT_S, blocks_of
 from agent.storage.nbd import NbdClient
+from agent.storage.nbd_proto import NbdErrno
 from agent.vmspec import DISK_FORMATS, DiskSpec, DiskTarget, require_allowed
 
 log = logging.getLogger(__name__)
@@ -223,7 +224,19 @@ class DiskWriter:
             self.pending.discard(task)
             _, held = self.touches.pop(task)
             self.held -= held
-            task.result()  # a failed write fails the job
+            try:
+                task.result()  # a failed write fails the job
+            except NbdCommandError as exc:
+                raise LocalError(self.write_failure(exc)) from exc
+
+    def write_failure(self, exc: NbdCommandError) -> str:
+        """What to tell the operator when QEMU refused a write into the target image."""
+        where = exc.error_offset if exc.error_offset is not None else exc.offset
+        why = {NbdErrno.ENOSPC: "no space left on the destination",
+               NbdErrno.EIO: "I/O error on the destination",
+               NbdErrno.EPERM: "the destination refused the write"}.get(exc.code, "")
+        return (f"writing disk {self.target.path} failed near offset {where}: "
+                f"{why + ' ' if why else ''}({exc.code_name})")
 
     async def drain(self) -> None:
         if self.pending:
@@ -287,7 +300,10 @@ class StorageSink:
         for writer in self.writers:
             await writer.drain()
             if writer.nbd is not None:
-                await writer.nbd.flush()
+                try:
+                    await writer.nbd.flush()
+                except NbdCommandError as exc:
+                    raise LocalError(writer.write_failure(exc)) from exc
                 await writer.nbd.disconnect()
                 writer.nbd = None
         await self._remove_exports()
