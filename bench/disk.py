@@ -20,6 +20,11 @@ and holes, in runs of 64 KiB to 8 MiB, the first MiB a hole. Then, per repeat:
   encoding, sending over the encrypted channel); the copy is then checked with
   `qemu-img compare`.
 
+- qemu_copy (information, not part of the target): QEMU's own copy of the same disk on
+  this machine, without encryption: `qemu-img convert -n --target-is-zero` from a read-only
+  qemu-storage-daemon export of the image to a writable one of a fresh qcow2 beside it,
+  run after the migration. It shows what writing the data, not just reading it, costs here.
+
 Both speeds count the same bytes: the disk's data, i.e. every extent that the export's
 `base:allocation` does not flag ZERO (holes and zero clusters read as zero; both ferry and
 qemu-img skip them). GB/s is 10**9 of those bytes per second. ferry's `seconds` end when
@@ -198,6 +203,8 @@ def make_disk(path: Path, runs: Sequence[Run], size: int) -> None:
 
 # ---------------------------------------------------------------------------- measuring
 
+QSD_START_TIMEOUT_S = 10.0
+
 def qemu_img_read_argv(socket_path: Path, export: str, size: int) -> list[str]:
     """qemu-img reading a whole NBD export and dropping the bytes (null-co target)."""
     return ["qemu-img", "convert", "-n", "-f", "raw",
@@ -326,6 +333,75 @@ async def nbd_reads(qmp_path: Path, image: Path, socket_path: Path, reads: int,
     return data, times, cpu
 
 
+def qemu_img_copy_argv(source: Path, target: Path, export: str) -> list[str]:
+    """qemu-img copying one NBD export to another that reads as zero, skipping zeros."""
+    return ["qemu-img", "convert", "-n", "--target-is-zero", "-f", "raw", "-O", "raw",
+            f"nbd+unix:///{export}?socket={source}", f"nbd+unix:///{export}?socket={target}"]
+
+
+def storage_daemon_argv(image: Path, socket_path: Path, export: str, *,
+                        writable: bool) -> list[str]:
+    """qemu-storage-daemon exporting a qcow2 image over NBD on a unix socket."""
+    return ["qemu-storage-daemon",
+            "--blockdev", f"driver=file,filename={image},node-name=file",
+            "--blockdev", "driver=qcow2,file=file,node-name=disk",
+            "--nbd-server", f"addr.type=unix,addr.path={socket_path}",
+            "--export", f"type=nbd,id={export},node-name=disk,name={export},"
+                        f"writable={'on' if writable else 'off'}"]
+
+
+class StorageDaemon:
+    """A qemu-storage-daemon serving one image until the block ends."""
+
+    def __init__(self, image: Path, socket_path: Path, *, writable: bool) -> None:
+        self.socket_path = socket_path
+        self.proc = subprocess.Popen(storage_daemon_argv(image, socket_path, EXPORT,
+                                                         writable=writable),
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def __enter__(self) -> Self:
+        deadline = time.monotonic() + QSD_START_TIMEOUT_S
+        while not self.socket_path.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                raise BenchError(f"qemu-storage-daemon did not start: {err.strip()}")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stderr:
+            self.proc.stderr.close()
+        self.socket_path.unlink(missing_ok=True)
+
+
+def qemu_copy(image: Path, size: int, work: Path) -> tuple[float, dict[str, float]]:
+    """(seconds, CPU seconds by process) of QEMU copying `image` into a fresh qcow2 in
+    `work` between two storage daemons; the copy is removed afterwards."""
+    target = work / "qemu-copy.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(target), str(size)],
+                   check=True, capture_output=True)
+    try:
+        with StorageDaemon(image, work / "copy-src.nbd", writable=False) as src, \
+                StorageDaemon(target, work / "copy-dst.nbd", writable=True) as dst:
+            pids = {"qsd_src": src.proc.pid, "qsd_dst": dst.proc.pid}
+            children = children_cpu_seconds()
+            with CpuWatch(lambda: pids) as watch:
+                seconds = run_async(_timed(qemu_img_copy_argv(src.socket_path,
+                                                              dst.socket_path, EXPORT)))
+            return seconds, {**watch.spent(),
+                             "qemu-img": round(children_cpu_seconds() - children, 3)}
+    finally:
+        target.unlink(missing_ok=True)
+
+
 def ferry(*args: str) -> list[str]:
     return [sys.executable, "-m", "agent", *args]
 
@@ -367,13 +443,16 @@ def one_run(image: Path, work: Path, reads: int, note: Callable[[str], None]) ->
                               check=False, timeout=COMPARE_TIMEOUT_S)
         if same.returncode != 0:
             raise BenchError(f"the copy differs from the original: {same.stdout.strip()}")
+        note("QEMU's own copy of the disk (information)")
+        copy_seconds, qemu_copy_cpu = qemu_copy(image, disk["size"], root)
         return {"data_bytes": data, "qemu_img_seconds": [round(t, 3) for t in times],
                 "ferry_seconds": disk["seconds"], "blocks_read": disk["blocks_read"],
                 "wire_bytes": disk["wire_bytes"], "rounds": disk["rounds"],
                 "data_blocks": disk["data_blocks"], "zero_blocks": disk["zero_blocks"],
                 "dedup_blocks": disk["dedup_blocks"], "total_ms": report.get("total_ms"),
                 "downtime_ms": report.get("downtime_ms"), "qemu_img_cpu_s": read_cpu,
-                "migration_cpu_s": copy_cpu}
+                "migration_cpu_s": copy_cpu, "qemu_copy_seconds": round(copy_seconds, 3),
+                "qemu_copy_cpu_s": qemu_copy_cpu}
     finally:
         pair.cleanup()
         shutil.rmtree(root, ignore_errors=True)
@@ -389,10 +468,15 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
                                  for r in runs) * GB
     copy_cpu = statistics.median(sum(r["migration_cpu_s"].values()) / r["data_bytes"]
                                  for r in runs) * GB
+    qemu = statistics.median(r["data_bytes"] / r["qemu_copy_seconds"] for r in runs) / GB
+    qemu_cpu = statistics.median(sum(r["qemu_copy_cpu_s"].values()) / r["data_bytes"]
+                                 for r in runs) * GB
     return {"disk_copy_gbps": round(copy, 3), "nbd_read_gbps": round(read, 3),
             "ratio": round(copy / read, 3) if read else None, "target_ratio": TARGET_RATIO,
             "met": copy >= TARGET_RATIO * read,
-            "cpu_s_per_gb": {"nbd_read": round(read_cpu, 2), "disk_copy": round(copy_cpu, 2)}}
+            "qemu_copy_gbps": round(qemu, 3),
+            "cpu_s_per_gb": {"nbd_read": round(read_cpu, 2), "disk_copy": round(copy_cpu, 2),
+                             "qemu_copy": round(qemu_cpu, 2)}}
 
 
 def readable(result: dict[str, Any]) -> str:
@@ -406,6 +490,9 @@ def readable(result: dict[str, Any]) -> str:
             f"(agents, both QEMUs, CLI; the 64 MiB of RAM too), NBD read "
             f"{result['cpu_s_per_gb']['nbd_read']:.2f} (qemu-img and the VM's QEMU) on "
             f"{result['cpus']} CPUs\n"
+            f"QEMU's own copy (qemu-img between two storage daemons, unencrypted; "
+            f"information): {result['qemu_copy_gbps']:.2f} GB/s, "
+            f"{result['cpu_s_per_gb']['qemu_copy']:.2f} CPU seconds per GB\n"
             f"target disk copy >= {TARGET_RATIO:.0%} of NBD read: {verdict}")
 
 

@@ -91,15 +91,25 @@ def test_qemu_img_reads_the_export_into_a_null_target():
     assert argv[-2:] == ["--target-image-opts", f"driver=null-co,size={1 << 31}"]
 
 
+def test_qemu_copy_skips_zeros_between_two_exports():
+    argv = bd.qemu_img_copy_argv(Path("/run/a.nbd"), Path("/run/b.nbd"), "ex")
+    assert argv[:4] == ["qemu-img", "convert", "-n", "--target-is-zero"]
+    assert argv[-2:] == ["nbd+unix:///ex?socket=/run/a.nbd", "nbd+unix:///ex?socket=/run/b.nbd"]
+    daemon = bd.storage_daemon_argv(Path("/i.qcow2"), Path("/run/a.nbd"), "ex", writable=False)
+    assert "type=nbd,id=ex,node-name=disk,name=ex,writable=off" in daemon
+
+
 def test_summary_uses_the_same_bytes_for_both_speeds():
     cpu = {"qemu_img_cpu_s": {"qemu-img": 1.0, "qemu_src": 0.5},
-           "migration_cpu_s": {"agent_a": 1.0, "agent_b": 1.0, "qemu_dst": 1.5}}
+           "migration_cpu_s": {"agent_a": 1.0, "agent_b": 1.0, "qemu_dst": 1.5},
+           "qemu_copy_seconds": 1.25, "qemu_copy_cpu_s": {"qemu-img": 0.5, "qsd_dst": 0.5}}
     runs = [{"data_bytes": 10**9, "ferry_seconds": 2.0, "qemu_img_seconds": [1.0, 1.2, 0.8],
              **cpu},
             {"data_bytes": 10**9, "ferry_seconds": 1.0, "qemu_img_seconds": [1.0, 1.0, 1.0],
              **cpu}]
     result = bd.summarize(runs)
-    assert result["cpu_s_per_gb"] == {"nbd_read": 1.5, "disk_copy": 3.5}
+    assert result["cpu_s_per_gb"] == {"nbd_read": 1.5, "disk_copy": 3.5, "qemu_copy": 1.0}
+    assert result["qemu_copy_gbps"] == pytest.approx(0.8)
     assert result["disk_copy_gbps"] == pytest.approx(0.75)
     assert result["nbd_read_gbps"] == pytest.approx(1.0)
     assert result["ratio"] == pytest.approx(0.75) and result["met"] is True
@@ -413,6 +423,8 @@ def test_bench_disk_small_run(capsys):
     assert set(os.listdir("/dev/shm")) <= before
     assert run["qemu_img_cpu_s"]["qemu-img"] > 0
     assert {"agent_a", "agent_b", "qemu_src", "qemu_dst"} <= set(run["migration_cpu_s"])
+    assert run["qemu_copy_seconds"] > 0 and result["qemu_copy_gbps"] > 0
+    assert set(run["qemu_copy_cpu_s"]) == {"qsd_src", "qsd_dst", "qemu-img"}
 
 
 def test_cpu_watch_counts_a_process_that_appears_from_its_start():
