@@ -18,6 +18,7 @@ from agent.batch_format import (
     KIND_SHIFT,
     MAX_DATA_BYTES,
     MAX_ENTRIES,
+    MAX_WORDS_PER_ENTRY,
     WORD_SIZE,
     EntryKind,
     block_shift,
@@ -141,17 +142,23 @@ def _check_encode_args(block_size: int, max_entries: int, data_capacity: int) ->
 
 def encode_blocks(src: ReadableBuffer, base: int, block_size: int, indices: ReadableBuffer,
                   start: int, sent_hashes: WriteableBuffer, index: DedupIndex | None,
-                  max_entries: int, data_capacity: int,
+                  max_entries: int, data_capacity: int, into: bytearray | None = None,
+                  prefix: int = 0,
                   ) -> tuple[bytearray, int, int, int, int, int, int, int, int, int]:
     """Classify indices[start:] into entries until a budget is full; update sent_hashes.
 
     src holds blocks base, base+1, ...; indices are u64 block indices. Returns
     (buf, head, data_start, data_end, next_start, entries, zero, copy, data, unchanged):
     buf[head:head+HEADER_SIZE] is left for the header, the entry words follow up to
-    data_start, then the raw DATA bytes up to data_end. An index outside src or sent_hashes
-    ends the batch before it; ValueError if it is the first one (nothing changed then).
+    data_start, then the raw DATA bytes up to data_end; at least `prefix` bytes before head
+    are free for the caller. buf is `into` if given (room for the budgets and prefix),
+    else a new bytearray. An index outside src or sent_hashes ends the batch before it;
+    ValueError if it is the first one (nothing changed then).
     """
     _check_encode_args(block_size, max_entries, data_capacity)
+    needed = prefix + HEADER_SIZE + max_entries * MAX_WORDS_PER_ENTRY * WORD_SIZE + data_capacity
+    if into is not None and len(into) < needed:
+        raise ValueError(f"buffer of {len(into)} bytes; a batch needs {needed}")
     nblocks = _hash_count(sent_hashes)
     if index is not None and index.nblocks != nblocks:
         raise ValueError(f"dedup index is for {index.nblocks} blocks, not {nblocks}")
@@ -207,10 +214,13 @@ def encode_blocks(src: ReadableBuffer, base: int, block_size: int, indices: Read
                 ndata += 1
             if index is not None:
                 index._put(lo, hi, i, sent)
-    buf = bytearray(HEADER_SIZE) + struct.pack(f"<{len(words)}Q", *words)
-    data_start = len(buf)
-    buf += data
-    return buf, 0, data_start, len(buf), pos, entries, zero, copy, ndata, unchanged
+    packed = struct.pack(f"<{len(words)}Q", *words)
+    data_start = prefix + HEADER_SIZE + len(packed)
+    data_end = data_start + len(data)
+    buf = bytearray(data_end) if into is None else into
+    buf[data_start - len(packed):data_start] = packed
+    buf[data_start:data_end] = data
+    return buf, prefix, data_start, data_end, pos, entries, zero, copy, ndata, unchanged
 
 
 def check_entries(entries: ReadableBuffer, count: int, nblocks: int) -> tuple[int, int, int]:

@@ -44,6 +44,7 @@ from agent.batch_format import (
     MAGIC,
     MAX_DATA_BYTES,
     MAX_ENTRIES,
+    MAX_WORDS_PER_ENTRY,
     VERSION,
     WORD_SIZE,
     EntryKind,
@@ -137,14 +138,24 @@ class BatchEncoder:
         self._compressor = (zstandard.ZstdCompressor(level=compress_level)
                             if compress_level is not None else None)
 
+    def buffer_size(self, prefix: bytes = b"") -> int:
+        """Bytes an `into` buffer of encode() needs for any batch with this prefix."""
+        entry_room = self._max_entries * MAX_WORDS_PER_ENTRY * WORD_SIZE
+        return len(prefix) + HEADER_SIZE + entry_room + self._data_capacity
+
     def encode(self, indices: ReadableBuffer, start: int = 0, *,
-               src: ReadableBuffer | None = None, base: int = 0) -> tuple[EncodedBatch, int]:
+               src: ReadableBuffer | None = None, base: int = 0,
+               into: bytearray | None = None, prefix: bytes = b"") -> tuple[EncodedBatch, int]:
         """Encode indices[start:] (u64 block indices, e.g. array("Q")) until the batch is full.
 
         Returns the batch and the position to continue from (len(indices) when done). src
         and base override the source for this call: src then holds blocks base, base+1, ...
         (a disk extent just read). Blocks whose content the destination already holds
         produce no entry; a batch may therefore be empty (entry_count 0).
+
+        The payload starts with `prefix` (a message header of the caller's). With `into`
+        (buffer_size(prefix) bytes at least, reused by the caller once nothing views the
+        last payload) an uncompressed payload is a view of it: no allocation, no copy.
         """
         source = self._src if src is None else src
         if source is None:
@@ -152,7 +163,7 @@ class BatchEncoder:
         (buf, head, data_start, data_end, next_start, entries, zero, copy, data,
          unchanged) = self._impl.encode_blocks(
             source, base, self.block_size, _u64_view(indices), start, self._sent, self.index,
-            self._max_entries, self._data_capacity)
+            self._max_entries, self._data_capacity, into, len(prefix))
         raw_len = data_end - data_start
         packed = None
         if self._compressor is not None and raw_len:
@@ -165,16 +176,22 @@ class BatchEncoder:
         payload: memoryview | bytes
         if packed is None:
             HEADER.pack_into(buf, head, *fields)
-            # Trim in place, so the data stays where encode_blocks put it and the unused
-            # (uninitialised) room around it cannot be reached through the payload; cutting
-            # the front of a bytearray only moves its start.
-            del buf[data_end:]
-            del buf[:head]
-            payload = memoryview(buf).toreadonly()
+            start_at = head - len(prefix)
+            buf[start_at:head] = prefix
+            if into is not None:
+                # The unused room around the batch is outside the view.
+                payload = memoryview(buf)[start_at:data_end].toreadonly()
+            else:
+                # Trim in place, so the data stays where encode_blocks put it and the unused
+                # (uninitialised) room around it cannot be reached through the payload;
+                # cutting the front of a bytearray only moves its start.
+                del buf[data_end:]
+                del buf[:start_at]
+                payload = memoryview(buf).toreadonly()
         else:
             with memoryview(buf) as view:
-                payload = b"".join((HEADER.pack(*fields), view[head + HEADER_SIZE:data_start],
-                                    packed))
+                payload = b"".join((prefix, HEADER.pack(*fields),
+                                    view[head + HEADER_SIZE:data_start], packed))
         batch = EncodedBatch(payload, entries, zero, copy, data, unchanged, raw_len,
                              packed is not None)
         return batch, next_start

@@ -155,14 +155,17 @@ def _check_encode_args(block_size, max_entries, data_capacity):
 def encode_blocks(const unsigned char[::1] src not None, uint64_t base, size_t block_size,
                   const uint64_t[::1] indices not None, size_t start,
                   unsigned char[::1] sent_hashes not None, DedupIndex index,
-                  size_t max_entries, size_t data_capacity):
+                  size_t max_entries, size_t data_capacity, bytearray into=None,
+                  size_t prefix=0):
     """Classify indices[start:] into entries until a budget is full; update sent_hashes.
 
     src holds blocks base, base+1, ...; indices are u64 block indices. Returns
     (buf, head, data_start, data_end, next_start, entries, zero, copy, data, unchanged):
     buf[head:head+HEADER_SIZE] is left for the header, the entry words follow up to
-    data_start, then the raw DATA bytes up to data_end. An index outside src or sent_hashes
-    ends the batch before it; ValueError if it is the first one (nothing changed then).
+    data_start, then the raw DATA bytes up to data_end; at least `prefix` bytes before head
+    are free for the caller. buf is `into` if given (room for the budgets and prefix),
+    else a new bytearray. An index outside src or sent_hashes ends the batch before it;
+    ValueError if it is the first one (nothing changed then).
     """
     _check_encode_args(block_size, max_entries, data_capacity)
     if sent_hashes.shape[0] % HASH_SIZE:
@@ -177,10 +180,15 @@ def encode_blocks(const unsigned char[::1] src not None, uint64_t base, size_t b
     cdef uint64_t src_blocks = src.shape[0] // block_size
     # Entries are written after the header room, then moved right against the data, so the
     # (large) DATA section is never copied again when the batch goes out uncompressed.
-    cdef size_t room = HEADER_SIZE + max_entries * MAX_WORDS_PER_ENTRY * WORD_SIZE
-    buf = PyByteArray_FromStringAndSize(NULL, room + data_capacity)
+    cdef size_t room = prefix + HEADER_SIZE + max_entries * MAX_WORDS_PER_ENTRY * WORD_SIZE
+    if into is None:
+        buf = PyByteArray_FromStringAndSize(NULL, room + data_capacity)
+    elif <size_t>len(into) < room + data_capacity:
+        raise ValueError(f"buffer of {len(into)} bytes; a batch needs {room + data_capacity}")
+    else:
+        buf = into
     cdef unsigned char *out = <unsigned char *>PyByteArray_AS_STRING(buf)
-    cdef unsigned char *words = out + HEADER_SIZE
+    cdef unsigned char *words = out + prefix + HEADER_SIZE
     cdef unsigned char *data = out + room
     cdef const unsigned char *source = &src[0] if src.shape[0] else NULL
     cdef unsigned char *sent = &sent_hashes[0] if sent_hashes.shape[0] else NULL

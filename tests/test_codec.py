@@ -273,6 +273,39 @@ def test_disk_blocks_from_an_extent_buffer(backend):
         encoder.encode(array("Q", [6]), src=extent, base=2)
 
 
+@pytest.mark.parametrize("level", [None, 1])
+def test_encode_into_a_reused_buffer_with_a_prefix(backend, level):
+    """The payload is the prefix then the same batch as without a buffer; the buffer is
+    reused for the next batch; compressed batches are new bytes, also with the prefix."""
+    bs, nblocks = 4096, 12
+    rng = random.Random(10)
+    src = bytearray(b"".join(text_block(rng, bs) for _ in range(6)) + rng.randbytes(6 * bs))
+    src[3 * bs:4 * bs] = bytes(bs)
+    src[8 * bs:9 * bs] = src[7 * bs:8 * bs]
+
+    def encoder():
+        return codec.BatchEncoder(src, bs, fresh_sent(nblocks, bs), compress_level=level,
+                                  max_data_bytes=4 * bs, max_entries=5)
+
+    plain, into_encoder = encoder(), encoder()
+    prefix = b"\x07\x00"
+    into = bytearray(b"\xee" * into_encoder.buffer_size(prefix))
+    indices = array("Q", range(nblocks))
+    position = into_position = 0
+    while position < nblocks:
+        expected, position = plain.encode(indices, position)
+        batch, into_position = into_encoder.encode(indices, into_position, into=into,
+                                                   prefix=prefix)
+        assert into_position == position
+        assert bytes(batch.payload) == prefix + bytes(expected.payload)
+        if not batch.compressed:
+            assert batch.payload.obj is into and batch.payload.readonly
+        del batch  # nothing views the buffer: it can take the next batch
+    small = bytearray(into_encoder.buffer_size(prefix) - 1)
+    with pytest.raises(ValueError, match="a batch needs"):
+        encoder().encode(indices, 0, into=small, prefix=prefix)
+
+
 def test_bad_index_ends_the_batch_before_it(backend):
     bs, nblocks = 512, 4
     src = bytearray(random.Random(10).randbytes(nblocks * bs))

@@ -253,21 +253,21 @@ class DiskRounds:
 
     def _encode_chunk(self, first: int, n_blocks: int, buf: memoryview,
                       pool: list[bytearray]) -> list[tuple[memoryview, BatchCounts]]:
-        """Every batch of one chunk read from the disk, as DISK_BATCH payloads in buffers
-        from `pool` (worker thread; the encoder's own buffer is freed here, so the next
-        batch gets the same memory back instead of fresh pages)."""
+        """Every batch of one chunk read from the disk, as DISK_BATCH payloads (worker
+        thread). Uncompressed batches are encoded straight into buffers from `pool`, reused
+        once their last payload is dropped: no copy, and no fresh pages to fault in."""
         assert self._encoder is not None
+        encoder = self._encoder
+        prefix = DISK_HEADER.pack(self.disk.index)
         indices = array.array("Q", range(first, first + n_blocks))
         encoded = []
         position = 0
         while position < n_blocks:
-            batch, position = self._encoder.encode(indices, position, src=buf, base=first)
+            into = _unviewed(pool, encoder.buffer_size(prefix))
+            batch, position = encoder.encode(indices, position, src=buf, base=first,
+                                             into=into, prefix=prefix)
             if batch.entry_count:
-                size = DISK_HEADER.size + batch.nbytes
-                out = _unviewed(pool, size)
-                DISK_HEADER.pack_into(out, 0, self.disk.index)
-                out[DISK_HEADER.size:size] = batch.payload
-                encoded.append((memoryview(out)[:size].toreadonly(),
+                encoded.append((memoryview(batch.payload),
                                 BatchCounts(batch.data_count, batch.zero_count,
                                             batch.copy_count)))
             del batch
