@@ -223,7 +223,18 @@ def test_bitmaps_and_runs_native_match_twin(indices, npages):
     assert list(native.bitmap_to_indices(bitmap, npages)) == indices
     assert twin.bitmap_to_indices(bitmap, npages) == native.bitmap_to_indices(bitmap, npages)
     assert native.runs(indices) == twin.runs(indices)
+    assert native.run_indices(native.runs(indices)) == array("Q", indices)
+    assert twin.run_indices(twin.runs(indices)) == array("Q", indices)
     assert [p for first, n in native.runs(indices) for p in range(first, first + n)] == indices
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_run_indices_lists_every_page_of_each_run(backend):
+    assert backend.run_indices([(3, 2), (10, 0), (7, 3)]) == array("Q", [3, 4, 7, 8, 9])
+    assert backend.run_indices(iter([])) == array("Q")
+    assert len(backend.run_indices([(1 << 40, 100_000)])) == 100_000
+    with pytest.raises(OverflowError):
+        backend.run_indices([(-1, 2)])
 
 
 def test_bitmap_bits_past_npages_ignored():

@@ -187,6 +187,17 @@ def runs(indices: Iterable[int]) -> list[tuple[int, int]]:
     return result
 
 
+def run_indices(ranges: Iterable[tuple[int, int]]) -> array[int]:
+    """Every page index of (first, count) runs, in order, as array("Q"): the inverse of
+    runs()."""
+    out = array("Q")
+    for first, count in ranges:
+        if first < 0 or count < 0:
+            raise OverflowError(f"run ({first}, {count}) has a negative part")
+        out.extend(range(first, first + count))
+    return out
+
+
 def data_extents(fd: int, length: int) -> list[tuple[int, int]]:
     """Byte extents (offset, length) of fd within [0, length) that may hold data.
 

@@ -22,6 +22,7 @@ hash_pages = _impl.hash_pages
 hash_pages_into = _impl.hash_pages_into
 indices_to_bitmap = _impl.indices_to_bitmap
 page_count = _impl.page_count
+run_indices = _impl.run_indices
 runs = _impl.runs
 scan = _impl.scan
 shifted = _impl.shifted
@@ -42,6 +43,7 @@ __all__ = [
     "hash_pages_into",
     "indices_to_bitmap",
     "page_count",
+    "run_indices",
     "runs",
     "scan",
     "shifted",

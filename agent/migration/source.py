@@ -317,11 +317,8 @@ class SourceJob:
         """Indices of the pages inside the RAM file's data extents at prepare time (holes
         read as zero; pages written since are found by the next scan)."""
         assert self.info is not None
-        pages: array.array[int] = array.array("Q")
-        for first, count in scan.extent_pages(self._ram_extents,
-                                              self.info.ram_size // PAGE_SIZE):
-            pages.extend(range(first, first + count))
-        return pages
+        return scan.run_indices(scan.extent_pages(self._ram_extents,
+                                                  self.info.ram_size // PAGE_SIZE))
 
     async def _scan(self) -> tuple[Any, float]:
         """Dirty pages now, and how long finding them took (in a worker thread)."""
