@@ -152,6 +152,16 @@ def test_vm_with_two_disks_migrates_live(agents, start_guest, root) -> None:
     for src, dst, fmt in ((qcow2, t0, "qcow2"), (raw, t1, "raw")):
         result = compare(src, dst, fmt, fmt)
         assert result.returncode == 0, f"{src} vs {dst}: {result.stdout}{result.stderr}"
+    # And the writer's writes are there: each 64 KiB it wrote holds its last pattern.
+    t0_raw = root / "t0.raw"
+    subprocess.run(["qemu-img", "convert", "-U", "-O", "raw", str(t0), str(t0_raw)], check=True)
+    last = {(device, offset): pattern for device, offset, pattern in writer.log}
+    images = {"/machine/peripheral/vd0/virtio-backend": t0_raw,
+              "/machine/peripheral/vd1/virtio-backend": t1}
+    for (device, offset), pattern in last.items():
+        with open(images[device], "rb") as f:
+            f.seek(offset)
+            assert f.read(65536) == bytes([pattern]) * 65536, (device, offset, pattern)
     assert subprocess.run(["qemu-img", "info", "-U", "--output=json", str(t0)],
                           capture_output=True, text=True, check=True).stdout.count('"qcow2"')
     # The destination runs the guest, with no bitmap or export of ours left behind.
@@ -179,6 +189,40 @@ def test_disk_format_conversion_raw_to_qcow2(agents, start_guest, root) -> None:
                                         "--disk-map", f"{raw}={target}")
     assert rc == 0, f"{report}\n{stderr}\n{agents.logs()}"
     assert compare(raw, target, "raw", "qcow2").returncode == 0
+
+
+def test_shared_storage_copies_nothing_and_the_destination_opens_the_same_image(
+        agents, start_guest, root) -> None:
+    image = root / "target" / "shared.qcow2"   # inside the destination's allowed paths
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "32M"], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 1M 2M", str(image)],
+                   check=True, capture_output=True)
+    guest = start_guest(config=GuestConfig(ws_pages=100), ram_size=64 * MIB, name="stor",
+                        extra_args=("-drive", f"file={image},format=qcow2,if=virtio"))
+    guest.wait_until(lambda s: s.passes >= 1, timeout=30, what="the first pass")
+    rc, report, stderr = agents.migrate("--qmp", str(guest.qmp_path), "--storage", "shared")
+    assert rc == 0, f"{report}\n{stderr}\n{agents.logs()}"
+    assert report["disk_bytes"] == 0 and report["disks"] == []
+    record = agents.b.vm_record("stor")
+    assert pid_alive(record.pid) and read_guest(record.ram_path).errors == 0
+
+    async def write_from_destination() -> str:
+        """The file the destination QEMU's disk is, after writing to it through that QEMU."""
+        async with qmp.connect(Path(record.qmp_path)) as monitor:
+            [block] = [b for b in await monitor.execute("query-block") if b.get("inserted")]
+            device = block["device"] or block["qdev"]
+            await monitor.hmp(f'qemu-io {device} "write -P 0x6b 4M 1M"')
+            await monitor.hmp(f'qemu-io {device} "flush"')  # qcow2 metadata to the file
+            return str(block["inserted"]["file"])
+
+    assert asyncio.run(write_from_destination()) == str(image)
+    # Both the data written before the migration and the destination's write are in the one
+    # image (-U: the destination QEMU holds it open).
+    for pattern, at, length in ((0x5A, "1M", "2M"), (0x6B, "4M", "1M")):
+        said = subprocess.run(["qemu-io", "-U", "-r", "-f", "qcow2", "-c",
+                               f"read -P {pattern} {at} {length}", str(image)],
+                              capture_output=True, text=True, check=True).stdout
+        assert "verification failed" not in said and "read " in said, said
 
 
 # ---------------------------------------------------------------------------- rollback, refusals
