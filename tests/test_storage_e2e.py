@@ -382,3 +382,16 @@ def test_plan_targets_names_a_missing_directory(tmp_path) -> None:
     with pytest.raises(UserError, match="does not exist on the destination"):
         plan_targets((disk,), {"/src/d.qcow2": str(tmp_path / "no" / "d.qcow2")}, None,
                      (tmp_path,))
+
+
+def test_plan_targets_points_an_existing_target_to_shared_storage_or_a_map(tmp_path) -> None:
+    from agent.errors import UserError
+    from agent.storage.disk_sink import plan_targets
+    from agent.vmspec import DiskSpec
+
+    existing = tmp_path / "d.qcow2"
+    existing.write_bytes(b"")
+    disk = DiskSpec(0, str(existing), "qcow2", MIB, "#block1")
+    with pytest.raises(UserError, match="use --storage shared; else copy it elsewhere with "
+                                        f"--disk-map {existing}=NEW_PATH"):
+        plan_targets((disk,), {}, None, (tmp_path,))

@@ -128,8 +128,9 @@ def plan_targets(disks: tuple[DiskSpec, ...], disk_map: dict[str, str],
         path = disk_map.get(disk.path, disk.path)
         require_allowed(path, roots, "disk target")
         if os.path.lexists(path):
-            raise UserError(f"disk target {path} already exists on the destination (map it "
-                            f"elsewhere with --disk-map {disk.path}=NEW_PATH)")
+            raise UserError(f"disk target {path} already exists on the destination: if both "
+                            f"hosts see the same file (shared storage), use --storage shared; "
+                            f"else copy it elsewhere with --disk-map {disk.path}=NEW_PATH")
         if not os.path.isdir(os.path.dirname(path)):
             raise UserError(f"disk target {path}: directory {os.path.dirname(path)} does not "
                             f"exist on the destination")
