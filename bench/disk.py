@@ -346,8 +346,8 @@ def storage_daemon_argv(image: Path, socket_path: Path, export: str, *,
             "--blockdev", f"driver=file,filename={image},node-name=file",
             "--blockdev", "driver=qcow2,file=file,node-name=disk",
             "--nbd-server", f"addr.type=unix,addr.path={socket_path}",
-            "--export", f"type=nbd,id={export},node-name=disk,name={export},"
-                        f"writable={'on' if writable else 'off'}"]
+            "--export", (f"type=nbd,id={export},node-name=disk,name={export},"
+                         f"writable={'on' if writable else 'off'}")]
 
 
 class StorageDaemon:
@@ -391,7 +391,7 @@ def qemu_copy(image: Path, size: int, work: Path) -> tuple[float, dict[str, floa
     try:
         with StorageDaemon(image, work / "copy-src.nbd", writable=False) as src, \
                 StorageDaemon(target, work / "copy-dst.nbd", writable=True) as dst:
-            pids = {"qsd_src": src.proc.pid, "qsd_dst": dst.proc.pid}
+            pids: dict[str, int | None] = {"qsd_src": src.proc.pid, "qsd_dst": dst.proc.pid}
             children = children_cpu_seconds()
             with CpuWatch(lambda: pids) as watch:
                 seconds = run_async(_timed(qemu_img_copy_argv(src.socket_path,

@@ -18,7 +18,14 @@ from typing import Any
 from agent import codec
 from agent import qmp as qmp_mod
 from agent.batch_format import EntryKind
-from agent.errors import FerryError, LocalError, NbdCommandError, ProtocolError, QemuError, UserError
+from agent.errors import (
+    FerryError,
+    LocalError,
+    NbdCommandError,
+    ProtocolError,
+    QemuError,
+    UserError,
+)
 from agent.storage.disk_source import DISK_BLOCK, DISK_HEADER, EXPORT_GONE_TIMEOUT_S, blocks_of
 from agent.storage.nbd import NbdClient
 from agent.storage.nbd_proto import NbdErrno
@@ -233,9 +240,10 @@ class DiskWriter:
     def write_failure(self, exc: NbdCommandError) -> str:
         """What to tell the operator when QEMU refused a write into the target image."""
         where = exc.error_offset if exc.error_offset is not None else exc.offset
-        why = {NbdErrno.ENOSPC: "no space left on the destination",
-               NbdErrno.EIO: "I/O error on the destination",
-               NbdErrno.EPERM: "the destination refused the write"}.get(exc.code, "")
+        reasons: dict[int, str] = {NbdErrno.ENOSPC: "no space left on the destination",
+                                   NbdErrno.EIO: "I/O error on the destination",
+                                   NbdErrno.EPERM: "the destination refused the write"}
+        why = reasons.get(exc.code, "")
         return (f"writing disk {self.target.path} failed near offset {where}: "
                 f"{why + ' ' if why else ''}({exc.code_name})")
 

@@ -11,7 +11,6 @@ export and bitmap. The final round runs with the guest stopped, so it is exact.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import collections
 import contextlib
@@ -26,6 +25,7 @@ from typing import Any, NamedTuple
 from agent import codec
 from agent import qmp as qmp_mod
 from agent.errors import FerryError, QemuError, UserError
+from agent.memory import scan
 from agent.storage.nbd import NbdClient
 from agent.storage.nbd_proto import BASE_ALLOCATION, DIRTY, DIRTY_BITMAP_PREFIX, AllocationFlag
 from agent.vmspec import DISK_FORMATS, DiskSpec
@@ -263,7 +263,7 @@ class DiskRounds:
         assert self._encoder is not None
         encoder = self._encoder
         prefix = DISK_HEADER.pack(self.disk.index)
-        indices = array.array("Q", range(first, first + n_blocks))
+        indices = scan.run_indices([(first, n_blocks)])
         encoded = []
         position = 0
         while position < n_blocks:
