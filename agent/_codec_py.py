@@ -152,8 +152,9 @@ def encode_blocks(src: ReadableBuffer, base: int, block_size: int, indices: Read
     buf[head:head+HEADER_SIZE] is left for the header, the entry words follow up to
     data_start, then the raw DATA bytes up to data_end; at least `prefix` bytes before head
     are free for the caller. buf is `into` if given (room for the budgets and prefix),
-    else a new bytearray. An index outside src or sent_hashes ends the batch before it;
-    ValueError if it is the first one (nothing changed then).
+    else a new bytearray; src may be into's DATA section itself, with indices ascending.
+    An index outside src or sent_hashes ends the batch before it; ValueError if it is the
+    first one (nothing changed then).
     """
     _check_encode_args(block_size, max_entries, data_capacity)
     needed = prefix + HEADER_SIZE + max_entries * MAX_WORDS_PER_ENTRY * WORD_SIZE + data_capacity

@@ -140,8 +140,18 @@ class BatchEncoder:
 
     def buffer_size(self, prefix: bytes = b"") -> int:
         """Bytes an `into` buffer of encode() needs for any batch with this prefix."""
+        return self.data_offset(prefix) + self._data_capacity
+
+    def data_offset(self, prefix: bytes = b"") -> int:
+        """Where DATA starts in an `into` buffer: blocks read there can be encoded in
+        place (src=that section), saving their copy."""
         entry_room = self._max_entries * MAX_WORDS_PER_ENTRY * WORD_SIZE
-        return len(prefix) + HEADER_SIZE + entry_room + self._data_capacity
+        return len(prefix) + HEADER_SIZE + entry_room
+
+    @property
+    def data_capacity(self) -> int:
+        """DATA bytes one batch holds at most (whole blocks)."""
+        return self._data_capacity
 
     def encode(self, indices: ReadableBuffer, start: int = 0, *,
                src: ReadableBuffer | None = None, base: int = 0,

@@ -164,8 +164,9 @@ def encode_blocks(const unsigned char[::1] src not None, uint64_t base, size_t b
     buf[head:head+HEADER_SIZE] is left for the header, the entry words follow up to
     data_start, then the raw DATA bytes up to data_end; at least `prefix` bytes before head
     are free for the caller. buf is `into` if given (room for the budgets and prefix),
-    else a new bytearray. An index outside src or sent_hashes ends the batch before it;
-    ValueError if it is the first one (nothing changed then).
+    else a new bytearray; src may be into's DATA section itself, with indices ascending.
+    An index outside src or sent_hashes ends the batch before it; ValueError if it is the
+    first one (nothing changed then).
     """
     _check_encode_args(block_size, max_entries, data_capacity)
     if sent_hashes.shape[0] % HASH_SIZE:
@@ -209,8 +210,11 @@ def encode_blocks(const unsigned char[::1] src not None, uint64_t base, size_t b
                 bad = True
                 break
             # Copy first and hash the copy: a block written meanwhile is caught next scan.
+            # A source that is `into`'s own DATA section (encoding in place) only moves down
+            # past the blocks that produced no DATA, or not at all.
             block = data + data_len
-            memcpy(block, source + (i - base) * block_size, block_size)
+            if block != source + (i - base) * block_size:
+                memmove(block, source + (i - base) * block_size, block_size)
             is_zero = fcodec_is_zero(block, block_size)
             if is_zero:
                 if not have_zero_hash:

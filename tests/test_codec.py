@@ -306,6 +306,37 @@ def test_encode_into_a_reused_buffer_with_a_prefix(backend, level):
         encoder().encode(indices, 0, into=small, prefix=prefix)
 
 
+def test_encode_in_place_from_the_buffers_own_data_section(backend):
+    """Blocks read into `into` at data_offset() are encoded there: DATA moves down past
+    the ZERO, COPY and unchanged blocks, and the batch rebuilds every block."""
+    bs, nblocks, base = 4096, 16, 5
+    rng = random.Random(11)
+    disk = bytearray(rng.randbytes(nblocks * bs))
+    disk[2 * bs:3 * bs] = bytes(bs)                      # ZERO
+    disk[7 * bs:8 * bs] = disk[4 * bs:5 * bs]            # COPY of a block before it
+    total = base + nblocks
+    sent = fresh_sent(total, bs)
+    sent[(base + 10) * fmt.HASH_SIZE:(base + 11) * fmt.HASH_SIZE] = \
+        codec.block_hash(bytes(disk[10 * bs:11 * bs]))  # unchanged: already there
+    sent[(base + 2) * fmt.HASH_SIZE:(base + 3) * fmt.HASH_SIZE] = \
+        codec.block_hash(b"\1" * bs)                     # not zero there yet
+    encoder = codec.BatchEncoder(None, bs, sent, compress_level=None,
+                                 max_data_bytes=nblocks * bs, max_entries=nblocks)
+    prefix = b"\x01\x00"
+    into = bytearray(encoder.buffer_size(prefix))
+    at = encoder.data_offset(prefix)
+    into[at:at + nblocks * bs] = disk
+    with memoryview(into)[at:at + nblocks * bs] as blocks:
+        batch, position = encoder.encode(array("Q", range(base, total)), src=blocks, base=base,
+                                         into=into, prefix=prefix)
+    assert position == nblocks and batch.payload.obj is into
+    assert (batch.zero_count, batch.copy_count, batch.data_count) == (1, 1, 13)
+    target = bytearray(b"\1" * total * bs)
+    target[(base + 10) * bs:(base + 11) * bs] = disk[10 * bs:11 * bs]
+    codec.decode_and_apply(bytes(batch.payload)[len(prefix):], target, total, bs)
+    assert target[base * bs:] == disk
+
+
 def test_bad_index_ends_the_batch_before_it(backend):
     bs, nblocks = 512, 4
     src = bytearray(random.Random(10).randbytes(nblocks * bs))
