@@ -10,7 +10,6 @@ memcpy measured in the same run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import mmap
 import random
@@ -20,6 +19,7 @@ from array import array
 from collections.abc import Callable, Sequence
 
 from agent import codec
+from bench import sized_args
 
 PAGE_SIZE = 4096
 MIB = 1 << 20
@@ -190,15 +190,8 @@ def table(result: dict[str, object]) -> str:
 
 def main(argv: Sequence[str]) -> int:
     """`python -m bench codec [--json] [--size-mib N] [--repeat N]`; 0 on success."""
-    parser = argparse.ArgumentParser(prog="python -m bench codec", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--size-mib", type=int, default=DEFAULT_SIZE_MIB,
-                        help=f"guest RAM size in MiB (default {DEFAULT_SIZE_MIB})")
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs per figure (best)")
-    args = parser.parse_args(argv)
-    if args.size_mib < 1 or args.repeat < 1:
-        parser.error("--size-mib and --repeat must be at least 1")
+    args = sized_args("codec", __doc__, argv, size_mib=DEFAULT_SIZE_MIB,
+                      size_help="guest RAM size")
     result = measure(args.size_mib * MIB, args.repeat)
     print(json.dumps(result) if args.json else table(result))
     return 0

@@ -70,6 +70,7 @@ from agent.errors import FerryError
 from agent.localpair import AgentPair
 from agent.storage.nbd import NbdClient
 from agent.storage.nbd_proto import BASE_ALLOCATION, AllocationFlag
+from bench import parser as bench_parser
 from bench.scan import WORDS
 
 MIB = 1 << 20
@@ -528,8 +529,7 @@ def run_async(work: Coroutine[Any, Any, T]) -> T:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench disk", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser("disk", __doc__)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--disk-mib", type=int, default=DEFAULT_DISK_MIB,
                         help=f"virtual size of the disk in MiB (default {DEFAULT_DISK_MIB})")

@@ -73,6 +73,7 @@ from agent.guest import (
 )
 from agent.guest.build import default_cache_dir
 from agent.localpair import AgentPair, free_port, read_guest
+from bench import parser as bench_parser
 
 MIB = 1 << 20
 KIB = 1 << 10
@@ -711,8 +712,7 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench migrate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser("migrate", __doc__)
     parser.add_argument("--quick", action="store_true",
                         help="only the 1 GiB target case (one row per tool and mode)")
     parser.add_argument("--json", action="store_true", help="print the rows as a JSON list")

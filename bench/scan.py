@@ -8,7 +8,6 @@ best of a few repetitions over a guest-like buffer (zero, text-like and random p
 
 from __future__ import annotations
 
-import argparse
 import json
 import mmap
 import os
@@ -21,6 +20,7 @@ from collections.abc import Callable, Sequence
 import xxhash
 
 from agent._native import scan
+from bench import sized_args
 
 PAGE_SIZE = scan.PAGE_SIZE
 HASH_SIZE = scan.HASH_SIZE
@@ -150,15 +150,8 @@ def table(result: dict[str, object]) -> str:
 
 def main(argv: Sequence[str]) -> int:
     """`python -m bench scan [--json]`: 0 when the target holds, 1 when it does not."""
-    parser = argparse.ArgumentParser(prog="python -m bench scan", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--size-mib", type=int, default=DEFAULT_SIZE_MIB,
-                        help=f"buffer size in MiB (default {DEFAULT_SIZE_MIB})")
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs per figure (best)")
-    args = parser.parse_args(argv)
-    if args.size_mib < 1 or args.repeat < 1:
-        parser.error("--size-mib and --repeat must be at least 1")
+    args = sized_args("scan", __doc__, argv, size_mib=DEFAULT_SIZE_MIB,
+                      size_help="buffer size")
     result = measure(args.size_mib * MIB, args.repeat)
     print(json.dumps(result) if args.json else table(result))
     return 0 if targets_met(result) else 1
