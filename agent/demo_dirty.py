@@ -17,12 +17,12 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from agent import qmp, vm
 from agent.cli import guarded
 from agent.errors import UserError
 from agent.guest import FREE_BASE_PAGE, PAGE_SIZE, GuestConfig, RunningGuest, boot_guest
 from agent.memory import scan
 from agent.memory.tracker import DirtyTracker, choose_tracker
+from agent.qemu import qmp, vm
 
 MIB = 1 << 20
 PAGES_PER_MIB = MIB // PAGE_SIZE

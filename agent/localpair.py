@@ -24,10 +24,10 @@ from typing import Any
 
 from agent import identity
 from agent.guest import MailboxState, read_mailbox
-from agent.service import vms
-from agent.service.config import AgentConfig
+from agent.qemu.vm import is_qemu
 from agent.service.control import AgentUnreachableError, ControlClient
-from agent.vm import is_qemu
+from agent.state import vms
+from agent.state.config import AgentConfig
 
 START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 10.0

@@ -1,7 +1,7 @@
 """Page-batch codec throughput (encode, decode+apply) next to memcpy, one thread, one run.
 
 Guest-like RAM (zero, text-like, random and duplicate 4 KiB pages) goes through
-agent.codec as round 0 would (every page dirty, the destination all zeros), with zstd off,
+agent.batch.codec as round 0 would (every page dirty, the destination all zeros), with zstd off,
 at level 1 and at level 3; then the same pages again when nothing changed (the scan's
 false positives). Decode+apply takes the encoded batches into a second buffer. Speeds are
 GB/s (10^9 bytes/s) of guest RAM processed, best of a few repetitions; ratios are to the
@@ -18,7 +18,7 @@ import time
 from array import array
 from collections.abc import Callable, Sequence
 
-from agent import codec
+from agent.batch import codec
 from bench import sized_args
 
 PAGE_SIZE = 4096

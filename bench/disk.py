@@ -65,9 +65,9 @@ from typing import Any, Self, TypeVar
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from agent import qmp as qmp_mod
 from agent.errors import FerryError
 from agent.localpair import AgentPair
+from agent.qemu import qmp as qmp_mod
 from agent.storage.nbd import NbdClient
 from agent.storage.nbd_proto import BASE_ALLOCATION, AllocationFlag
 from bench import parser as bench_parser

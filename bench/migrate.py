@@ -60,7 +60,6 @@ from typing import Any, Protocol
 
 import xxhash
 
-from agent import qmp, vm
 from agent.demo_dirty import guest_config
 from agent.errors import FerryError
 from agent.guest import (
@@ -73,6 +72,7 @@ from agent.guest import (
 )
 from agent.guest.build import default_cache_dir
 from agent.localpair import AgentPair, free_port, read_guest
+from agent.qemu import qmp, vm
 from bench import parser as bench_parser
 
 MIB = 1 << 20

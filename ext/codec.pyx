@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""Native per-block loops of the page-batch codec (twin: agent/_codec_py.py), GIL released."""
+"""Native per-block loops of the page-batch codec (twin: agent/batch/_codec_py.py), GIL released."""
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
 from libc.stdint cimport int64_t, uint64_t
@@ -8,10 +8,10 @@ from libc.string cimport memcpy, memmove, memset
 
 from codec cimport fcodec_hash, fcodec_is_zero, fcodec_load_le64, fcodec_store_le64
 
-from agent import batch_format as _fmt
+from agent.batch import format as _fmt
 from agent.errors import BatchError
 
-# The wire constants come from agent.batch_format at import: one source of truth.
+# The wire constants come from agent.batch.format at import: one source of truth.
 cdef size_t HASH_SIZE = _fmt.HASH_SIZE
 cdef size_t HEADER_SIZE = _fmt.HEADER_SIZE
 cdef size_t WORD_SIZE = _fmt.WORD_SIZE

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from agent import vm
 from agent.guest import RunningGuest, boot_guest
+from agent.qemu import vm
 
 # AF_UNIX paths must fit in sun_path (108 bytes); keep a margin for QEMU's own checks.
 MAX_SOCKET_PATH = 100

@@ -19,12 +19,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import codec
-from agent.batch_format import HEADER, MAGIC, VERSION, EntryKind, block_shift
+from agent.batch import codec
+from agent.batch.format import HEADER, MAGIC, VERSION, EntryKind, block_shift
+from agent.qemu.vmspec import DiskSpec, DiskTarget
 from agent.storage import disk_sink, disk_source
 from agent.storage.disk_sink import DiskWriter, WriteRun, overlaps, write_runs
 from agent.storage.disk_source import DISK_BLOCK, DISK_HEADER, DiskRounds
-from agent.vmspec import DiskSpec, DiskTarget
 from bench import disk as bd
 
 MIB = 1 << 20

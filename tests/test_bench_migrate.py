@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from agent import vm
 from agent.guest import MAGIC, MAILBOX_ADDR, PAGE_SIZE, GuestConfig, GuestState, write_config
-from agent.vmspec import parse_size
+from agent.qemu import vm
+from agent.qemu.vmspec import parse_size
 from bench import migrate as bm
 
 CASE = bm.BASE_CASE

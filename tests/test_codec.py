@@ -14,8 +14,8 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import _codec_py, codec
-from agent import batch_format as fmt
+from agent.batch import _codec_py, codec
+from agent.batch import format as fmt
 from agent.errors import BatchError, ProtocolError
 
 try:

@@ -9,9 +9,9 @@ import os
 
 import pytest
 
-from agent import qmp
 from agent.guest import KERNEL_ADDR, MAILBOX_PAGE, PAGE_SIZE, GuestConfig, guest_pages
 from agent.memory.tracker import HashScanTracker
+from agent.qemu import qmp
 
 KERNEL_PAGE = KERNEL_ADDR // PAGE_SIZE
 # Small set, brisk rate: a pass takes ~15 ms, so rounds are quick and every page changes.

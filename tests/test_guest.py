@@ -10,7 +10,6 @@ import time
 
 import pytest
 
-from agent import qmp
 from agent.guest import (
     ConfigStatus,
     GuestConfig,
@@ -20,6 +19,7 @@ from agent.guest import (
     page_pattern,
 )
 from agent.guest.build import SOURCE
+from agent.qemu import qmp
 
 PAGE = mailbox.PAGE_SIZE
 # Generous: the guest usually boots in ~0.2 s under TCG, but the machine is shared.

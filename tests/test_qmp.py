@@ -1,4 +1,5 @@
-"""agent.qmp against a real QEMU: commands, error translation, events with QEMU's timestamps."""
+"""agent.qemu.qmp against a real QEMU: commands, error translation, events with QEMU's
+timestamps."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import time
 
 import pytest
 
-from agent import qmp
 from agent.errors import (
     QemuError,
     QmpCommandError,
@@ -17,6 +17,7 @@ from agent.errors import (
     QmpDisconnectedError,
     QmpTimeoutError,
 )
+from agent.qemu import qmp
 
 # A connect to a dead socket must fail at once, not after a timeout.
 FAST_FAILURE = 1.0

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from agent import qmp
 from agent.errors import QemuError
 from agent.guest import GuestConfig
 from agent.guest.build import default_cache_dir
+from agent.qemu import qmp
 from agent.storage.disk_sink import SPACE_MARGIN
 from tests.agents import AgentPair, pid_alive, read_guest
 
@@ -376,7 +376,7 @@ def test_disk_in_use_by_a_block_job_is_refused(agents, start_guest, root) -> Non
 def test_plan_targets_names_a_missing_directory(tmp_path) -> None:
     from agent.errors import UserError
     from agent.storage.disk_sink import plan_targets
-    from agent.vmspec import DiskSpec
+    from agent.qemu.vmspec import DiskSpec
 
     disk = DiskSpec(0, "/src/d.qcow2", "qcow2", MIB, "#block1")
     with pytest.raises(UserError, match="does not exist on the destination"):
@@ -387,7 +387,7 @@ def test_plan_targets_names_a_missing_directory(tmp_path) -> None:
 def test_plan_targets_points_an_existing_target_to_shared_storage_or_a_map(tmp_path) -> None:
     from agent.errors import UserError
     from agent.storage.disk_sink import plan_targets
-    from agent.vmspec import DiskSpec
+    from agent.qemu.vmspec import DiskSpec
 
     existing = tmp_path / "d.qcow2"
     existing.write_bytes(b"")

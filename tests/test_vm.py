@@ -1,4 +1,5 @@
-"""agent.vm: accelerator choice, QEMU argv, pid/argv discovery and describe_vm on real QEMUs."""
+"""agent.qemu.vm: accelerator choice, QEMU argv, pid/argv discovery and describe_vm on real
+QEMUs."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import qmp, vm
 from agent.errors import QemuError, QemuStartError, UserError, VmNotMigratableError
-from agent.vmspec import ram_backend_of, split_options
+from agent.qemu import qmp, vm
+from agent.qemu.vmspec import ram_backend_of, split_options
 
 MIB = 1 << 20
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from agent.errors import UserError
-from agent.vmspec import (DestinationPaths, VmSpec, destination_argv, format_keyval,
+from agent.qemu.vmspec import (DestinationPaths, VmSpec, destination_argv, format_keyval,
                           parse_keyval, parse_size, ram_backend_of, split_options)
 
 SRC_RAM = "/dev/shm/src-web01.ram"
@@ -142,7 +142,7 @@ def test_spec_json_roundtrip_and_validation():
 
 
 def test_copied_disks_are_redirected_in_drive_and_blockdev(dest, tmp_path):
-    from agent.vmspec import DiskTarget
+    from agent.qemu.vmspec import DiskTarget
     paths, roots = dest
     argv = source_argv("-drive", "file=/src/d0.qcow2,format=qcow2,if=virtio",
                        "-blockdev", "driver=file,filename=/src/d1.img,node-name=f1",
@@ -156,7 +156,7 @@ def test_copied_disks_are_redirected_in_drive_and_blockdev(dest, tmp_path):
 
 
 def test_blockdev_format_conversion_is_refused(dest, tmp_path):
-    from agent.vmspec import DiskTarget
+    from agent.qemu.vmspec import DiskTarget
     paths, roots = dest
     argv = source_argv("-blockdev", "driver=file,filename=/src/d1.img,node-name=f1")
     targets = {"/src/d1.img": DiskTarget(str(tmp_path / "d1.qcow2"), "qcow2", converts=True)}
@@ -165,7 +165,7 @@ def test_blockdev_format_conversion_is_refused(dest, tmp_path):
 
 
 def test_disk_spec_refuses_unknown_formats():
-    from agent.vmspec import DiskSpec
+    from agent.qemu.vmspec import DiskSpec
     with pytest.raises(UserError, match="cannot be copied"):
         DiskSpec(index=0, path="/x/d.vmdk", format="vmdk", virtual_size=1 << 20, node="n")
     spec = VmSpec(name="a", argv=(), ram_size=4096, ram_backend_id="r",

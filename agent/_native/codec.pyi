@@ -1,4 +1,5 @@
-"""Native per-block loops of the page-batch codec (ext/codec.pyx); agent/_codec_py.py is its specification."""
+"""Native per-block loops of the page-batch codec (ext/codec.pyx); agent/batch/_codec_py.py is
+its specification."""
 
 from _typeshed import ReadableBuffer, WriteableBuffer
 

@@ -8,8 +8,8 @@ from pathlib import Path
 from agent.commands.common import add_home_argument, resolve_home
 from agent.identity import parse_address
 from agent.net.channel import run as run_on_uvloop
-from agent.service.config import load_config
 from agent.service.daemon import run_agent
+from agent.state.config import load_config
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

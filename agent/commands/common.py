@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from agent.errors import UserError
-from agent.vmspec import parse_size
+from agent.qemu.vmspec import parse_size
 
 
 def add_home_argument(parser: argparse.ArgumentParser) -> None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from agent import vm
 from agent.commands.common import add_home_argument, human_bytes, resolve_home
 from agent.errors import UserError
-from agent.service import vms
-from agent.service.config import load_config
-from agent.vmspec import PAGE_SIZE, parse_size
+from agent.qemu import vm
+from agent.qemu.vmspec import PAGE_SIZE, parse_size
+from agent.state import vms
+from agent.state.config import load_config
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

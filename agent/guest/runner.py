@@ -11,10 +11,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent import vm
 from agent.errors import QemuError
 from agent.guest.build import build_guest
 from agent.guest.mailbox import GuestConfig, MailboxState, read_mailbox, write_config
+from agent.qemu import vm
 
 DEFAULT_RAM_SIZE = 64 << 20
 DEFAULT_NAME = "ferry-guest"

@@ -17,18 +17,19 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent import codec, vm
-from agent import qmp as qmp_mod
+from agent.batch import codec
 from agent.errors import (FerryError, LocalError, PeerError, ProtocolError, QemuError,
                           UserError)
 from agent.memory.prefault import MAX_EXTENTS, Prefaulter
 from agent.migration.link import Link, parse_message, send_control
 from agent.migration.protocol import Kind, Op
-from agent.migration.qemu_stream import enable_capabilities, wait_migration_done
-from agent.service import journal, vms
-from agent.service.config import AgentConfig
+from agent.qemu import vm
+from agent.qemu import qmp as qmp_mod
+from agent.qemu.migrate import enable_capabilities, wait_migration_done
+from agent.qemu.vmspec import PAGE_SIZE, DestinationPaths, VmSpec, destination_argv
+from agent.state import journal, vms
+from agent.state.config import AgentConfig
 from agent.storage.disk_sink import StorageSink, parse_disk_map, plan_targets
-from agent.vmspec import PAGE_SIZE, DestinationPaths, VmSpec, destination_argv
 
 log = logging.getLogger(__name__)
 

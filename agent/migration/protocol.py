@@ -33,7 +33,7 @@ class Kind(enum.IntEnum):
     """Message kinds on the migration channel (their channel type codes)."""
 
     CONTROL = MsgType.CONTROL            # one JSON object with an "op"
-    RAM_BATCH = MsgType.RAM_PAGES        # an encoded page batch (agent.codec) of guest RAM
+    RAM_BATCH = MsgType.RAM_PAGES        # an encoded page batch (agent.batch.codec) of guest RAM
     DISK_BATCH = MsgType.DISK_BLOCKS     # an encoded block batch of one disk
     DEVICE_STATE = MsgType.DEVICE_STATE  # raw bytes of QEMU's migration stream
 

@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent import codec, vm
-from agent import qmp as qmp_mod
+from agent.batch import codec
 from agent.errors import FerryError, LocalError, QemuError, UserError
 from agent.memory import scan
 from agent.memory.prefault import coarse_extents
@@ -30,13 +29,15 @@ from agent.memory.tracker import HashScanTracker
 from agent.migration.convergence import ConvergencePolicy, Decision, RoundStats, TimeoutAction
 from agent.migration.link import Inbox, Link, send_control
 from agent.migration.protocol import Kind, Op
-from agent.migration.qemu_stream import enable_capabilities, wait_migration_done
 from agent.migration.states import Phase, PhaseTracker
 from agent.migration.throttle import Throttle
-from agent.service import journal, vms
-from agent.service.config import AgentConfig
+from agent.qemu import vm
+from agent.qemu import qmp as qmp_mod
+from agent.qemu.migrate import enable_capabilities, wait_migration_done
+from agent.qemu.vmspec import PAGE_SIZE, VmSpec
+from agent.state import journal, vms
+from agent.state.config import AgentConfig
 from agent.storage.disk_source import StorageSource, copyable_disks
-from agent.vmspec import PAGE_SIZE, VmSpec
 
 log = logging.getLogger(__name__)
 

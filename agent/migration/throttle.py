@@ -11,8 +11,8 @@ import asyncio
 import contextlib
 import logging
 
-from agent import qmp as qmp_mod
 from agent.errors import QemuError
+from agent.qemu import qmp as qmp_mod
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import FerryError, LocalError, UserError
-from agent.vm import peer_credentials
+from agent.qemu.vm import peer_credentials
 
 log = logging.getLogger(__name__)
 

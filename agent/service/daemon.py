@@ -19,9 +19,10 @@ from agent.migration.destination import DestinationJob
 from agent.migration.link import Link
 from agent.migration.source import MigrationOptions, SourceJob
 from agent.net import channel as channel_mod
-from agent.service import journal, systemd, vms
-from agent.service.config import AgentConfig
+from agent.service import systemd
 from agent.service.control import ControlServer, Reply
+from agent.state import journal, vms
+from agent.state.config import AgentConfig
 from agent.wire.messages import MsgType
 
 log = logging.getLogger(__name__)

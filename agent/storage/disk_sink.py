@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent import codec
-from agent import qmp as qmp_mod
-from agent.batch_format import EntryKind
+from agent.batch import codec
+from agent.batch.format import EntryKind
 from agent.errors import (
     FerryError,
     LocalError,
@@ -26,10 +25,11 @@ from agent.errors import (
     QemuError,
     UserError,
 )
+from agent.qemu import qmp as qmp_mod
+from agent.qemu.vmspec import DISK_FORMATS, DiskSpec, DiskTarget, require_allowed
 from agent.storage.disk_source import DISK_BLOCK, DISK_HEADER, EXPORT_GONE_TIMEOUT_S, blocks_of
 from agent.storage.nbd import NbdClient
 from agent.storage.nbd_proto import NbdErrno
-from agent.vmspec import DISK_FORMATS, DiskSpec, DiskTarget, require_allowed
 
 log = logging.getLogger(__name__)
 

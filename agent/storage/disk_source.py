@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from agent import codec
-from agent import qmp as qmp_mod
+from agent.batch import codec
 from agent.errors import FerryError, QemuError, UserError
 from agent.memory import scan
+from agent.qemu import qmp as qmp_mod
+from agent.qemu.vmspec import DISK_FORMATS, DiskSpec
 from agent.storage.nbd import NbdClient
 from agent.storage.nbd_proto import BASE_ALLOCATION, DIRTY, DIRTY_BITMAP_PREFIX, AllocationFlag
-from agent.vmspec import DISK_FORMATS, DiskSpec
 
 log = logging.getLogger(__name__)
 

@@ -61,9 +61,9 @@ class MsgType(IntEnum):
     DATA = 0x80
     """Opaque application bytes (tests, benchmarks)."""
     RAM_PAGES = 0x81
-    """One encoded batch of guest RAM pages (agent.batch_format)."""
+    """One encoded batch of guest RAM pages (agent.batch.format)."""
     DISK_BLOCKS = 0x82
-    """One encoded batch of disk blocks (agent.batch_format)."""
+    """One encoded batch of disk blocks (agent.batch.format)."""
     DEVICE_STATE = 0x83
     """A chunk of QEMU's device-state migration stream, tunnelled between the QEMUs."""
 

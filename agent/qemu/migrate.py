@@ -11,8 +11,8 @@ import contextlib
 import time
 from typing import Any
 
-from agent import qmp as qmp_mod
 from agent.errors import QemuError
+from agent.qemu import qmp as qmp_mod
 
 MIGRATION_CAPABILITIES = ("x-ignore-shared", "events")
 

@@ -21,10 +21,10 @@ import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from agent import qmp as qmp_mod
 from agent.errors import QemuError
-from agent.service.config import AgentConfig
-from agent.vm import is_qemu
+from agent.qemu import qmp as qmp_mod
+from agent.qemu.vm import is_qemu
+from agent.state.config import AgentConfig
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from agent.errors import UserError
-from agent.service.config import AgentConfig
-from agent.vm import is_qemu
+from agent.qemu.vm import is_qemu
+from agent.state.config import AgentConfig
 
 RECORD_FILE = "vm.json"
 

@@ -1,7 +1,7 @@
 """Pure-Python twin of agent._native.codec: the specification of the per-block codec loops.
 
 Every function and class here has the same signature and result as its Cython counterpart;
-the tests compare the two on generated inputs. agent.codec builds the public API on top.
+the tests compare the two on generated inputs. agent.batch.codec builds the public API on top.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import xxhash
 
-from agent.batch_format import (
+from agent.batch.format import (
     HASH_SIZE,
     HEADER_SIZE,
     INDEX_MASK,

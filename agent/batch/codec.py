@@ -1,10 +1,10 @@
 """Page batches: RAM pages and disk blocks as ZERO / COPY / DATA entries plus one zstd frame.
 
 The per-block loops are native (ext/codec.pyx) unless FERRY_PURE_PYTHON=1 asks for the
-twin (agent/_codec_py.py); BACKEND says which. Both give the same bytes. This module adds
+twin (agent/batch/_codec_py.py); BACKEND says which. Both give the same bytes. This module adds
 the per-batch parts: header, zstd, strict parsing.
 
-Batch layout (all integers little-endian; names from agent.batch_format; docs/wire-batch.md):
+Batch layout (all integers little-endian; names from agent.batch.format; docs/wire-batch.md):
 
     header   24 bytes  magic b"FBAT", u8 version (1), u8 log2(block size), u16 flags,
                        u32 entry count, u32 COPY entry count, u32 raw DATA bytes,
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import zstandard
 
 from agent._native import select
-from agent.batch_format import (
+from agent.batch.format import (
     DEFAULT_COMPRESS_LEVEL,
     DEFAULT_MAX_DATA_BYTES,
     DEFAULT_MAX_ENTRIES,
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from _typeshed import ReadableBuffer, WriteableBuffer
 
 
-BACKEND, _backend = select("codec", "agent._codec_py")
+BACKEND, _backend = select("codec", "agent.batch._codec_py")
 
 DedupIndex = _backend.DedupIndex
 block_hash = _backend.block_hash

@@ -17,8 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent import qmp as qmp_mod
 from agent.errors import QemuError, QemuStartError, UserError, VmNotMigratableError
+from agent.qemu import qmp as qmp_mod
 
 log = logging.getLogger(__name__)
 

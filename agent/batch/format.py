@@ -1,6 +1,6 @@
 """Byte layout of an encoded page batch: every size, mask and kind has a name here.
 
-The layout is described in docs/wire-batch.md and in the docstring of agent.codec; the
+The layout is described in docs/wire-batch.md and in the docstring of agent.batch.codec; the
 native codec reads its constants from this module at import so there is one source of truth.
 """
 

@@ -1,0 +1,1 @@
+"""Page and block batches: ZERO/UNCHANGED/COPY/DATA entries, zstd, strict decoding."""

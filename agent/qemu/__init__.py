@@ -1,0 +1,1 @@
+"""Everything that speaks to QEMU: QMP, VM discovery and launch, the migration-stream codec."""
