@@ -24,7 +24,7 @@ def native(name: str, libraries: list[str] | None = None) -> Extension:
 
 
 # C libraries each extension links against, beyond libc; every ext/NAME.pyx is built.
-LIBRARIES = {"scan": ["xxhash"], "codec": ["xxhash"]}
+LIBRARIES = {"codec": ["xxhash"]}
 EXTENSIONS = [
     native(name, LIBRARIES.get(name))
     for name in sorted(os.path.splitext(f)[0] for f in os.listdir("ext") if f.endswith(".pyx"))

@@ -21,10 +21,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from agent.cli import guarded
-from agent.demo_dirty import PAGES_PER_MIB, guest_config
 from agent.errors import QemuError
 from agent.guest import build_guest
 from agent.guest.build import default_cache_dir
+from agent.guest.workload import PAGES_PER_MIB, guest_config
 from agent.localpair import AgentPair, pid_alive, read_guest
 from agent.qemu import vm
 

@@ -8,7 +8,6 @@ from collections.abc import Sequence
 
 # Subcommand -> module with `main(argv) -> int`; add a line here for each new benchmark.
 SUBCOMMANDS: dict[str, str] = {
-    "scan": "bench.scan",
     "codec": "bench.codec",
     "migrate": "bench.migrate",
     "channel": "bench.channel",

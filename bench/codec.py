@@ -2,10 +2,10 @@
 
 Guest-like RAM (zero, text-like, random and duplicate 4 KiB pages) goes through
 agent.batch.codec as round 0 would (every page dirty, the destination all zeros), with zstd off,
-at level 1 and at level 3; then the same pages again when nothing changed (the scan's
-false positives). Decode+apply takes the encoded batches into a second buffer. Speeds are
-GB/s (10^9 bytes/s) of guest RAM processed, best of a few repetitions; ratios are to the
-memcpy measured in the same run.
+at level 1 and at level 3; then the same pages again when nothing changed (a page
+rewritten with the same bytes is still dirty). Decode+apply takes the encoded batches into
+a second buffer. Speeds are GB/s (10^9 bytes/s) of guest RAM processed, best of a few
+repetitions; ratios are to the memcpy measured in the same run.
 """
 
 from __future__ import annotations

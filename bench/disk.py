@@ -71,7 +71,7 @@ from agent.qemu import qmp as qmp_mod
 from agent.storage.nbd import NbdClient
 from agent.storage.nbd_proto import BASE_ALLOCATION, AllocationFlag
 from bench import parser as bench_parser
-from bench.scan import WORDS
+from bench.codec import WORDS
 
 MIB = 1 << 20
 GIB = 1 << 30

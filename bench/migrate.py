@@ -60,7 +60,7 @@ from typing import Any, Protocol
 
 import xxhash
 
-from agent.demo_dirty import guest_config
+from agent.guest.workload import guest_config
 from agent.errors import FerryError
 from agent.guest import (
     MAILBOX_ADDR,

@@ -1,7 +1,7 @@
 /* Per-block C kernels of agent._native.codec: XXH3-128 inlined, zero check, LE words.
  *
- * Its own header (not scan_kernel.h) because blocks here are any power of two from 512 B,
- * not only 4 KiB pages. XXH_INLINE_ALL lets -march=native pick XXH3's widest vector path.
+ * Blocks are any power of two from 512 B, not only 4 KiB pages. XXH_INLINE_ALL lets
+ * -march=native pick XXH3's widest vector path.
  */
 #ifndef FERRY_CODEC_KERNEL_H
 #define FERRY_CODEC_KERNEL_H

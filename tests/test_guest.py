@@ -10,11 +10,14 @@ import time
 
 import pytest
 
+from agent.errors import FerryError
 from agent.guest import (
+    WORKING_SET_SECONDS,
     ConfigStatus,
     GuestConfig,
     GuestState,
     build_guest,
+    guest_config,
     mailbox,
     page_pattern,
 )
@@ -79,6 +82,17 @@ def test_config_refuses_the_guests_own_pages():
     with pytest.raises(ValueError, match="beyond"):
         GuestConfig(ws_start_page=0x400, ws_pages=100).check(ram_pages=0x420)
     GuestConfig(ws_start_page=0, ws_pages=0).check()   # an idle guest is fine
+
+
+def test_guest_config_places_the_working_set_before_the_fill():
+    config = guest_config(ram_mib=1024, fill_mib=512, rate=5000)
+    assert config.ws_pages == 5000 * WORKING_SET_SECONDS
+    assert config.fill_start_page >= config.ws_start_page + config.ws_pages
+    assert config.fill_pages == 512 * (1 << 20) // PAGE
+    small = guest_config(ram_mib=64, fill_mib=512, rate=1000)
+    assert (small.fill_start_page + small.fill_pages) * PAGE <= 63 << 20
+    with pytest.raises(FerryError):
+        guest_config(ram_mib=16, fill_mib=0, rate=100_000)
 
 
 def test_pattern_depends_on_page_and_pass():
