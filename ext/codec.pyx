@@ -21,6 +21,7 @@ cdef uint64_t INDEX_MASK = _fmt.INDEX_MASK
 cdef uint64_t KIND_ZERO = _fmt.EntryKind.ZERO
 cdef uint64_t KIND_COPY = _fmt.EntryKind.COPY
 cdef uint64_t KIND_DATA = _fmt.EntryKind.DATA
+cdef uint64_t ZERO_OFFSET = _fmt.ZERO_OFFSET
 
 # Same probe window as the twin: a lookup or insert never looks further.
 PROBE_LIMIT = 8
@@ -156,10 +157,12 @@ def encode_blocks(const unsigned char[::1] src not None, uint64_t base, size_t b
                   const uint64_t[::1] indices not None, size_t start,
                   unsigned char[::1] sent_hashes not None, DedupIndex index,
                   size_t max_entries, size_t data_capacity, bytearray into=None,
-                  size_t prefix=0):
+                  size_t prefix=0, const uint64_t[::1] offsets=None):
     """Classify indices[start:] into entries until a budget is full; update sent_hashes.
 
-    src holds blocks base, base+1, ...; indices are u64 block indices. Returns
+    src holds blocks base, base+1, ...; indices are u64 block indices. With `offsets`
+    (u64, one per index) block indices[k] is instead at src[offsets[k]:], or all zero
+    where offsets[k] is ZERO_OFFSET (a QEMU ZERO record: nothing in src). Returns
     (buf, head, data_start, data_end, next_start, entries, zero, copy, data, unchanged):
     buf[head:head+HEADER_SIZE] is left for the header, the entry words follow up to
     data_start, then the raw DATA bytes up to data_end; at least `prefix` bytes before head
@@ -179,6 +182,12 @@ def encode_blocks(const unsigned char[::1] src not None, uint64_t base, size_t b
     if start > nindices:
         raise ValueError(f"start {start} outside {nindices} indices")
     cdef uint64_t src_blocks = src.shape[0] // block_size
+    cdef bint located = offsets is not None
+    if located and <size_t>offsets.shape[0] < nindices:
+        raise ValueError(f"{offsets.shape[0]} offsets for {nindices} indices")
+    cdef const uint64_t *where = &offsets[0] if located and offsets.shape[0] else NULL
+    cdef uint64_t at = 0
+    cdef size_t src_len = src.shape[0]
     # Entries are written after the header room, then moved right against the data, so the
     # (large) DATA section is never copied again when the batch goes out uncompressed.
     cdef size_t room = prefix + HEADER_SIZE + max_entries * MAX_WORDS_PER_ENTRY * WORD_SIZE
@@ -206,16 +215,29 @@ def encode_blocks(const unsigned char[::1] src not None, uint64_t base, size_t b
             if entries >= max_entries or data_len + block_size > data_capacity:
                 break
             i = indices[pos]
-            if i < base or i - base >= src_blocks or i >= nblocks:
+            if located:
+                at = where[pos]
+                if i >= nblocks or (at != ZERO_OFFSET and (at > src_len
+                                                           or src_len - at < block_size)):
+                    bad = True
+                    break
+            elif i < base or i - base >= src_blocks or i >= nblocks:
                 bad = True
                 break
+            else:
+                at = (i - base) * block_size
             # Copy first and hash the copy: a block written meanwhile is caught next scan.
             # A source that is `into`'s own DATA section (encoding in place) only moves down
             # past the blocks that produced no DATA, or not at all.
             block = data + data_len
-            if block != source + (i - base) * block_size:
-                memmove(block, source + (i - base) * block_size, block_size)
-            is_zero = fcodec_is_zero(block, block_size)
+            if located and at == ZERO_OFFSET:
+                is_zero = True   # nothing to read: its hash is the zero hash
+                if not have_zero_hash:
+                    memset(block, 0, block_size)
+            else:
+                if block != source + at:
+                    memmove(block, source + at, block_size)
+                is_zero = fcodec_is_zero(block, block_size)
             if is_zero:
                 if not have_zero_hash:
                     fcodec_hash(block, block_size, &zlo, &zhi)
@@ -255,7 +277,8 @@ def encode_blocks(const unsigned char[::1] src not None, uint64_t base, size_t b
                 index.put(lo, hi, i, sent)
     if bad and pos == start:
         raise ValueError(f"block {i} outside the source (blocks {base}.."
-                         f"{base + src_blocks - 1}) or the {nblocks} sent hashes")
+                         f"{base + src_blocks - 1}, or its offset) or the {nblocks} sent "
+                         f"hashes")
     cdef size_t entries_len = nwords * WORD_SIZE
     memmove(out + room - entries_len, words, entries_len)
     return (buf, room - entries_len - HEADER_SIZE, room, room + data_len, pos,

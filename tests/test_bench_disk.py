@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.batch import codec
+from agent.batch.pool import BufferPool
 from agent.batch.format import HEADER, MAGIC, VERSION, EntryKind, block_shift
 from agent.qemu.vmspec import DiskSpec, DiskTarget
 from agent.storage import disk_sink, disk_source
@@ -394,19 +395,18 @@ def test_read_and_encode_stopped_early_leaves_nothing_running():
 
 
 def test_payload_buffers_are_reused_only_when_nothing_views_them():
-    pool: list[bytearray] = []
-    first = disk_source._unviewed(pool, 1000)
+    pool = BufferPool(disk_source.PAYLOAD_POOL)
+    first = pool.take(1000)
     view = memoryview(first)[:1000]
-    second = disk_source._unviewed(pool, 1000)
-    assert second is not first and len(pool) == 2
+    second = pool.take(1000)
+    assert second is not first
     view.release()
     gc.collect()
-    assert disk_source._unviewed(pool, 1000) is first
-    assert disk_source._unviewed(pool, 10 * MIB) is not first   # too small: a new one
-    views = [memoryview(disk_source._unviewed(pool, 10))
-             for _ in range(disk_source.PAYLOAD_POOL + 5)]
+    assert pool.take(1000) is first
+    assert pool.take(10 * MIB) is not first   # too small: a new one
+    views = [memoryview(pool.take(10)) for _ in range(disk_source.PAYLOAD_POOL + 5)]
     assert len({id(v.obj) for v in views}) == len(views)     # none handed out twice
-    assert len(pool) == disk_source.PAYLOAD_POOL
+    assert len(pool._buffers) == disk_source.PAYLOAD_POOL
 
 
 # ---------------------------------------------------------------------------- a real run

@@ -127,8 +127,43 @@ def test_ram_backend_must_match_description(dest):
 
 
 def test_ram_backend_of_reports_share():
-    backend_id, size, path, share = ram_backend_of(split_options(source_argv()))
-    assert (backend_id, size, path, share) == ("ram0", 1 << 30, SRC_RAM, True)
+    backend = ram_backend_of(split_options(source_argv()))
+    assert backend is not None
+    assert (backend.id, backend.size, backend.mem_path, backend.share) == (
+        "ram0", 1 << 30, SRC_RAM, True)
+
+
+def test_plain_m_source_gets_a_shared_file_backend_named_pc_ram(dest):
+    paths, roots = dest
+    argv = ["-name", "web01", "-machine", "pc", "-m", "1048584K", "-display", "none"]
+    spec = VmSpec(name="web01", argv=tuple(argv), ram_size=1048584 * 1024,
+                  ram_backend_id="pc.ram")
+    out = destination_argv(spec, paths, roots, "qemu")
+    objects = [out[i + 1] for i, a in enumerate(out) if a == "-object"]
+    assert objects == [f"qom-type=memory-backend-file,id=pc.ram,size={1048584 * 1024},"
+                       f"mem-path={paths.ram_path},share=on"]
+    assert "memory-backend=pc.ram" in out and "-m" in out
+    with pytest.raises(UserError, match="disagrees"):
+        destination_argv(VmSpec(name="web01", argv=tuple(argv), ram_size=1 << 30,
+                                ram_backend_id="pc.ram"), paths, roots, "qemu")
+
+
+def test_private_backend_becomes_a_shared_file_without_host_properties(dest):
+    paths, roots = dest
+    argv = ["-name", "web01", "-machine", "pc,memory-backend=mem0", "-m", "1G",
+            "-object", "memory-backend-ram,id=mem0,size=1G,host-nodes=0,policy=bind"]
+    spec = VmSpec(name="web01", argv=tuple(argv), ram_size=1 << 30, ram_backend_id="mem0")
+    out = destination_argv(spec, paths, roots, "qemu")
+    objects = [out[i + 1] for i, a in enumerate(out) if a == "-object"]
+    assert objects == [f"qom-type=memory-backend-file,id=mem0,size={1 << 30},"
+                       f"mem-path={paths.ram_path},share=on"]
+
+
+def test_other_memory_backends_are_refused(dest):
+    paths, roots = dest
+    argv = source_argv("-object", "memory-backend-file,id=extra,size=1G,mem-path=/etc/passwd")
+    with pytest.raises(UserError, match="only the machine's RAM backend"):
+        destination_argv(spec_for(argv), paths, roots, "qemu")
 
 
 def test_spec_json_roundtrip_and_validation():

@@ -16,7 +16,8 @@ class DedupIndex:
 
 def encode_blocks(src: ReadableBuffer, base: int, block_size: int, indices: ReadableBuffer,
                   start: int, sent_hashes: WriteableBuffer, index: DedupIndex | None,
-                  max_entries: int, data_capacity: int,
+                  max_entries: int, data_capacity: int, into: bytearray | None = ...,
+                  prefix: int = ..., offsets: ReadableBuffer | None = ...,
                   ) -> tuple[bytearray, int, int, int, int, int, int, int, int, int]: ...
 def check_entries(entries: ReadableBuffer, count: int, nblocks: int) -> tuple[int, int, int]: ...
 def apply_entries(entries: ReadableBuffer, count: int, data: ReadableBuffer,

@@ -20,6 +20,7 @@ from agent.batch.format import (
     MAX_ENTRIES,
     MAX_WORDS_PER_ENTRY,
     WORD_SIZE,
+    ZERO_OFFSET,
     EntryKind,
     block_shift,
 )
@@ -143,11 +144,13 @@ def _check_encode_args(block_size: int, max_entries: int, data_capacity: int) ->
 def encode_blocks(src: ReadableBuffer, base: int, block_size: int, indices: ReadableBuffer,
                   start: int, sent_hashes: WriteableBuffer, index: DedupIndex | None,
                   max_entries: int, data_capacity: int, into: bytearray | None = None,
-                  prefix: int = 0,
+                  prefix: int = 0, offsets: ReadableBuffer | None = None,
                   ) -> tuple[bytearray, int, int, int, int, int, int, int, int, int]:
     """Classify indices[start:] into entries until a budget is full; update sent_hashes.
 
-    src holds blocks base, base+1, ...; indices are u64 block indices. Returns
+    src holds blocks base, base+1, ...; indices are u64 block indices. With `offsets`
+    (u64, one per index) block indices[k] is instead at src[offsets[k]:], or all zero
+    where offsets[k] is ZERO_OFFSET (a QEMU ZERO record: nothing in src). Returns
     (buf, head, data_start, data_end, next_start, entries, zero, copy, data, unchanged):
     buf[head:head+HEADER_SIZE] is left for the header, the entry words follow up to
     data_start, then the raw DATA bytes up to data_end; at least `prefix` bytes before head
@@ -168,6 +171,9 @@ def encode_blocks(src: ReadableBuffer, base: int, block_size: int, indices: Read
         source = raw_src.cast("B")
         wanted = raw_idx.cast("B").cast("Q")
         sent = raw_sent.cast("B")
+        where = None if offsets is None else memoryview(offsets).cast("B").cast("Q")
+        if where is not None and len(where) < len(wanted):
+            raise ValueError(f"{len(where)} offsets for {len(wanted)} indices")
         if not 0 <= start <= len(wanted):
             raise ValueError(f"start {start} outside {len(wanted)} indices")
         src_blocks = source.nbytes // block_size
@@ -181,13 +187,20 @@ def encode_blocks(src: ReadableBuffer, base: int, block_size: int, indices: Read
             if entries >= max_entries or len(data) + block_size > data_capacity:
                 break
             i = wanted[pos]
-            if not (base <= i < base + src_blocks and i < nblocks):
+            at = (i - base) * block_size if where is None else where[pos]
+            if where is None:
+                inside = base <= i < base + src_blocks
+            else:
+                inside = at == ZERO_OFFSET or at + block_size <= source.nbytes
+            if not (inside and i < nblocks):
                 if pos == start:
                     raise ValueError(f"block {i} outside the source (blocks {base}.."
-                                     f"{base + src_blocks - 1}) or the {nblocks} sent hashes")
+                                     f"{base + src_blocks - 1}, or its offset) or the "
+                                     f"{nblocks} sent hashes")
                 break
-            at = (i - base) * block_size
-            block = bytes(source[at:at + block_size])  # the copy that is hashed and sent
+            # The copy that is hashed and sent.
+            block = zero_block if at == ZERO_OFFSET and where is not None else bytes(
+                source[at:at + block_size])
             is_zero = block == zero_block
             h = zero_hash if is_zero else block_hash(block)
             slot = slice(i * HASH_SIZE, (i + 1) * HASH_SIZE)

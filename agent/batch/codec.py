@@ -155,17 +155,22 @@ class BatchEncoder:
 
     def encode(self, indices: ReadableBuffer, start: int = 0, *,
                src: ReadableBuffer | None = None, base: int = 0,
-               into: bytearray | None = None, prefix: bytes = b"") -> tuple[EncodedBatch, int]:
+               offsets: ReadableBuffer | None = None, into: bytearray | None = None,
+               prefix: bytes = b"", compress: bool = True) -> tuple[EncodedBatch, int]:
         """Encode indices[start:] (u64 block indices, e.g. array("Q")) until the batch is full.
 
         Returns the batch and the position to continue from (len(indices) when done). src
         and base override the source for this call: src then holds blocks base, base+1, ...
-        (a disk extent just read). Blocks whose content the destination already holds
-        produce no entry; a batch may therefore be empty (entry_count 0).
+        (a disk extent just read). With `offsets` (u64, one per index: where in src each
+        block is, or ZERO_OFFSET for an all-zero block not in src) the blocks may lie
+        anywhere in src, e.g. in a QEMU stream buffer. Blocks whose content the
+        destination already holds produce no entry; a batch may therefore be empty
+        (entry_count 0).
 
         The payload starts with `prefix` (a message header of the caller's). With `into`
         (buffer_size(prefix) bytes at least, reused by the caller once nothing views the
         last payload) an uncompressed payload is a view of it: no allocation, no copy.
+        compress=False sends this batch uncompressed even if the encoder has a level.
         """
         source = self._src if src is None else src
         if source is None:
@@ -173,10 +178,11 @@ class BatchEncoder:
         (buf, head, data_start, data_end, next_start, entries, zero, copy, data,
          unchanged) = self._impl.encode_blocks(
             source, base, self.block_size, _u64_view(indices), start, self._sent, self.index,
-            self._max_entries, self._data_capacity, into, len(prefix))
+            self._max_entries, self._data_capacity, into, len(prefix),
+            None if offsets is None else _u64_view(offsets))
         raw_len = data_end - data_start
         packed = None
-        if self._compressor is not None and raw_len:
+        if compress and self._compressor is not None and raw_len:
             with memoryview(buf) as view:
                 packed = self._compressor.compress(view[data_start:data_end])
             if len(packed) >= raw_len:  # incompressible: send it raw, save the receiver work

@@ -28,6 +28,9 @@ KIND_SHIFT = 62
 INDEX_MASK = (1 << KIND_SHIFT) - 1
 MAX_WORDS_PER_ENTRY = 2
 
+ZERO_OFFSET = (1 << 64) - 1
+"""In an encoder's per-entry offsets: the block is all zero and has no bytes in src."""
+
 HASH_SIZE = 16
 """XXH3-128 per block: low 64 bits then high 64 bits, each little-endian."""
 

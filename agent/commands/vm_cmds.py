@@ -17,9 +17,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("vm", help="start and list migratable VMs",
                               description="Start and list the VMs an agent knows.")
     sub = p.add_subparsers(dest="vm_command", metavar="ACTION", required=True)
-    start = sub.add_parser("start", help="start a migratable VM (shared RAM file, QMP socket)")
+    start = sub.add_parser("start", help="start a VM the agent knows (QMP socket)")
     start.add_argument("name")
     start.add_argument("--memory", required=True, metavar="SIZE", help="guest RAM, e.g. 1G")
+    start.add_argument("--ram", choices=("file", "private"), default="file",
+                       help="guest RAM as a shared file in the agent's RAM directory "
+                            "(default; tools can read it) or plain -m private memory")
     start.add_argument("--cpus", type=int, default=1, metavar="N")
     add_home_argument(start)
     start.epilog = "Extra QEMU arguments follow --, e.g.  ferry vm start web01 --memory 1G -- -kernel guest.elf"
@@ -37,18 +40,28 @@ def run_start(args: argparse.Namespace) -> int:
     if vms.is_running(config, args.name):
         raise UserError(f"a VM named {args.name} already runs on this agent")
     extra = list(args.passthrough)
+    accel = vm.choose_accel()
+    padded = vm.dirty_log_safe_size(size, accel.accel, vm.qemu_binary_version(config.qemu_path()))
+    if padded != size:
+        print(f"note: {human_bytes(size)} is a multiple of {vm.TCG_DIRTY_BUG_PAGES} pages, "
+              f"whose dirty pages QEMU < 9.0 under TCG loses in a migration; starting with "
+              f"{padded // 1024}K instead")
+        size = padded
     vm_dir = config.vms_dir / args.name
     vm_dir.mkdir(parents=True, exist_ok=True)
+    private = args.ram == "private"
     spec = vm.LaunchSpec.in_directory(vm_dir, args.name, size, ram_dir=config.ram_dir,
-                                      cpus=args.cpus, extra_args=tuple(extra),
-                                      qemu_binary=config.qemu_path())
+                                      cpus=args.cpus, extra_args=tuple(extra), accel=accel,
+                                      qemu_binary=config.qemu_path(), private_ram=private)
     process = asyncio.run(vm.launch(spec))
+    ram_path = "" if private else str(spec.ram_path)
     vms.register(config, vms.VmRecord(name=args.name, pid=process.pid,
-                                      qmp_path=str(spec.qmp_path), ram_path=str(spec.ram_path),
+                                      qmp_path=str(spec.qmp_path), ram_path=ram_path,
                                       vm_dir=str(vm_dir), managed=True))
     process.detach()
+    where = "private memory" if private else spec.ram_path
     print(f"started {args.name}: pid {process.pid}, {human_bytes(size)} RAM in "
-          f"{spec.ram_path}, QMP {spec.qmp_path} ({process.accel.accel.value})")
+          f"{where}, QMP {spec.qmp_path} ({process.accel.accel.value})")
     return 0
 
 

@@ -1,136 +1,146 @@
-"""Deciding when pre-copy has converged: predicted stop-and-copy time against the limit.
+"""What ferry decides around QEMU's own convergence: the downtime budget, compression, the ETA.
 
-Each round reports how many pages were dirty and how fast pages went out. The model
-predicts the downtime of switching over now as: one final scan of RAM, plus sending the
-pages dirtied since the last round at the measured page rate, plus a fixed cost for the
-device state and resuming the destination. When the dirty set stops shrinking the guest
-is throttled: at once to the share its dirty rate calls for against the link's rate, and
-a step harder after every STALL_ROUNDS rounds without progress. When pre-copy still
-exceeds its time budget the timeout action (abort or force) applies.
+QEMU decides when to stop the guest, from its dirty log and the bandwidth it measures on
+the socket ferry reads (DESIGN §2). ferry sets the limit it decides against (minus what
+the disks' final round will cost), picks per batch whether zstd pays on this link, and
+turns QEMU's figures into a progress estimate that never goes up.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 
-# Device state (~200 KB), QMP round trips and the destination's `cont`: measured ~20-40 ms
-# here; the prediction adds this to the RAM part.
-DEFAULT_SWITCHOVER_OVERHEAD_S = 0.035
-# Switch over only when the prediction fits this share of the limit: the guest keeps
-# dirtying pages between the decision and the stop, so the real stop-and-copy is longer.
-PREDICTION_MARGIN = 0.8
-# A round "did not shrink" the dirty set when it kept more than this share of the best.
-NO_PROGRESS_SHARE = 0.9
-# Rounds in a row without progress before throttling harder.
-STALL_ROUNDS = 2
-# Throttle so the guest dirties at most this share of what the link carries.
-LINK_SHARE = 0.5
-# Share of wall time the guest is stopped, step by step, while throttling.
-THROTTLE_STEPS = (0.3, 0.5, 0.7, 0.85, 0.95)
+# Before the disks' rate is known, a final round is assumed to take a second: the
+# budget then holds QEMU in pre-copy until a disk round has been measured.
+UNKNOWN_DISK_FINAL_S = 1.0
+# QEMU must leave this share of the requested downtime to RAM, or it keeps iterating
+# (downtime-limit held at its minimum) until the disks have converged further.
+MIN_RAM_SHARE = 0.25
+# zstd level 1 on guest-like pages, per core, before a batch has been timed (DESIGN §8).
+ZSTD_RATE_GUESS = 500e6
+RATIO_GUESS = 0.5
+# Compress only when it wins by this much: a tie costs CPU the guest could use.
+COMPRESS_GAIN = 1.2
+# Weight of the newest observation in the moving averages.
+EWMA = 0.2
+# Below this the countdown has run out before the work did; progress shows no ETA then.
+ETA_FLOOR_S = 0.05
 
 
 class TimeoutAction(enum.Enum):
     """What to do when pre-copy runs out of time without converging."""
 
-    ABORT = "abort"    # roll back: the source keeps running
-    FORCE = "force"    # switch over anyway, accepting a longer downtime
+    ABORT = "abort"    # roll back: migrate_cancel, the source keeps running
+    FORCE = "force"    # switch over anyway: QEMU's downtime limit is lifted
 
 
-class Decision(enum.Enum):
-    """The outcome of looking at one round."""
+def ram_downtime_s(requested_s: float, disk_dirty_bytes: int, disk_rate: float) -> float:
+    """The pause QEMU may plan for RAM and devices: the requested one less the disks' final
+    round (dirty bytes at the measured rate); 0 while the disks would take most of it."""
+    if disk_dirty_bytes <= 0:
+        return requested_s
+    disk_s = disk_dirty_bytes / disk_rate if disk_rate > 0 else UNKNOWN_DISK_FINAL_S
+    left = requested_s - disk_s
+    return left if left >= MIN_RAM_SHARE * requested_s else 0.0
 
-    CONTINUE = "continue"
-    THROTTLE = "throttle"
-    SWITCHOVER = "switchover"
-    ABORT = "abort"
+
+class Compression(enum.Enum):
+    OFF = "off"
+    FIXED = "fixed"    # every batch, at the given level
+    AUTO = "auto"      # per batch, when the link and not the CPU is the bottleneck
 
 
 @dataclass(frozen=True, slots=True)
-class RoundStats:
-    """What one pre-copy round measured."""
+class CompressSetting:
+    """--compress: off, zstd:N, or auto (zstd:1 whenever it pays)."""
 
-    index: int
-    dirty_pages: int        # pages found dirty at the start of the round (and sent in it)
-    scan_s: float           # time the dirty scan took
-    send_s: float           # time to encode and send those pages
-    elapsed_s: float        # wall time since the previous round started
+    mode: Compression
+    level: int | None
 
-    @property
-    def page_rate(self) -> float:
-        """Pages per second the pipeline moved in this round (0 when nothing was sent)."""
-        return self.dirty_pages / self.send_s if self.send_s > 0 and self.dirty_pages else 0.0
+    @classmethod
+    def parse(cls, text: str) -> CompressSetting:
+        if text == "off":
+            return cls(Compression.OFF, None)
+        if text == "auto":
+            return cls(Compression.AUTO, 1)
+        if text.startswith("zstd:"):
+            try:
+                level = int(text[5:])
+            except ValueError:
+                level = 0
+            if -7 <= level <= 19 and level != 0:
+                return cls(Compression.FIXED, level)
+        raise ValueError(f"bad --compress {text!r}: use auto, off or zstd:N (N from -7 to 19)")
+
+    def __str__(self) -> str:
+        return {Compression.OFF: "off", Compression.AUTO: "auto"}.get(
+            self.mode, f"zstd:{self.level}")
 
 
-@dataclass(slots=True)
-class ConvergencePolicy:
-    """Tracks rounds and decides; one instance per migration job."""
+class CompressionPolicy:
+    """Decides per batch whether to compress, from what the last batches showed.
 
-    downtime_limit_s: float = 0.3
-    timeout_s: float = 120.0
-    timeout_action: TimeoutAction = TimeoutAction.ABORT
-    overhead_s: float = DEFAULT_SWITCHOVER_OVERHEAD_S
-    max_page_rate: float = 0.0
-    best_dirty: int | None = None
-    stalled_rounds: int = 0
-    throttle_step: int = -1
-    history: list[RoundStats] = field(default_factory=list)
+    Batches are encoded (and compressed) in a worker thread while the previous ones are
+    sealed and sent, so compressing pays when zstd outruns the link and shrinks the data:
+    then the pipeline moves min(zstd rate, link rate / ratio) instead of the link rate.
+    The link's rate is what sending took, waits for the socket and --bandwidth included;
+    on a link faster than the CPU sending never waits, and nothing is compressed.
+    """
 
-    @property
-    def throttle_share(self) -> float:
-        """Share of time the guest is currently kept stopped (0 when not throttled)."""
-        return THROTTLE_STEPS[self.throttle_step] if self.throttle_step >= 0 else 0.0
+    def __init__(self, setting: CompressSetting) -> None:
+        self.setting = setting
+        self.link_rate: float | None = None     # wire bytes per second of sending
+        self.zstd_rate = ZSTD_RATE_GUESS        # raw bytes per second of encoding
+        self.ratio = RATIO_GUESS                # compressed / raw
 
-    def predicted_downtime_s(self, dirty_pages: int, scan_s: float) -> float:
-        """Predicted stop-and-copy time if we switched over with this many dirty pages."""
-        rate = self.max_page_rate
-        send_s = dirty_pages / rate if rate > 0 else (0.0 if dirty_pages == 0 else float("inf"))
-        return scan_s + send_s + self.overhead_s
+    def compress_next(self) -> bool:
+        mode = self.setting.mode
+        if mode is not Compression.AUTO:
+            return mode is Compression.FIXED
+        if self.link_rate is None:
+            return False
+        pipeline = min(self.zstd_rate, self.link_rate / max(self.ratio, 1e-3))
+        return pipeline > COMPRESS_GAIN * self.link_rate
 
-    def observe(self, stats: RoundStats, elapsed_total_s: float, next_dirty: int,
-                next_scan_s: float) -> Decision:
-        """Record a finished round and decide, given the dirty set found for the next one."""
-        self.history.append(stats)
-        self.max_page_rate = max(self.max_page_rate, stats.page_rate)
-        if (self.predicted_downtime_s(next_dirty, next_scan_s)
-                <= self.downtime_limit_s * PREDICTION_MARGIN):
-            return Decision.SWITCHOVER
-        if elapsed_total_s >= self.timeout_s:
-            return (Decision.SWITCHOVER if self.timeout_action is TimeoutAction.FORCE
-                    else Decision.ABORT)
-        if self.best_dirty is None or next_dirty < self.best_dirty * NO_PROGRESS_SHARE:
-            self.best_dirty = next_dirty if self.best_dirty is None else min(
-                self.best_dirty, next_dirty)
-            self.stalled_rounds = 0
-            return Decision.CONTINUE
-        self.stalled_rounds += 1
-        needed = self._step_for(self.needed_share(next_dirty, stats.elapsed_s))
-        if self.stalled_rounds >= STALL_ROUNDS:
-            needed = max(needed, self.throttle_step + 1)
-        needed = min(needed, len(THROTTLE_STEPS) - 1)
-        if needed > self.throttle_step:
-            self.throttle_step = needed
-            self.stalled_rounds = 0
-            self.best_dirty = next_dirty
-            return Decision.THROTTLE
-        return Decision.CONTINUE
+    def sent(self, wire_bytes: int, seconds: float) -> None:
+        """One batch took `seconds` to send (sealing, socket waits, pacing)."""
+        if wire_bytes < 64 << 10 or seconds <= 0:
+            return   # too small to say anything about the link
+        rate = wire_bytes / seconds
+        self.link_rate = rate if self.link_rate is None else _ewma(self.link_rate, rate)
 
-    def needed_share(self, dirtied: int, over_s: float) -> float:
-        """The stopped share that brings the guest's dirty rate under LINK_SHARE of the
-        link's page rate, from the pages it dirtied in the last round."""
-        if over_s <= 0 or self.max_page_rate <= 0:
-            return 0.0
-        running = 1.0 - self.throttle_share
-        raw_rate = dirtied / over_s / max(running, 0.01)  # what it would dirty unthrottled
-        allowed = LINK_SHARE * self.max_page_rate
-        return 0.0 if raw_rate <= allowed else 1.0 - allowed / raw_rate
+    def encoded(self, raw_bytes: int, wire_data_bytes: int, seconds: float,
+                compressed: bool) -> None:
+        """One batch's DATA was encoded in `seconds`, compressed or not."""
+        if not compressed or raw_bytes < 64 << 10 or seconds <= 0:
+            return
+        self.zstd_rate = _ewma(self.zstd_rate, raw_bytes / seconds)
+        self.ratio = _ewma(self.ratio, wire_data_bytes / raw_bytes)
 
-    @staticmethod
-    def _step_for(share: float) -> int:
-        """Index of the smallest throttle step at least `share` (-1 for none)."""
-        if share <= 0:
-            return -1
-        for index, step in enumerate(THROTTLE_STEPS):
-            if step >= share:
-                return index
-        return len(THROTTLE_STEPS) - 1
+
+def _ewma(old: float, new: float) -> float:
+    return (1 - EWMA) * old + EWMA * new
+
+
+class Eta:
+    """Seconds left, from bytes left and the rate they go at; it never goes up."""
+
+    def __init__(self) -> None:
+        self._eta: float | None = None
+        self._at = 0.0
+
+    def update(self, remaining_bytes: int, rate: float, dirty_rate: float) -> float | None:
+        """The estimate, or None when there is none worth showing. Later iterations resend
+        what the guest dirties meanwhile: with dirty rate d and send rate r they add up to
+        remaining / r / (1 - d / r)."""
+        if rate <= 0:
+            return None
+        now = time.monotonic()
+        dirtying = min(dirty_rate / rate, 0.9)
+        estimate = remaining_bytes / rate / (1 - dirtying)
+        if self._eta is not None:
+            estimate = min(estimate, max(0.0, self._eta - (now - self._at)))
+        self._eta, self._at = estimate, now
+        return estimate if estimate >= ETA_FLOOR_S else None

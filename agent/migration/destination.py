@@ -1,7 +1,10 @@
 """The destination's side of one migration: start the twin QEMU, take pages and state, resume.
 
 Everything the source sends is checked before it touches anything: the VM description
-(agent.vmspec), every page batch (agent.codec validates indices and sizes before writing).
+(agent.qemu.vmspec), every page batch (agent.batch.codec validates indices and sizes
+before writing). QEMU's stream reaches the destination QEMU, which checks it itself, only
+in order: each chunk after every page batch sent before it is in the RAM file, the device
+state after RAM_DONE, once the disks are flushed (DESIGN §2b).
 Until COMMIT arrives, any failure or a lost link removes the destination's QEMU and files;
 after COMMIT the destination owns the VM and keeps it running whatever happens.
 """
@@ -14,18 +17,17 @@ import logging
 import mmap
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from agent.batch import codec
 from agent.errors import (FerryError, LocalError, PeerError, ProtocolError, QemuError,
                           UserError)
-from agent.memory.prefault import MAX_EXTENTS, Prefaulter
 from agent.migration.link import Link, parse_message, send_control
 from agent.migration.protocol import Kind, Op
 from agent.qemu import vm
 from agent.qemu import qmp as qmp_mod
-from agent.qemu.migrate import enable_capabilities, wait_migration_done
+from agent.qemu.migrate import destination_capabilities, wait_migration_done
 from agent.qemu.vmspec import PAGE_SIZE, DestinationPaths, VmSpec, destination_argv
 from agent.state import journal, vms
 from agent.state.config import AgentConfig
@@ -33,21 +35,13 @@ from agent.storage.disk_sink import StorageSink, parse_disk_map, plan_targets
 
 log = logging.getLogger(__name__)
 
-# Batches decoded ahead of the one being applied: overlaps decryption (event loop) with
+# Messages received ahead of the one being applied: overlaps decryption (event loop) with
 # decompression and copying (worker thread) while keeping memory bounded.
-APPLY_QUEUE_DEPTH = 4
+APPLY_QUEUE_DEPTH = 8
 LOAD_TIMEOUT_S = 60.0
+# What the receive loop hands the feeder, in stream order.
+_Item = tuple[Kind | Op, bytes | memoryview]
 RESUME_TIMEOUT_S = 10.0
-def _extents(value: Any) -> list[tuple[int, int]]:
-    """The source's list of RAM extents holding data (a hint: bad input is ignored)."""
-    if not isinstance(value, list):
-        return []
-    try:
-        return [(int(o), int(n)) for o, n in value[:MAX_EXTENTS]]
-    except (TypeError, ValueError):
-        return []
-
-
 @dataclass
 class IncomingVm:
     """The destination's resources for one incoming VM, so they can all be removed."""
@@ -59,13 +53,9 @@ class IncomingVm:
     ram_fd: int = -1
     ram: mmap.mmap | None = None
     storage: StorageSink | None = None
-    prefault: Prefaulter | None = None
     created_vm_dir: bool = False
 
     def close_ram(self) -> None:
-        if self.prefault is not None:
-            self.prefault.stop()
-            self.prefault = None
         if self.ram is not None:
             self.ram.close()
             self.ram = None
@@ -97,8 +87,9 @@ class DestinationJob:
     peer: str
     job_id: str
     incoming: IncomingVm | None = None
-    device_state: list[bytes] = field(default_factory=list)
     ram_done: bool = False
+    stream_ended: bool = False
+    loaded: bool = False
     state_writer: asyncio.StreamWriter | None = None
     committed: bool = False
     pages_applied: int = 0
@@ -157,14 +148,13 @@ class DestinationJob:
         os.ftruncate(incoming.ram_fd, spec.ram_size)
         incoming.ram = mmap.mmap(incoming.ram_fd, spec.ram_size, mmap.MAP_SHARED,
                                  mmap.PROT_READ | mmap.PROT_WRITE)
-        incoming.prefault = Prefaulter(incoming.ram, _extents(body.get("ram_extents")))
         launch = vm.LaunchSpec(name=spec.name, ram_size=spec.ram_size, ram_path=paths.ram_path,
                                qmp_path=paths.qmp_path, serial_path=paths.serial_log,
                                pidfile=paths.pidfile, log_path=paths.qemu_log)
         incoming.process = await vm.launch(launch, argv=argv)
         self._journal(incoming, pid=incoming.process.pid)
         incoming.qmp = await qmp_mod.connect(paths.qmp_path)
-        await incoming.qmp.execute("migrate-set-capabilities", enable_capabilities())
+        await incoming.qmp.execute("migrate-set-capabilities", destination_capabilities())
         await incoming.qmp.execute("migrate-incoming", {"uri": f"unix:{paths.incoming_path}"})
         await incoming.storage.open(incoming.qmp)
         log.info("incoming %s from %s: QEMU pid %d waits for pages", spec.name, self.peer,
@@ -189,12 +179,14 @@ class DestinationJob:
     # ------------------------------------------------------------------ serve
 
     async def _serve(self) -> None:
+        """Receive until COMMIT or ABORT; everything for QEMU goes through one ordered
+        queue, so its stream never overtakes the pages before it."""
         incoming = self.incoming
         assert incoming is not None and incoming.process is not None
-        queue: asyncio.Queue[bytes | memoryview | None] = asyncio.Queue(APPLY_QUEUE_DEPTH)
-        applier = asyncio.create_task(self._apply_pages(queue), name="apply-pages")
+        queue: asyncio.Queue[_Item] = asyncio.Queue(APPLY_QUEUE_DEPTH)
+        feeder = asyncio.create_task(self._feed(queue), name="feed-qemu")
         qemu_exit = asyncio.create_task(incoming.process.wait(float("inf")), name="qemu-exit")
-        watched = {applier, qemu_exit}  # either ending early is a failure
+        watched = {feeder, qemu_exit}  # either ending early is a failure
         try:
             while True:
                 receive = asyncio.create_task(self.link.receive())
@@ -207,35 +199,42 @@ class DestinationJob:
                     if qemu_exit in done and not self.committed:
                         raise QemuError(f"destination QEMU exited with status "
                                         f"{qemu_exit.result()}: {incoming.process.log_tail()}")
-                    applier.result()  # raises the applier's failure
-                    raise ProtocolError("page applier stopped unexpectedly")
+                    if feeder in done:
+                        feeder.result()  # raises the feeder's failure
+                        watched.discard(feeder)
+                        if self.loaded:
+                            continue
+                    raise ProtocolError("the destination's QEMU feeder stopped unexpectedly")
                 kind, payload = receive.result()
-                if kind == Kind.RAM_BATCH:
-                    await queue.put(payload)
+                if kind == Kind.RAM_BATCH or kind == Kind.QEMU_STREAM:
+                    if self.ram_done and kind == Kind.RAM_BATCH:
+                        raise ProtocolError("a RAM batch after RAM_DONE")
+                    if self.stream_ended:
+                        raise ProtocolError("QEMU stream data after STREAM_END")
+                    await queue.put((Kind(kind), payload))
                     continue
                 if kind == Kind.DISK_BATCH:
+                    if self.ram_done:
+                        raise ProtocolError("a disk batch after RAM_DONE")
                     assert incoming.storage is not None
                     await incoming.storage.apply(memoryview(payload))
-                    continue
-                if kind == Kind.DEVICE_STATE:
-                    await self._device_state(bytes(payload))
                     continue
                 msg = parse_message(kind, payload)
                 if msg is None:
                     raise ProtocolError(f"unexpected data message kind {kind}")
-                if msg.op is Op.ROUND:
-                    continue
                 if msg.op is Op.RAM_DONE:
-                    await queue.put(None)
-                    await applier  # every page is in the RAM file before devices load
-                    watched.discard(applier)
-                    assert incoming.storage is not None
-                    await incoming.storage.finish()  # disks flushed, exports gone
+                    if self.ram_done:
+                        raise ProtocolError("RAM_DONE twice")
                     self.ram_done = True
-                    await self._device_state(b"")
-                elif msg.op is Op.DEVICE_STATE_END:
-                    await self._finish_device_state()
+                    await queue.put((Op.RAM_DONE, b""))
+                elif msg.op is Op.STREAM_END:
+                    if not self.ram_done or self.stream_ended:
+                        raise ProtocolError("STREAM_END before RAM_DONE, or twice")
+                    self.stream_ended = True
+                    await queue.put((Op.STREAM_END, b""))
                 elif msg.op is Op.COMMIT:
+                    if not self.loaded:
+                        raise ProtocolError("COMMIT before the destination reported LOADED")
                     await self._commit()
                     return
                 elif msg.op is Op.ABORT:
@@ -250,53 +249,41 @@ class DestinationJob:
                 else:
                     raise ProtocolError(f"unexpected {msg.op.value} during a migration")
         finally:
-            for task in (applier, qemu_exit):
+            for task in (feeder, qemu_exit):
                 if not task.done():
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError, FerryError):
                         await task
 
-    async def _apply_pages(self, queue: asyncio.Queue[bytes | memoryview | None]) -> None:
-        """Decode, validate and write page batches in order, off the event loop."""
+    async def _feed(self, queue: asyncio.Queue[_Item]) -> None:
+        """In order: page batches into the RAM file (worker thread), stream chunks into
+        QEMU, disks finished at RAM_DONE, LOADED once QEMU took the whole stream."""
         incoming = self.incoming
-        assert incoming is not None and incoming.ram is not None
+        assert incoming is not None and incoming.ram is not None and incoming.qmp is not None
         npages = incoming.spec.npages
         loop = asyncio.get_running_loop()
-        while (payload := await queue.get()) is not None:
-            applied = await loop.run_in_executor(
-                None, codec.decode_and_apply, payload, incoming.ram, npages, PAGE_SIZE)
-            self.pages_applied += applied
-
-    async def _device_state(self, chunk: bytes) -> None:
-        """Buffer device state until RAM is complete, then stream it into QEMU."""
-        if chunk:
-            self.device_state.append(chunk)
-        if not self.ram_done:
-            return
-        incoming = self.incoming
-        assert incoming is not None
-        if self.state_writer is None:
-            _, self.state_writer = await asyncio.open_unix_connection(
-                str(incoming.paths.incoming_path))
-        for buffered in self.device_state:
-            self.state_writer.write(buffered)
-        self.device_state.clear()
-        await self.state_writer.drain()
-
-    async def _finish_device_state(self) -> None:
-        """Close QEMU's incoming stream and wait for it to load; then tell the source."""
-        incoming = self.incoming
-        assert incoming is not None and incoming.qmp is not None
-        if not self.ram_done:
-            raise ProtocolError("device state ended before RAM was complete")
-        mark = incoming.qmp.event_mark()
-        await self._device_state(b"")
-        assert self.state_writer is not None
-        self.state_writer.close()
-        with contextlib.suppress(ConnectionError):
-            await self.state_writer.wait_closed()
-        await wait_migration_done(incoming.qmp, mark, LOAD_TIMEOUT_S)
-        await send_control(self.link, Op.LOADED, pages=self.pages_applied)
+        _, writer = await asyncio.open_unix_connection(str(incoming.paths.incoming_path))
+        self.state_writer = writer
+        while True:
+            what, payload = await queue.get()
+            if what is Kind.RAM_BATCH:
+                self.pages_applied += await loop.run_in_executor(
+                    None, codec.decode_and_apply, payload, incoming.ram, npages, PAGE_SIZE)
+            elif what is Kind.QEMU_STREAM:
+                writer.write(payload)
+                await writer.drain()
+            elif what is Op.RAM_DONE:
+                assert incoming.storage is not None
+                await incoming.storage.finish()   # disks flushed, exports gone
+            elif what is Op.STREAM_END:
+                mark = incoming.qmp.event_mark()
+                writer.close()
+                with contextlib.suppress(ConnectionError):
+                    await writer.wait_closed()
+                await wait_migration_done(incoming.qmp, mark, LOAD_TIMEOUT_S)
+                self.loaded = True
+                await send_control(self.link, Op.LOADED, pages=self.pages_applied)
+                return
 
     async def _commit(self) -> None:
         """The destination owns the VM from here on: resume it, whatever the link does."""

@@ -1,18 +1,18 @@
 """What the two agents say during a migration: message kinds and control operations.
 
-Data messages carry bytes (page batches, device-state chunks); control messages carry
+Data messages carry bytes (page batches, QEMU stream chunks); control messages carry
 one JSON object with an "op". The order on the channel is the order of meaning: the
 destination applies page batches in the order sent (the codec's COPY entries rely on
-it), and feeds device state to its QEMU only after RAM_DONE, because devices may read
-guest RAM while their state loads.
+it), and feeds each QEMU_STREAM chunk to its QEMU only after every page batch before it
+is in the RAM file, and the device state (after RAM_DONE) only once the disks are done.
 
 Source -> destination                     Destination -> source
-  PREPARE {vm, options}                     PREPARED {dest_pid, ...} | ERROR
-  RAM_BATCH* (rounds)                       ERROR (any time before COMMIT)
-  ROUND {index, pages} (bookkeeping)
-  DEVICE_STATE* / DEVICE_STATE_END
-  RAM_DONE {final pages}                    LOADED {} when its QEMU took the device state
-  COMMIT                                    COMMITTED {resume_us}
+  PREPARE {vm, job, disk_map, ...}          PREPARED {dest_pid, npages} | ERROR
+  RAM_BATCH* / QEMU_STREAM* / DISK_BATCH*   ERROR (any time before COMMIT)
+  RAM_DONE {pages}: RAM and disks complete
+  QEMU_STREAM* (device state)
+  STREAM_END {bytes}                        LOADED {pages} when its QEMU loaded it all
+  COMMIT                                    COMMITTED {resume_us, dest_pid}
   ABORT {reason}                            ABORTED {}
 """
 
@@ -27,6 +27,8 @@ from agent.errors import ProtocolError
 from agent.wire.messages import MsgType
 
 MAX_CONTROL_BYTES = 1 << 20
+MAX_STREAM_CHUNK = 1 << 20
+"""QEMU stream bytes in one QEMU_STREAM message, at most."""
 
 
 class Kind(enum.IntEnum):
@@ -35,7 +37,7 @@ class Kind(enum.IntEnum):
     CONTROL = MsgType.CONTROL            # one JSON object with an "op"
     RAM_BATCH = MsgType.RAM_PAGES        # an encoded page batch (agent.batch.codec) of guest RAM
     DISK_BATCH = MsgType.DISK_BLOCKS     # an encoded block batch of one disk
-    DEVICE_STATE = MsgType.DEVICE_STATE  # raw bytes of QEMU's migration stream
+    QEMU_STREAM = MsgType.QEMU_STREAM    # QEMU's migration stream, main block's pages cut
 
 
 class Op(enum.StrEnum):
@@ -43,9 +45,8 @@ class Op(enum.StrEnum):
 
     PREPARE = "prepare"            # here is a VM: get ready to receive it
     PREPARED = "prepared"          # destination QEMU waits for incoming
-    ROUND = "round"                # a pre-copy round finished (for the destination's log)
-    RAM_DONE = "ram-done"          # every page is sent; the guest is stopped
-    DEVICE_STATE_END = "device-state-end"  # QEMU's migration stream is complete
+    RAM_DONE = "ram-done"          # every page and disk block is sent; device state follows
+    STREAM_END = "stream-end"      # QEMU's migration stream is complete
     LOADED = "loaded"              # destination QEMU loaded the device state, paused
     COMMIT = "commit"              # the destination now owns the VM: resume it
     COMMITTED = "committed"        # destination resumed

@@ -1,19 +1,27 @@
-"""The source's side of one migration: pre-copy rounds, switchover, commit or roll back.
+"""The source's side of one migration: QEMU's own pre-copy, carried page-aware; commit or roll back.
+
+The source QEMU migrates into a unix socket this job serves (DESIGN §2). QEMU's dirty log
+picks each iteration's pages and QEMU decides when to stop the guest; the job parses the
+stream (agent.qemu.stream), ships the main RAM block's pages as page batches (dedup,
+zstd when it pays, AES-GCM on the channel) and forwards everything else, rewritten for
+a destination QEMU running x-ignore-shared. It reads from QEMU only as fast as the link
+takes the result, so QEMU's bandwidth estimate, and its switchover, are the real link's.
+Disks run their bitmap rounds alongside; with disks QEMU pauses in `pre-switchover`
+and the disks' final round starts there.
 
 Safety (DESIGN §2): at most one copy of the VM runs, and one can always run. Until COMMIT
-is sent, every failure, a lost link or a cancel resumes the source VM and tells the
-destination to remove its copy. Once COMMIT is sent the source never resumes by itself;
-if the destination's answer is lost the job ends UNKNOWN with the source stopped.
+is sent, every failure, a lost link or a cancel cancels QEMU's migration (or `cont`s a
+source already in postmigrate) and tells the destination to remove its copy. Once COMMIT
+is sent the source never resumes by itself; if the destination's answer is lost the job
+ends UNKNOWN with the source stopped.
 """
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import logging
-import mmap
-import os
+import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -22,18 +30,17 @@ from pathlib import Path
 from typing import Any
 
 from agent.batch import codec
-from agent.errors import FerryError, LocalError, QemuError, UserError
-from agent.memory import scan
-from agent.memory.prefault import coarse_extents
-from agent.memory.tracker import HashScanTracker
-from agent.migration.convergence import ConvergencePolicy, Decision, RoundStats, TimeoutAction
+from agent.batch.pool import BufferPool
+from agent.errors import FerryError, LocalError, QemuError, UserError, VmNotMigratableError
+from agent.migration.convergence import (Compression, CompressionPolicy, CompressSetting, Eta,
+                                         TimeoutAction, ram_downtime_s)
 from agent.migration.link import Inbox, Link, send_control
-from agent.migration.protocol import Kind, Op
+from agent.migration.protocol import MAX_STREAM_CHUNK, Kind, Op
 from agent.migration.states import Phase, PhaseTracker
-from agent.migration.throttle import Throttle
-from agent.qemu import vm
+from agent.qemu import migrate as qemu_migrate
 from agent.qemu import qmp as qmp_mod
-from agent.qemu.migrate import enable_capabilities, wait_migration_done
+from agent.qemu import vm
+from agent.qemu.stream import Forward, Pages, RamSection, Section, StreamError, StreamParser
 from agent.qemu.vmspec import PAGE_SIZE, VmSpec
 from agent.state import journal, vms
 from agent.state.config import AgentConfig
@@ -45,15 +52,15 @@ PREPARE_TIMEOUT_S = 60.0
 LOADED_TIMEOUT_S = 60.0
 COMMIT_TIMEOUT_S = 30.0
 ABORT_TIMEOUT_S = 5.0
-DEVICE_STATE_CHUNK = 256 << 10
-# QEMU's default max-bandwidth (128 MiB/s in 7.2) would pace even the device state.
-QEMU_MAX_BANDWIDTH = 1 << 40
+ACCEPT_TIMEOUT_S = 10.0
+SOURCE_DONE_TIMEOUT_S = 30.0
 PROGRESS_INTERVAL_S = 0.25
-# The final scan runs in this many parts so that sending overlaps hashing.
-FINAL_SCAN_PARTS = 4
-# Below this the countdown has run out before the work did (a later round found more
-# dirty pages than predicted); progress then shows no ETA rather than a stuck zero.
-ETA_FLOOR_S = 0.05
+WATCH_FOREVER_S = 7 * 24 * 3600.0
+# Page batches encoded ahead of the one being sent: two sets of buffers in turn.
+BATCH_POOL = 24
+# Stream bytes translated at once, at most (when that much has arrived).
+RECEIVE_TARGET = 2 << 20
+
 
 class ConvergenceTimeout(UserError):
     """Pre-copy ran out of its time budget without converging (timeout action: abort)."""
@@ -69,57 +76,63 @@ class MigrationOptions:
 
     downtime_ms: int = 300
     bandwidth: int | None = None          # bytes per second on the wire; None: unlimited
-    compress_level: int | None = None     # zstd level; None: off
+    compress: CompressSetting = CompressSetting.parse("auto")
     dedup: bool = True
     timeout_s: float = 120.0
     timeout_action: TimeoutAction = TimeoutAction.ABORT
-    threads: int | None = None            # scanner threads; None: all cores
     storage: str = "copy"                 # copy: copy writable disks; shared: same paths
     disk_map: tuple[str, ...] = ()        # SRC=DST target paths on the destination
     disk_format: str | None = None        # convert copied disks to this format
 
-    @staticmethod
-    def parse_compress(text: str, bandwidth: int | None) -> int | None:
-        """`off`, `zstd:N`, or `auto` (zstd:1 when the link is slower than zstd, else off)."""
-        if text == "off":
-            return None
-        if text == "auto":
-            # zstd level 1 runs at ~0.5-0.75 GB/s per core here: it pays only when the link
-            # is slower than that; on a fast link it would become the bottleneck.
-            return 1 if bandwidth is not None and bandwidth < 400_000_000 else None
-        if text.startswith("zstd:"):
-            try:
-                level = int(text[5:])
-            except ValueError:
-                level = 0
-            if -7 <= level <= 19 and level != 0:
-                return level
-        raise UserError(f"bad --compress {text!r}: use auto, off or zstd:N (N from -7 to 19)")
+    def __post_init__(self) -> None:
+        if self.downtime_ms <= 0:
+            raise UserError(f"--downtime-ms must be positive, not {self.downtime_ms}")
+        if self.bandwidth is not None and self.bandwidth <= 0:
+            raise UserError(f"--bandwidth must be positive, not {self.bandwidth}")
+        if self.timeout_s <= 0:
+            raise UserError(f"--timeout must be positive, not {self.timeout_s:g}")
+        if self.storage not in ("copy", "shared"):
+            raise UserError(f"bad --storage {self.storage!r}: use copy or shared")
 
 
 @dataclass
 class Counters:
     """What went over the wire, for the report."""
 
-    rounds: int = 0
-    pages_sent: int = 0
+    pages_sent: int = 0          # main-block records QEMU sent (every iteration)
     zero_pages: int = 0
     dedup_pages: int = 0
     data_pages: int = 0
     unchanged_pages: int = 0
+    compressed_batches: int = 0
     raw_data_bytes: int = 0
-    wire_bytes: int = 0
-    device_state_bytes: int = 0
+    wire_bytes: int = 0          # page batches
+    stream_bytes: int = 0        # read from QEMU
+    forward_bytes: int = 0       # QEMU's stream bytes sent on (device state included)
+    device_state_bytes: int = 0  # of those, after RAM's last section
     disk_wire_bytes: int = 0
 
-    def add(self, batch: codec.EncodedBatch) -> None:
-        self.pages_sent += batch.entry_count
+    def add(self, batch: codec.EncodedBatch, records: int) -> None:
+        self.pages_sent += records
         self.zero_pages += batch.zero_count
         self.dedup_pages += batch.copy_count
         self.data_pages += batch.data_count
         self.unchanged_pages += batch.unchanged_count
         self.raw_data_bytes += batch.raw_data_bytes
         self.wire_bytes += batch.nbytes
+        self.compressed_batches += batch.compressed
+
+    @property
+    def total_wire_bytes(self) -> int:
+        return self.wire_bytes + self.forward_bytes + self.disk_wire_bytes
+
+
+class _RamDone:
+    """Marker in the outgoing messages: RAM's last section was forwarded."""
+
+
+_RAM_DONE = _RamDone()
+Outgoing = tuple[Kind, bytes | memoryview] | _RamDone
 
 
 @dataclass
@@ -141,11 +154,7 @@ class SourceJob:
     info: vm.VmInfo | None = None
     link: Link | None = None
     inbox: Inbox | None = None
-    ram: mmap.mmap | None = None
-    ram_fd: int = -1
-    tracker: HashScanTracker | None = None
     encoder: codec.BatchEncoder | None = None
-    throttle: Throttle | None = None
     storage: StorageSource | None = None
     migrate_socket: Path | None = None
     migrate_started: bool = False
@@ -153,14 +162,21 @@ class SourceJob:
     resume_us: int | None = None
     dest_pid: int | None = None
     started: float = field(default_factory=time.monotonic)
-    _eta: float | None = None
-    _eta_at: float = 0.0
-    _dirty_rate: float | None = None
-    _last_progress: float = 0.0
-    _migrate_writer: asyncio.StreamWriter | None = None
-    _ram_done: asyncio.Event = field(default_factory=asyncio.Event)
     switchover: dict[str, float] = field(default_factory=dict)
-    _ram_extents: list[tuple[int, int]] = field(default_factory=list)
+    iterations: int = 0                   # QEMU's dirty-log syncs (dirty-sync-count)
+    sections: int = 0                     # RAM sections in QEMU's stream
+    throttle_pct: int = 0                 # QEMU's auto-converge now, and the most it took
+    throttle_max: int = 0
+    _compression: CompressionPolicy | None = None
+    _pool: BufferPool = field(default_factory=lambda: BufferPool(BATCH_POOL))
+    _disks_final: asyncio.Event = field(default_factory=asyncio.Event)
+    _switchover_started: asyncio.Event = field(default_factory=asyncio.Event)
+    _downtime_ms_set: int | None = None
+    _forced: bool = False
+    _eta: Eta = field(default_factory=Eta)
+    _last_progress: float = 0.0
+    _last_query: dict[str, Any] = field(default_factory=dict)
+    _sending_s: float = 0.0
 
     # ------------------------------------------------------------------ driver
 
@@ -189,8 +205,7 @@ class SourceJob:
                 # A bug, or an error some library let through untranslated: still roll back.
                 log.exception("migration %s: unexpected error", self.job_id)
                 exc = LocalError(f"internal error: {exc!r}")
-            if self.inbox is not None:
-                exc = await self.inbox.explain(exc)
+            exc = await self._explain(exc)
             error = str(exc)
             log.error("migration %s of %s failed: %s", self.job_id, self.qmp_path, exc)
             log.debug("traceback", exc_info=True)
@@ -205,12 +220,25 @@ class SourceJob:
                 journal.remove(self.config, self.job_id)
         return self.report(error)
 
+    async def _explain(self, exc: FerryError) -> FerryError:
+        """The root cause of a failure: the peer's own report, or QEMU's error when its
+        migration failed (the stream then ends early, which is only the symptom)."""
+        if self.inbox is not None:
+            explained = await self.inbox.explain(exc)
+            if explained is not exc and isinstance(explained, FerryError):
+                return explained
+        if self.qmp is not None and self.migrate_started and isinstance(exc, StreamError):
+            with contextlib.suppress(FerryError):
+                info = await self.qmp.execute("query-migrate")
+                if info.get("status") == "failed":
+                    return QemuError(f"the source QEMU's migration failed: "
+                                     f"{info.get('error-desc', 'no detail')} ({exc})")
+        return exc
+
     async def _migrate(self) -> None:
         await self._prepare()
         self.phases.advance(Phase.PRECOPY)
-        await self._precopy()
-        self.phases.advance(Phase.STOP_AND_COPY)
-        await self._switchover()
+        await self._transfer()
         self.phases.advance(Phase.COMMITTING)
         await self._commit()
         self.phases.advance(Phase.COMPLETED)
@@ -221,43 +249,55 @@ class SourceJob:
     async def _prepare(self) -> None:
         self.qmp = await qmp_mod.connect(self.qmp_path)
         self.info = info = await vm.describe_vm(self.qmp_path, qmp=self.qmp)
-        if self.options.storage not in ("copy", "shared"):
-            raise UserError(f"bad --storage {self.options.storage!r}: use copy or shared")
+        if vm.tcg_dirty_log_unsafe(info.ram_size, info.accel, info.qemu_version):
+            raise VmNotMigratableError(
+                f"VM {info.name} runs under TCG on QEMU "
+                f"{'.'.join(map(str, info.qemu_version))} with {info.ram_size} bytes of RAM, "
+                f"a multiple of {vm.TCG_DIRTY_BUG_PAGES} pages: QEMU before 9.0 loses dirty "
+                f"pages of such a block under TCG (fixed upstream by 03bfc2188f) and the guest "
+                f"would be corrupted. Run it under KVM, on QEMU >= 9.0, or with "
+                f"{(info.ram_size + vm.TCG_RAM_PADDING) // 1024}K of RAM (ferry vm start pads "
+                f"TCG guests so)")
         disks = await copyable_disks(self.qmp) if self.options.storage == "copy" else ()
         spec = VmSpec(name=self.vm_name or info.name, argv=info.argv[1:],
-                      ram_size=info.ram_size, ram_backend_id=info.ram_backend_id, disks=disks)
+                      ram_size=info.ram_size, ram_backend_id=info.ram_block, disks=disks)
         status = (await self.qmp.execute("query-status")).get("status")
         if status != "running":
             raise UserError(f"VM {spec.name} is {status}, not running; resume it first")
-        self.ram_fd = os.open(info.ram_path, os.O_RDONLY)
-        self.ram = mmap.mmap(self.ram_fd, info.ram_size, mmap.MAP_SHARED, mmap.PROT_READ)
-        self.tracker = HashScanTracker(self.ram, threads=self.options.threads, fd=self.ram_fd)
-        self.encoder = codec.BatchEncoder(self.ram, PAGE_SIZE, self.tracker.sent_hashes,
-                                          dedup=self.options.dedup,
-                                          compress_level=self.options.compress_level)
-        await self.qmp.execute("migrate-set-capabilities", enable_capabilities())
-        await self.qmp.execute("migrate-set-parameters", {"max-bandwidth": QEMU_MAX_BANDWIDTH})
+        migration = (await self.qmp.execute("query-migrate")).get("status", "none")
+        if migration in qemu_migrate.ACTIVE_STATUSES:
+            raise UserError(f"VM {spec.name} is already migrating (QEMU migration {migration})")
+        self._compression = CompressionPolicy(self.options.compress)
+        self.encoder = codec.BatchEncoder(
+            None, PAGE_SIZE, bytearray(codec.zero_block_hash(PAGE_SIZE) * spec.npages),
+            dedup=self.options.dedup, compress_level=self.options.compress.level)
+        await self.qmp.execute("migrate-set-capabilities",
+                               qemu_migrate.source_capabilities(pause=bool(disks)))
+        await self._set_downtime_limit(self.options.downtime_ms / 1000 if not disks else 0.0)
+        await self.qmp.execute("migrate-set-parameters", qemu_migrate.SOURCE_PARAMETERS)
         await self._emit(force=True)
         self.link = await self.connect_peer(self.peer)
         self.inbox = Inbox(self.link)
-        # Where the RAM file holds data: the destination populates those pages early.
-        self._ram_extents = scan.data_extents(self.ram_fd, info.ram_size)
-        extents = coarse_extents(self._ram_extents)
         await send_control(self.link, Op.PREPARE, vm=spec.to_json(), job=self.job_id,
-                           ram_extents=extents, disk_map=list(self.options.disk_map),
+                           disk_map=list(self.options.disk_map),
                            disk_format=self.options.disk_format)
         reply = await self.inbox.expect({Op.PREPARED}, timeout=PREPARE_TIMEOUT_S,
                                         what="preparing the destination")
         self.dest_pid = int(reply.body.get("dest_pid", 0)) or None
-        self.throttle = Throttle(self.qmp)
         self._journal(journal.Step.PRECOPY)
+        self.config.run_dir.mkdir(parents=True, exist_ok=True)
         self.storage = StorageSource(self.qmp, disks, self.config.run_dir / f"{self.job_id}.nbd",
                                      self.job_id, dedup=self.options.dedup,
-                                     compress_level=self.options.compress_level)
-        self.config.run_dir.mkdir(parents=True, exist_ok=True)
+                                     compress_level=self._disk_compress_level())
         await self.storage.start()  # bitmaps record writes from here on
         log.info("migration %s: destination ready after %.0f ms (QEMU pid %s)", self.job_id,
                  (time.monotonic() - self.started) * 1000, self.dest_pid)
+
+    def _disk_compress_level(self) -> int | None:
+        """Disk batches compress only when asked for explicitly (zstd:N): `auto` decides
+        per RAM batch, and disk rounds keep their own encoders."""
+        setting = self.options.compress
+        return setting.level if setting.mode is Compression.FIXED else None
 
     def _journal(self, step: journal.Step) -> None:
         """Record how far the job got, for an agent restarted after a crash."""
@@ -265,92 +305,321 @@ class SourceJob:
             job=self.job_id, role="source", step=step, vm=self.vm_name or "",
             qmp_path=str(self.qmp_path), peer=self.peer))
 
-    # ------------------------------------------------------------------ pre-copy
+    async def _set_downtime_limit(self, seconds: float) -> None:
+        """QEMU's downtime-limit, unless forced already; 0 s holds it in pre-copy."""
+        assert self.qmp is not None
+        ms = (qemu_migrate.MAX_DOWNTIME_MS if self._forced
+              else qemu_migrate.downtime_limit_ms(seconds))
+        if ms != self._downtime_ms_set:
+            await self.qmp.execute("migrate-set-parameters", {"downtime-limit": ms})
+            self._downtime_ms_set = ms
 
-    async def _precopy(self) -> None:
-        assert self.tracker is not None and self.throttle is not None
-        policy = ConvergencePolicy(downtime_limit_s=self.options.downtime_ms / 1000,
-                                   timeout_s=self.options.timeout_s,
-                                   timeout_action=self.options.timeout_action)
-        # Round 0 needs no scan: every page that may hold data goes to the encoder, which
-        # hashes its copy anyway and skips pages still zero (what the destination holds).
-        dirty, scan_s = self._data_pages(), 0.0
-        disk_rate = 0.0   # bytes per second the disk rounds achieved (best so far)
-        while True:
-            round_start = time.monotonic()
-            send_s = await self._send_round(dirty)
-            disk_rate = max(disk_rate, await self._send_disk_round(
-                first=self.counters.rounds == 0, final=False))
-            await send_control(self.link, Op.ROUND, index=self.counters.rounds,
-                               pages=len(dirty))
-            stats = RoundStats(index=self.counters.rounds, dirty_pages=len(dirty),
-                               scan_s=scan_s, send_s=send_s,
-                               elapsed_s=time.monotonic() - round_start + scan_s)
-            self.counters.rounds += 1
-            log.info("migration %s round %d: %d pages in %.0f ms after a %.0f ms scan",
-                     self.job_id, stats.index, stats.dirty_pages, send_s * 1000, scan_s * 1000)
-            dirty, scan_s = await self._scan()
-            # The disks' last round adds to the stop-and-copy time (counted with the scan);
-            # before any rate is known, a second stands for it.
-            disk_dirty = await self.storage.dirty_bytes() if self.storage else 0
-            disk_final_s = (disk_dirty / disk_rate if disk_rate else 1.0) if disk_dirty else 0.0
-            decision = policy.observe(stats, time.monotonic() - self.started, len(dirty),
-                                      scan_s + disk_final_s)
-            self._dirty_rate = len(dirty) / max(stats.elapsed_s, 1e-3)
-            await self._emit(pages_left=len(dirty), policy=policy)
-            if decision is Decision.SWITCHOVER:
-                return
-            if decision is Decision.ABORT:
-                raise ConvergenceTimeout(
-                    f"pre-copy did not converge within {self.options.timeout_s:g} s "
-                    f"({len(dirty)} pages still dirty, predicted downtime "
-                    f"{policy.predicted_downtime_s(len(dirty), scan_s) * 1000:.0f} ms > "
-                    f"{self.options.downtime_ms} ms); use --timeout-action force to accept "
-                    f"a longer downtime")
-            if decision is Decision.THROTTLE:
-                if self.phases.phase is Phase.PRECOPY:
-                    self.phases.advance(Phase.THROTTLING)
-                log.info("migration %s: throttling guest to %.0f%% stopped", self.job_id,
-                         policy.throttle_share * 100)
-                self.throttle.set_share(policy.throttle_share)
+    # ------------------------------------------------------------------ transfer
 
-    def _data_pages(self) -> array.array[int]:
-        """Indices of the pages inside the RAM file's data extents at prepare time (holes
-        read as zero; pages written since are found by the next scan)."""
+    async def _transfer(self) -> None:
+        """Disk round 0, then QEMU's migration through our socket until its stream ends;
+        disk rounds, progress and the time budget are watched alongside."""
+        assert self.qmp is not None and self.storage is not None
+        if self.storage.disks:
+            await self._send_disk_round(first=True, final=False)
+        listener = self._listen()
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            mark = self.qmp.event_mark()
+            await self.qmp.execute("migrate", {"uri": f"unix:{self.migrate_socket}"})
+            self.migrate_started = True
+            stopped = asyncio.create_task(self._watch_stop(mark), name="watch-stop")
+            tasks = [asyncio.create_task(self._watch(mark), name="watch-qemu"), stopped]
+            if self.storage.disks:
+                tasks += [asyncio.create_task(self._disk_rounds(), name="disk-rounds"),
+                          asyncio.create_task(self._disks_at_switchover(), name="disk-final")]
+            loop = asyncio.get_running_loop()
+            try:
+                conn, _ = await asyncio.wait_for(loop.sock_accept(listener), ACCEPT_TIMEOUT_S)
+            except TimeoutError:
+                raise QemuError("the source QEMU did not connect to the migration socket "
+                                f"within {ACCEPT_TIMEOUT_S:g} s") from None
+            with conn:
+                pump = asyncio.create_task(self._pump(conn), name="stream-pump")
+                await _first_failure(pump, tasks)
+            # QEMU stopped the guest before its last section; the event may still be on
+            # its way to us.
+            await asyncio.wait_for(stopped, ACCEPT_TIMEOUT_S)
+        finally:
+            listener.close()
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, FerryError):
+                    await task
+        await send_control(self.link, Op.STREAM_END, bytes=self.counters.forward_bytes)
+        self._mark("stream_sent")
+        await qemu_migrate.wait_migration_done(self.qmp, self.qmp.event_mark(),
+                                               SOURCE_DONE_TIMEOUT_S)
+        self._mark("source_qemu_done")
+        self._note_query(await self.qmp.execute("query-migrate"))   # QEMU's final figures
+        assert self.inbox is not None
+        await self.inbox.expect({Op.LOADED}, timeout=LOADED_TIMEOUT_S,
+                                what="destination loading the device state")
+        self._mark("loaded")
+        log.info("migration %s: %d iterations, device state (%d bytes) loaded %.0f ms after "
+                 "stop", self.job_id, self.iterations, self.counters.device_state_bytes,
+                 self.switchover.get("loaded", -1))
+
+    def _listen(self) -> socket.socket:
+        self.migrate_socket = self.config.run_dir / f"{self.job_id}.migrate.sock"
+        self.migrate_socket.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(str(self.migrate_socket))
+            listener.listen(1)
+            listener.setblocking(False)
+        except OSError:
+            listener.close()
+            raise
+        return listener
+
+    async def _pump(self, conn: socket.socket) -> None:
+        """Read QEMU's stream, translate it in a worker thread, send the result; the next
+        chunk is read and translated while the last one's messages are sent."""
         assert self.info is not None
-        return scan.run_indices(scan.extent_pages(self._ram_extents,
-                                                  self.info.ram_size // PAGE_SIZE))
-
-    async def _scan(self) -> tuple[Any, float]:
-        """Dirty pages now, and how long finding them took (in a worker thread)."""
-        assert self.tracker is not None
-        start = time.monotonic()
-        dirty = await asyncio.get_running_loop().run_in_executor(None, self.tracker.collect)
-        return dirty, time.monotonic() - start
-
-    async def _send_round(self, dirty: Any) -> float:
-        """Encode and send the pages in `dirty`; the next batch encodes while one is sent."""
-        assert self.encoder is not None and self.link is not None
         loop = asyncio.get_running_loop()
-        start = time.monotonic()
-        total = len(dirty)
-        pending = loop.run_in_executor(None, self.encoder.encode, dirty, 0) if total else None
-        while pending is not None:
-            batch, position = await pending
-            pending = (loop.run_in_executor(None, self.encoder.encode, dirty, position)
-                       if position < total else None)
+        conn.setblocking(False)
+        parser = StreamParser(self.info.ram_block, self.info.ram_size)
+        sending: asyncio.Task[None] | None = None
+        try:
+            while True:
+                n = await self._receive(loop, conn, parser)
+                if n == 0:
+                    parser.close()
+                    break
+                self.counters.stream_bytes += n
+                out = await loop.run_in_executor(None, self._translate, parser)
+                if sending is not None:
+                    await sending
+                sending = asyncio.create_task(self._send_all(out))
+            if sending is not None:
+                await sending
+        finally:
+            if sending is not None and not sending.done():
+                sending.cancel()
+                with contextlib.suppress(asyncio.CancelledError, FerryError):
+                    await sending
+
+    @staticmethod
+    async def _receive(loop: asyncio.AbstractEventLoop, conn: socket.socket,
+                       parser: StreamParser) -> int:
+        """Wait for stream bytes, then take all that have arrived (a socket holds ~200 KB:
+        translating more at once costs fewer thread hand-offs); 0 at the end."""
+        with parser.space() as room:
+            n = await loop.sock_recv_into(conn, room)
+        parser.commit(n)
+        total = n
+        while n and total < RECEIVE_TARGET:
+            with parser.space() as room:
+                try:
+                    n = conn.recv_into(room)
+                except BlockingIOError:
+                    break
+            parser.commit(n)
+            total += n
+        return total
+
+    def _translate(self, parser: StreamParser) -> list[Outgoing]:
+        """Every event the parser has now, as messages (worker thread: native loops)."""
+        assert self.encoder is not None and self._compression is not None
+        out: list[Outgoing] = []
+        forward: list[bytes] = []
+        size = 0
+
+        def flush() -> None:
+            nonlocal size
+            if forward:
+                data = b"".join(forward)
+                forward.clear()
+                size = 0
+                for at in range(0, len(data), MAX_STREAM_CHUNK):
+                    out.append((Kind.QEMU_STREAM, data[at:at + MAX_STREAM_CHUNK]))
+
+        tail = parser.ram_complete
+        while (event := parser.next_event()) is not None:
+            if isinstance(event, Forward):
+                forward.append(event.data)
+                size += len(event.data)
+                if tail:
+                    self.counters.device_state_bytes += len(event.data)
+                if size >= MAX_STREAM_CHUNK:
+                    flush()
+            elif isinstance(event, Pages):
+                flush()
+                out += self._encode(event)
+            elif isinstance(event, RamSection):
+                self.sections = event.number
+                if event.kind is Section.END:
+                    flush()
+                    out.append(_RAM_DONE)
+                    tail = True
+        flush()
+        return out
+
+    def _encode(self, pages: Pages) -> list[Outgoing]:
+        assert self.encoder is not None and self._compression is not None
+        out: list[Outgoing] = []
+        position, total = 0, len(pages)
+        while position < total:
+            compress = self._compression.compress_next()
+            began = time.perf_counter()
+            start = position
+            batch, position = self.encoder.encode(
+                pages.indices, position, src=pages.data, offsets=pages.offsets,
+                into=self._pool.take(self.encoder.buffer_size()), compress=compress)
+            self._compression.encoded(batch.raw_data_bytes, batch.nbytes,
+                                      time.perf_counter() - began, batch.compressed)
+            self.counters.add(batch, position - start)
             if batch.entry_count:
-                await self._send(Kind.RAM_BATCH, batch.payload)
-                self.counters.add(batch)
-            await self._emit(pages_left=total - position)
-            self._check_deadline(total - position)
-        return time.monotonic() - start
+                out.append((Kind.RAM_BATCH, batch.payload))
+        return out
+
+    async def _send_all(self, out: list[Outgoing]) -> None:
+        for item in out:
+            if isinstance(item, _RamDone):
+                await self._ram_done()
+                continue
+            kind, payload = item
+            began = time.perf_counter()
+            await self._send(kind, payload)
+            seconds = time.perf_counter() - began
+            self._sending_s += seconds
+            if kind is Kind.RAM_BATCH:
+                assert self._compression is not None
+                self._compression.sent(len(payload), seconds)
+            else:
+                self.counters.forward_bytes += len(payload)
+            await self._emit()
+
+    async def _ram_done(self) -> None:
+        """RAM's last section is out: the disks' final round must be too before device
+        state follows, since the destination feeds it to QEMU only after RAM_DONE."""
+        self._mark("ram_sent")
+        if self.storage is not None and self.storage.disks:
+            await self._disks_final.wait()
+            self._mark("disks_sent")
+        assert self.link is not None
+        await send_control(self.link, Op.RAM_DONE, pages=self.counters.pages_sent)
+
+    async def _send(self, kind: Kind, payload: bytes | memoryview) -> None:
+        """Send one message, unless the destination already reported a failure; then keep
+        the wire rate under --bandwidth."""
+        assert self.link is not None
+        if self.inbox is not None:
+            self.inbox.check()
+        await self.link.send(kind, payload)
+        await self._pace()
+
+    async def _pace(self) -> None:
+        """Sleep as needed to keep the wire rate under --bandwidth."""
+        if self.options.bandwidth is None:
+            return
+        ahead = (self.counters.total_wire_bytes / self.options.bandwidth
+                 - (time.monotonic() - self.started))
+        if ahead > 0:
+            await asyncio.sleep(ahead)
+
+    # ------------------------------------------------------------------ QEMU's side
+
+    async def _watch_stop(self, mark: int) -> None:
+        """The guest stopped for the switchover: the downtime starts here."""
+        assert self.qmp is not None
+        stop = await self.qmp.wait_event("STOP", after=mark, timeout=WATCH_FOREVER_S)
+        self.stop_us = stop.timestamp_us
+        if self.phases.phase in (Phase.PRECOPY, Phase.THROTTLING):
+            self.phases.advance(Phase.STOP_AND_COPY)
+        self._journal(journal.Step.STOPPED)
+        await self._emit(force=True)
+
+    async def _watch(self, mark: int) -> None:
+        """Follow QEMU's migration: progress, throttling, the time budget, pre-switchover."""
+        assert self.qmp is not None
+        while True:
+            info: dict[str, Any] = await self.qmp.execute("query-migrate")
+            self._note_query(info)
+            status = info.get("status")
+            if status in ("failed", "cancelled"):
+                raise QemuError(f"the source QEMU's migration {status}: "
+                                f"{info.get('error-desc', 'no detail')}")
+            if status == "pre-switchover":
+                self._switchover_started.set()
+            self.throttle_pct = int(info.get("cpu-throttle-percentage", 0) or 0)
+            self.throttle_max = max(self.throttle_max, self.throttle_pct)
+            if self.throttle_pct and self.phases.phase is Phase.PRECOPY:
+                self.phases.advance(Phase.THROTTLING)
+                log.info("migration %s: QEMU throttles the guest (%d%%)", self.job_id,
+                         self.throttle_pct)
+            await self._check_budget()
+            await self._emit()
+            if status == "completed":
+                return
+            mark = self.qmp.event_mark()
+            with contextlib.suppress(QemuError):
+                await self.qmp.wait_event("MIGRATION", after=mark, timeout=PROGRESS_INTERVAL_S)
+
+    def _note_query(self, info: dict[str, Any]) -> None:
+        self._last_query = info
+        syncs = (info.get("ram") or {}).get("dirty-sync-count")
+        if syncs:
+            self.iterations = int(syncs)
+
+    async def _check_budget(self) -> None:
+        """Past --timeout in pre-copy: abort (the source keeps running) or force."""
+        if self.phases.phase not in (Phase.PRECOPY, Phase.THROTTLING):
+            return
+        if time.monotonic() - self.started <= self.options.timeout_s or self._forced:
+            return
+        ram = self._last_query.get("ram", {})
+        if self.options.timeout_action is TimeoutAction.ABORT:
+            raise ConvergenceTimeout(
+                f"pre-copy did not converge within {self.options.timeout_s:g} s "
+                f"({int(ram.get('remaining', 0)) >> 20} MiB still dirty after "
+                f"{int(ram.get('dirty-sync-count', 0))} iterations, dirtied at "
+                f"{int(ram.get('dirty-pages-rate', 0)) * PAGE_SIZE >> 20} MiB/s); raise "
+                f"--timeout or --bandwidth, or use --timeout-action force to accept a "
+                f"longer downtime")
+        log.warning("migration %s: pre-copy did not converge within %g s; switching over "
+                    "with no downtime limit (--timeout-action force)", self.job_id,
+                    self.options.timeout_s)
+        self._forced = True
+        await self._set_downtime_limit(0)
+
+    async def _disks_at_switchover(self) -> None:
+        """Once QEMU pauses in pre-switchover (guest stopped, END and device state not yet
+        sent): close the disks' last bitmaps, let QEMU go on, read them while it sends."""
+        assert self.qmp is not None and self.storage is not None
+        await self._switchover_started.wait()
+        self._mark("pre_switchover")
+        await self.storage.seal_final_round()
+        await self.qmp.execute("migrate-continue", {"state": "pre-switchover"})
+        self._mark("continued")
+        await self._send_disk_round(first=False, final=True)
+        self._disks_final.set()
+
+    async def _disk_rounds(self) -> None:
+        """Bitmap rounds while QEMU iterates; QEMU's downtime limit leaves room for the
+        final round (held at its minimum while that would take most of the pause)."""
+        assert self.storage is not None
+        rate = 0.0
+        requested = self.options.downtime_ms / 1000
+        while not self._switchover_started.is_set():
+            rate = max(rate, await self._send_disk_round(first=False, final=False))
+            dirty = await self.storage.dirty_bytes()
+            await self._set_downtime_limit(ram_downtime_s(requested, dirty, rate))
+            if not dirty:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._switchover_started.wait(), 0.1)
 
     async def _send_disk_round(self, *, first: bool, final: bool) -> float:
         """One round of every copied disk's changed blocks; its rate in bytes per second
         (0 when it moved too little to tell)."""
-        if self.storage is None or not self.storage.disks:
-            return 0.0
+        assert self.storage is not None
         start, before = time.monotonic(), self.counters.disk_wire_bytes
         async for payload in self.storage.round_batches(first=first, final=final):
             await self._send(Kind.DISK_BATCH, payload)
@@ -359,139 +628,16 @@ class SourceJob:
         seconds, moved = time.monotonic() - start, self.counters.disk_wire_bytes - before
         return moved / seconds if seconds > 0.01 and moved > (1 << 20) else 0.0
 
-    async def _send(self, kind: Kind, payload: bytes | memoryview) -> None:
-        """Send one batch, unless the destination already reported a failure; then keep
-        the wire rate under --bandwidth."""
-        assert self.link is not None
-        if self.inbox is not None:
-            self.inbox.check()
-        await self.link.send(kind, payload)
-        await self._pace()
-
-    def _check_deadline(self, pages_left: int) -> None:
-        """Abort a pre-copy round that overruns the time budget (rounds on a slow link can
-        be long); with --timeout-action force the round finishes and switchover follows."""
-        if (self.phases.phase in (Phase.PRECOPY, Phase.THROTTLING)
-                and self.options.timeout_action is TimeoutAction.ABORT
-                and time.monotonic() - self.started > self.options.timeout_s):
-            raise ConvergenceTimeout(
-                f"pre-copy did not converge within {self.options.timeout_s:g} s "
-                f"({pages_left} pages of this round still to send); raise --timeout, "
-                f"--bandwidth, or use --timeout-action force to accept a longer downtime")
-
-    async def _pace(self) -> None:
-        """Sleep as needed to keep the wire rate under --bandwidth."""
-        if self.options.bandwidth is None:
-            return
-        sent = self.counters.wire_bytes + self.counters.disk_wire_bytes
-        ahead = sent / self.options.bandwidth - (time.monotonic() - self.started)
-        if ahead > 0:
-            await asyncio.sleep(ahead)
-
-    # ------------------------------------------------------------------ switchover
-
-    async def _switchover(self) -> None:
-        """Stop the guest, send the last pages while QEMU streams its device state."""
-        assert self.qmp is not None and self.throttle is not None and self.link is not None
-        await self.throttle.stop()
-        self._journal(journal.Step.STOPPED)
-        mark = self.qmp.event_mark()
-        await self.qmp.execute("stop")
-        stop = await self.qmp.wait_event("STOP", after=mark, timeout=10)
-        self.stop_us = stop.timestamp_us
-        await self._emit(force=True)
-        tunnel = asyncio.create_task(self._tunnel_device_state(), name="device-state")
-        try:
-            pages = await self._final_ram_round()
-            self._mark("pages_sent")
-            log.info("migration %s final round: %d pages, sent %.0f ms after stop", self.job_id,
-                     pages, self.switchover["pages_sent"])
-            await self._send_disk_round(first=False, final=True)
-            self.counters.rounds += 1
-            await send_control(self.link, Op.RAM_DONE, pages=self.counters.pages_sent)
-            self._mark("ram_done")
-            self._ram_done.set()
-            await tunnel
-            self._mark("device_state_sent")
-        finally:
-            if not tunnel.done():
-                tunnel.cancel()
-                with contextlib.suppress(asyncio.CancelledError, FerryError):
-                    await tunnel
-        await self.inbox.expect({Op.LOADED}, timeout=LOADED_TIMEOUT_S,
-                                what="destination loading the device state")
-        self._mark("loaded")
-        log.info("migration %s: device state (%d bytes) loaded %.0f ms after stop",
-                 self.job_id, self.counters.device_state_bytes, self.switchover["loaded"])
-
     def _mark(self, step: str) -> None:
         """Note when a switchover step ended, in ms after the source's STOP event."""
         if self.stop_us is not None:
             self.switchover[step] = round(time.time() * 1000 - self.stop_us / 1000, 1)
 
-    async def _final_ram_round(self) -> int:
-        """Scan RAM in parts (exact: the guest is stopped), sending each part's dirty pages
-        while the next part is hashed; the number of pages found."""
-        assert self.tracker is not None
-        loop = asyncio.get_running_loop()
-        parts = self.tracker.parts(FINAL_SCAN_PARTS)
-        pending = loop.run_in_executor(None, self.tracker.collect_part, parts[0])
-        found = 0
-        for index in range(len(parts)):
-            dirty = await pending
-            if index + 1 < len(parts):
-                pending = loop.run_in_executor(None, self.tracker.collect_part, parts[index + 1])
-            else:
-                self._mark("scanned")
-            found += len(dirty)
-            await self._send_round(dirty)
-        return found
-
-    async def _tunnel_device_state(self) -> None:
-        """Serve QEMU's `migrate` on a unix socket and forward its bytes to the peer."""
-        assert self.qmp is not None and self.link is not None
-        self.config.run_dir.mkdir(parents=True, exist_ok=True)
-        self.migrate_socket = self.config.run_dir / f"{self.job_id}.migrate.sock"
-        self.migrate_socket.unlink(missing_ok=True)
-        accepted: asyncio.Future[asyncio.StreamReader] = asyncio.get_running_loop().create_future()
-
-        def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            if not accepted.done():
-                accepted.set_result(reader)
-                self._migrate_writer = writer
-
-        server = await asyncio.start_unix_server(on_connect, path=str(self.migrate_socket))
-        try:
-            await self.qmp.execute("migrate", {"uri": f"unix:{self.migrate_socket}"})
-            self.migrate_started = True
-            reader = await asyncio.wait_for(accepted, timeout=10)
-            while chunk := await reader.read(DEVICE_STATE_CHUNK):
-                if not self.counters.device_state_bytes:
-                    self._mark("device_state_first_bytes")
-                self.counters.device_state_bytes += len(chunk)
-                await self.link.send(Kind.DEVICE_STATE, chunk)
-            await self._wait_source_migration()
-            self._mark("source_qemu_done")
-            await self._ram_done.wait()  # the destination expects RAM_DONE first
-            await send_control(self.link, Op.DEVICE_STATE_END,
-                               bytes=self.counters.device_state_bytes)
-        except TimeoutError:
-            raise QemuError("source QEMU did not connect to the device-state socket") from None
-        finally:
-            if self._migrate_writer is not None:
-                self._migrate_writer.close()
-            server.close()
-            await server.wait_closed()
-
-    async def _wait_source_migration(self) -> None:
-        assert self.qmp is not None
-        await wait_migration_done(self.qmp, self.qmp.event_mark(), timeout=30)
-
     # ------------------------------------------------------------------ commit
 
     async def _commit(self) -> None:
         """Hand the VM over; from here the source never resumes on its own."""
-        assert self.link is not None and self.qmp is not None
+        assert self.link is not None and self.qmp is not None and self.inbox is not None
         self._journal(journal.Step.COMMITTING)
         await send_control(self.link, Op.COMMIT)
         reply = await self.inbox.expect({Op.COMMITTED}, timeout=COMMIT_TIMEOUT_S,
@@ -511,7 +657,7 @@ class SourceJob:
         with contextlib.suppress(UserError):
             record = vms.load(self.config, self.vm_name)
             vms.forget(self.config, self.vm_name)
-            if record.managed:
+            if record.managed and record.ram_path:
                 Path(record.ram_path).unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ rollback
@@ -528,11 +674,8 @@ class SourceJob:
                                             what="destination rolling back")
         if self.qmp is not None:
             try:
-                if self.throttle is not None:
-                    await self.throttle.stop()
                 if self.migrate_started:
-                    with contextlib.suppress(QemuError):
-                        await self.qmp.execute("migrate_cancel")
+                    await qemu_migrate.cancel_migration(self.qmp)
                 status = (await self.qmp.execute("query-status")).get("status")
                 if status != "running":
                     await self.qmp.execute("cont")
@@ -551,51 +694,40 @@ class SourceJob:
         if self.qmp is not None:
             with contextlib.suppress(QemuError):
                 await self.qmp.disconnect()
-        if self.tracker is not None:
-            self.tracker.close()
-        if self.ram is not None:
-            self.ram.close()
-        if self.ram_fd >= 0:
-            os.close(self.ram_fd)
-            self.ram_fd = -1
         if self.migrate_socket is not None:
             self.migrate_socket.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ reporting
 
-    async def _emit(self, *, force: bool = False, pages_left: int | None = None,
-                    policy: ConvergencePolicy | None = None) -> None:
+    async def _emit(self, *, force: bool = False) -> None:
         """Send a progress event (at most every PROGRESS_INTERVAL_S unless forced)."""
         now = time.monotonic()
         if not force and now - self._last_progress < PROGRESS_INTERVAL_S:
             return
         self._last_progress = now
         elapsed = now - self.started
-        throughput = self.counters.wire_bytes / elapsed if elapsed > 0 else 0.0
+        c = self.counters
+        ram = self._last_query.get("ram", {})
         event: dict[str, Any] = {
             "event": "progress", "phase": self.phases.phase.value,
-            "round": self.counters.rounds, "elapsed_s": round(elapsed, 3),
-            "pages_sent": self.counters.pages_sent, "wire_bytes": self.counters.wire_bytes,
-            "throughput_bps": round(throughput),
+            "round": self.iterations,
+            "elapsed_s": round(elapsed, 3), "pages_sent": c.pages_sent,
+            "wire_bytes": c.total_wire_bytes,
+            "throughput_bps": round(c.total_wire_bytes / elapsed) if elapsed > 0 else 0,
         }
-        if pages_left is not None:
-            event["pages_left"] = pages_left
-            rate = self.counters.pages_sent / elapsed if elapsed > 0 else 0
-            # Later rounds resend what the guest dirties meanwhile: with dirty rate d and
-            # send rate r they add up to pages_left / r * 1 / (1 - d / r).
-            dirtying = min((self._dirty_rate or 0.0) / rate, 0.9) if rate > 0 else 0.0
-            estimate = pages_left / rate / (1 - dirtying) if rate > 0 else None
-            if estimate is not None:
-                # The ETA only moves forward: it may shrink faster than time, never grow.
-                if self._eta is not None:
-                    estimate = min(estimate, max(0.0, self._eta - (now - self._eta_at)))
-                self._eta, self._eta_at = estimate, now
-                if estimate >= ETA_FLOOR_S:
-                    event["eta_s"] = round(estimate, 2)
-        if self._dirty_rate is not None:
-            event["dirty_pages_per_s"] = round(self._dirty_rate)
-        if self.throttle is not None and self.throttle.share:
-            event["throttle"] = self.throttle.share
+        if "remaining" in ram:
+            remaining = int(ram["remaining"])
+            dirty_rate = float(ram.get("dirty-pages-rate", 0) or 0)
+            event["pages_left"] = remaining // PAGE_SIZE
+            event["remaining_bytes"] = remaining
+            event["dirty_pages_per_s"] = round(dirty_rate)
+            # QEMU's own rate on our socket (stream bytes, before dedup and compression).
+            rate = c.stream_bytes / elapsed if elapsed > 0 else 0.0
+            eta = self._eta.update(remaining, rate, dirty_rate * PAGE_SIZE)
+            if eta is not None:
+                event["eta_s"] = round(eta, 2)
+        if self.throttle_pct:
+            event["throttle"] = self.throttle_pct / 100
         with contextlib.suppress(Exception):
             await self.progress(event)
 
@@ -607,6 +739,7 @@ class SourceJob:
         c = self.counters
         downtime_ms = ((self.resume_us - self.stop_us) / 1000
                        if self.resume_us and self.stop_us else None)
+        ram = self._last_query.get("ram", {})
         return {
             "event": "result", "status": status, "phase": phase.value,
             "error": error if status != "completed" else None,
@@ -614,20 +747,42 @@ class SourceJob:
             "peer": self.peer,
             "total_ms": round((time.monotonic() - self.started) * 1000, 1),
             "downtime_ms": round(downtime_ms, 1) if downtime_ms is not None else None,
-            "rounds": c.rounds,
+            "rounds": self.iterations,
+            "sections": self.sections,
+            "qemu_downtime_ms": self._last_query.get("downtime"),
             "ram_bytes": self.info.ram_size if self.info else 0,
+            "ram_block": self.info.ram_block if self.info else None,
             "pages_sent": c.pages_sent, "zero_pages": c.zero_pages,
             "dedup_pages": c.dedup_pages, "data_pages": c.data_pages,
             "unchanged_pages": c.unchanged_pages,
-            "wire_bytes": c.wire_bytes + c.device_state_bytes + c.disk_wire_bytes,
+            "wire_bytes": c.total_wire_bytes,
+            "ram_wire_bytes": c.wire_bytes,
+            "stream_bytes": c.stream_bytes,
             "disk_bytes": c.disk_wire_bytes,
             "disks": self.storage.report() if self.storage else [],
             "device_state_bytes": c.device_state_bytes,
-            "compression": (f"zstd:{self.options.compress_level}"
-                            if self.options.compress_level is not None else "off"),
+            "compression": str(self.options.compress),
+            "compressed_batches": c.compressed_batches,
             "compression_ratio": round(c.raw_data_bytes / max(1, c.wire_bytes), 3)
             if c.wire_bytes else 1.0,
             "dest_pid": self.dest_pid if status == "completed" else None,
-            "throttle": self.throttle.share if self.throttle else 0.0,
+            "throttle": self.throttle_max / 100,
             "switchover_ms": self.switchover,
         }
+
+
+async def _first_failure(main: asyncio.Task[None], helpers: list[asyncio.Task[None]]) -> None:
+    """Wait for `main`; a helper that fails first fails it (and is raised)."""
+    watched = {main, *helpers}
+    while True:
+        done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+        if main in done:
+            main.result()
+            return
+        for task in done:
+            watched.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                main.cancel()
+                with contextlib.suppress(asyncio.CancelledError, FerryError):
+                    await main
+                raise task.exception()  # type: ignore[misc]

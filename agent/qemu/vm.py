@@ -6,6 +6,7 @@ import asyncio
 import enum
 import logging
 import os
+import re
 import signal
 import socket
 import stat
@@ -144,10 +145,12 @@ class VmInfo:
     argv: tuple[str, ...]
     qmp_path: str
     machine: str                 # QOM type, e.g. pc-i440fx-7.2-machine
-    ram_backend_id: str
-    ram_path: str                # the shared RAM file ferry reads
+    ram_block: str               # the main RAM block's name in the migration stream
     ram_size: int                # bytes
-    ram_shared: bool
+    ram_backend_id: str          # "" for plain -m RAM (block pc.ram)
+    ram_backend_type: str        # memory-backend-ram|file|memfd, or "" for plain -m
+    ram_path: str                # the backend's file ("" unless memory-backend-file)
+    accel: Accel
     qemu_version: tuple[int, int, int]
 
 
@@ -158,17 +161,46 @@ def _size_text(size: int) -> str:
     return str(size)
 
 
-def migratable_ram_hint(name: str, size: int) -> str:
-    """How to start a VM so that its RAM is a shared file ferry can read."""
-    return (f"start QEMU with  -object {RAM_BACKEND_TYPE},id={RAM_BACKEND_ID},"
-            f"size={_size_text(size)},mem-path={SHM_DIR}/{name}.ram,share=on "
-            f"-machine memory-backend={RAM_BACKEND_ID}  (libvirt: <memoryBacking>"
-            f"<source type='file'/><access mode='shared'/></memoryBacking>)")
+# QEMU before 9.0 under TCG loses dirty pages of a RAM block whose length is a multiple
+# of 64 pages (fixed by 03bfc2188f, "physmem: Fix migration dirty bitmap coherency with
+# TCG memory access"; DESIGN §7). Two pages more keep the guest out of it.
+TCG_DIRTY_BUG_PAGES = 64
+TCG_DIRTY_BUG_FIXED = (9, 0)
+TCG_RAM_PADDING = 2 * PAGE_SIZE
+
+
+def tcg_dirty_log_unsafe(size: int, accel: Accel, version: tuple[int, int, int]) -> bool:
+    """Whether QEMU's own dirty log would lose pages of a RAM block of `size` bytes."""
+    return (accel is Accel.TCG and tuple(version[:2]) < TCG_DIRTY_BUG_FIXED
+            and size % (TCG_DIRTY_BUG_PAGES * PAGE_SIZE) == 0)
+
+
+def dirty_log_safe_size(size: int, accel: Accel, version: tuple[int, int, int]) -> int:
+    """`size`, or size + 8 KiB where the TCG dirty-log bug would hit it."""
+    return size + TCG_RAM_PADDING if tcg_dirty_log_unsafe(size, accel, version) else size
+
+
+def qemu_binary_version(binary: str = QEMU_BINARY) -> tuple[int, int, int]:
+    """(major, minor, micro) of a QEMU binary, from `--version`."""
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True,
+                             check=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise QemuStartError(f"cannot run {binary} --version: {exc}") from exc
+    match = re.search(r"version (\d+)\.(\d+)(?:\.(\d+))?", out)
+    if not match:
+        raise QemuStartError(f"{binary} --version printed no version: {out.strip()[:200]}")
+    return int(match[1]), int(match[2]), int(match[3] or 0)
+
+
+PLAIN_RAM_BLOCK = "pc.ram"
+"""The main RAM block of an x86 pc/q35 guest started with plain -m (no memory backend)."""
+RAM_BACKEND_TYPES = ("memory-backend-ram", "memory-backend-file", "memory-backend-memfd")
 
 
 async def describe_vm(qmp_path: str | os.PathLike[str], *, qmp: qmp_mod.Qmp | None = None,
                       timeout: float = qmp_mod.DEFAULT_CONNECT_TIMEOUT) -> VmInfo:
-    """Describe the VM behind a QMP socket; refuse one whose RAM is not a shared file.
+    """Describe the VM behind a QMP socket: plain -m RAM or any memory backend.
 
     Uses `qmp` if given (QEMU serves one QMP client at a time), else opens its own session.
     """
@@ -185,34 +217,29 @@ async def _describe(q: qmp_mod.Qmp, path: str, pid: int, argv: tuple[str, ...]) 
     name = (await q.execute("query-name")).get("name") or f"pid{pid}"
     machine = str(await q.execute("qom-get", {"path": "/machine", "property": "type"}))
     backend = str(await q.execute("qom-get", {"path": "/machine", "property": "memory-backend"}))
+    kvm = await q.execute("query-kvm")
+    accel = Accel.KVM if kvm.get("enabled") else Accel.TCG
     if not backend:
-        raise VmNotMigratableError(
-            f"VM {name} (pid {pid}) has no memory backend; {migratable_ram_hint(name, 1 << 30)}")
+        summary = await q.execute("query-memory-size-summary")
+        return VmInfo(name=name, pid=pid, argv=argv, qmp_path=path, machine=machine,
+                      ram_block=PLAIN_RAM_BLOCK, ram_size=int(summary["base-memory"]),
+                      ram_backend_id="", ram_backend_type="", ram_path="", accel=accel,
+                      qemu_version=q.qemu_version)
 
     async def prop(prop_name: str) -> object:
         return await q.execute("qom-get", {"path": backend, "property": prop_name})
 
     backend_type = str(await prop("type"))
-    size = int(await prop("size"))
     backend_id = backend.rsplit("/", 1)[-1]
-    if backend_type != RAM_BACKEND_TYPE:
+    if backend_type not in RAM_BACKEND_TYPES:
         raise VmNotMigratableError(
-            f"VM {name} (pid {pid}) keeps its RAM in a {backend_type} ({backend_id!r}), "
-            f"not a shared file ferry can read; {migratable_ram_hint(name, size)}")
-    ram_path = str(await prop("mem-path"))
-    shared = bool(await prop("share"))
-    if not shared:
-        raise VmNotMigratableError(
-            f"VM {name} (pid {pid}) maps its RAM file {ram_path} with share=off, so the file "
-            f"does not show what the guest writes; {migratable_ram_hint(name, size)}")
-    if not os.path.isfile(ram_path):
-        raise VmNotMigratableError(
-            f"VM {name} (pid {pid}) has RAM path {ram_path}, which is not a file here "
-            f"(a directory makes QEMU use a hidden temporary file); "
-            f"{migratable_ram_hint(name, size)}")
+            f"VM {name} (pid {pid}) keeps its RAM in a {backend_type} ({backend_id!r}); "
+            f"ferry migrates plain -m RAM and {', '.join(RAM_BACKEND_TYPES)}")
+    ram_path = str(await prop("mem-path")) if backend_type == "memory-backend-file" else ""
     return VmInfo(name=name, pid=pid, argv=argv, qmp_path=path, machine=machine,
-                  ram_backend_id=backend_id, ram_path=ram_path, ram_size=size,
-                  ram_shared=shared, qemu_version=q.qemu_version)
+                  ram_block=backend_id, ram_size=int(await prop("size")),
+                  ram_backend_id=backend_id, ram_backend_type=backend_type,
+                  ram_path=ram_path, accel=accel, qemu_version=q.qemu_version)
 
 
 # ---------------------------------------------------------------------------- launching
@@ -234,6 +261,7 @@ class LaunchSpec:
     extra_args: tuple[str, ...] = ()   # e.g. ("-incoming", "defer")
     accel: AccelChoice | None = None   # None: choose_accel() at launch
     qemu_binary: str = QEMU_BINARY
+    private_ram: bool = False          # plain -m (private, anonymous) instead of the file
 
     def __post_init__(self) -> None:
         if self.ram_size <= 0 or self.ram_size % PAGE_SIZE:
@@ -253,15 +281,18 @@ class LaunchSpec:
 
 
 def qemu_argv(spec: LaunchSpec, accel: AccelChoice) -> list[str]:
-    """The full QEMU command line for `spec`: shared-file RAM, QMP socket, serial to a file."""
+    """The full QEMU command line for `spec`: shared-file (or plain -m) RAM, QMP socket,
+    serial to a file."""
     size = _size_text(spec.ram_size)
-    argv = [
-        spec.qemu_binary,
-        "-name", spec.name,
+    ram = (["-machine", MACHINE_TYPE, "-m", size] if spec.private_ram else [
         "-machine", f"{MACHINE_TYPE},memory-backend={RAM_BACKEND_ID}",
         "-m", size,
         "-object", f"{RAM_BACKEND_TYPE},id={RAM_BACKEND_ID},size={size},"
-                   f"mem-path={spec.ram_path},share=on",
+                   f"mem-path={spec.ram_path},share=on"])
+    argv = [
+        spec.qemu_binary,
+        "-name", spec.name,
+        *ram,
         "-smp", str(spec.cpus),
         *accel.args(),
         "-display", "none", "-nodefaults", "-no-user-config",

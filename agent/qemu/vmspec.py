@@ -21,6 +21,12 @@ from agent.errors import UserError
 
 PAGE_SIZE = 4096
 RAM_BACKEND_TYPE = "memory-backend-file"
+"""What the destination always runs: its own shared RAM file, which ferry writes pages into."""
+RAM_BACKEND_TYPES = ("memory-backend-ram", "memory-backend-file", "memory-backend-memfd")
+PLAIN_RAM_BLOCK = "pc.ram"
+"""The main RAM block of an x86 pc/q35 guest with plain -m RAM: the destination names its
+file backend so, and the stream needs no renaming."""
+DEFAULT_MEMORY = 128 << 20
 SIZE_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 # -m without a suffix means MiB (QEMU's default unit for -m), unlike object sizes (bytes).
 M_DEFAULT_SUFFIX = "m"
@@ -244,29 +250,55 @@ class VmSpec:
             raise UserError(f"malformed VM description: {exc}") from exc
 
 
-def ram_backend_of(options: Sequence[Option]) -> tuple[str, int, str, bool]:
-    """(id, size, mem-path, share) of the memory-backend-file the machine uses as RAM."""
+@dataclass(frozen=True, slots=True)
+class RamBackend:
+    """The memory backend object the machine uses as its RAM."""
+
+    id: str
+    qom_type: str
+    size: int
+    mem_path: str
+    share: bool
+
+
+def ram_backend_of(options: Sequence[Option]) -> RamBackend | None:
+    """The machine's RAM backend object, or None for plain -m RAM (block pc.ram)."""
     machine_backend = None
     for opt in options:
         if opt.name in ("-machine", "-M") and opt.value:
-            machine_backend = keyval_get(parse_keyval(opt.value, "type"), "memory-backend")
-            if machine_backend is not None:
-                break
+            found = keyval_get(parse_keyval(opt.value, "type"), "memory-backend")
+            if found is not None:
+                machine_backend = found
+    if machine_backend is None:
+        return None
     for opt in options:
         if opt.name != "-object" or opt.value is None:
             continue
         pairs = parse_keyval(opt.value, "qom-type")
-        if keyval_get(pairs, "qom-type") != RAM_BACKEND_TYPE:
+        qom_type = keyval_get(pairs, "qom-type") or ""
+        if keyval_get(pairs, "id") != machine_backend:
             continue
-        backend_id = keyval_get(pairs, "id") or ""
-        if machine_backend is not None and backend_id != machine_backend:
-            continue
+        if qom_type not in RAM_BACKEND_TYPES:
+            raise UserError(f"the VM's RAM backend {machine_backend!r} is a {qom_type}, not "
+                            f"one of {', '.join(RAM_BACKEND_TYPES)}")
         size = keyval_get(pairs, "size")
         if size is None:
-            raise UserError(f"memory backend {backend_id!r} has no size")
+            raise UserError(f"memory backend {machine_backend!r} has no size")
         share = keyval_get(pairs, "share") in ("on", "yes", "true")
-        return backend_id, parse_size(size), keyval_get(pairs, "mem-path") or "", share
-    raise UserError("the VM's RAM is not a memory-backend-file object (see `ferry vm start`)")
+        return RamBackend(machine_backend, qom_type, parse_size(size),
+                          keyval_get(pairs, "mem-path") or "", share)
+    raise UserError(f"-machine memory-backend={machine_backend} names no -object")
+
+
+def memory_size(options: Sequence[Option]) -> int:
+    """Guest RAM in bytes as -m gives it (QEMU's default 128 MiB without -m)."""
+    size = DEFAULT_MEMORY
+    for opt in options:
+        if opt.name == "-m" and opt.value is not None:
+            text = keyval_get(parse_keyval(opt.value, "size"), "size")
+            if text is not None:
+                size = parse_size(text, M_DEFAULT_SUFFIX)
+    return size
 
 
 # ---------------------------------------------------------------------------- destination
@@ -309,6 +341,7 @@ class _Rewrite:
     disks: dict[str, DiskTarget] = field(default_factory=dict)   # source path -> target
     out: list[str] = field(default_factory=list)
     dropped_chardevs: set[str] = field(default_factory=set)
+    ram_backend: str = ""          # id of the machine's RAM backend object
     serial_count: int = 0
     chardev_count: int = 0
 
@@ -338,16 +371,25 @@ def destination_argv(spec: VmSpec, paths: DestinationPaths, roots: Sequence[Path
     are shared storage, used at the same path.
     """
     options = split_options(spec.argv)
-    backend_id, size, _, _ = ram_backend_of(options)
-    if size != spec.ram_size or backend_id != spec.ram_backend_id:
-        raise UserError("VM description disagrees with its argv about the RAM backend")
+    backend = ram_backend_of(options)
+    block, size = ((backend.id, backend.size) if backend is not None
+                   else (PLAIN_RAM_BLOCK, memory_size(options)))
+    if size != spec.ram_size or block != spec.ram_backend_id:
+        raise UserError(f"VM description (RAM block {spec.ram_backend_id!r} of "
+                        f"{spec.ram_size} bytes) disagrees with its argv ({block!r} of "
+                        f"{size} bytes)")
     # Chardevs used only by monitors go with them; guest-visible ones are kept.
     mon_chardevs = {keyval_get(parse_keyval(o.value or ""), "chardev")
                     for o in options if o.name == "-mon"}
     state = _Rewrite(roots=tuple(roots), paths=paths, disks=dict(disks or {}),
-                     dropped_chardevs={c for c in mon_chardevs if c})
+                     dropped_chardevs={c for c in mon_chardevs if c},
+                     ram_backend=backend.id if backend is not None else "")
     for opt in options:
         _rewrite_option(opt, state)
+    if backend is None:
+        # Plain -m RAM on the source: here it is a shared file under the same block name.
+        state.out += ["-object", _ram_object(PLAIN_RAM_BLOCK, size, paths.ram_path),
+                      "-machine", f"memory-backend={PLAIN_RAM_BLOCK}"]
     state.out += [
         "-qmp", f"unix:{paths.qmp_path},server=on,wait=off",
         "-pidfile", str(paths.pidfile),
@@ -369,12 +411,13 @@ def _rewrite_option(opt: Option, st: _Rewrite) -> None:
     elif policy is Policy.OBJECT:
         pairs = parse_keyval(value, "qom-type")
         qom_type = keyval_get(pairs, "qom-type")
-        if qom_type != RAM_BACKEND_TYPE:
-            raise UserError(f"-object {qom_type} is not accepted by the destination "
-                            f"(only {RAM_BACKEND_TYPE} RAM backends)")
-        keyval_set(pairs, "mem-path", str(st.paths.ram_path))
-        keyval_set(pairs, "share", "on")
-        st.out += ["-object", format_keyval(pairs)]
+        if qom_type not in RAM_BACKEND_TYPES or keyval_get(pairs, "id") != st.ram_backend:
+            raise UserError(f"-object {qom_type} is not accepted by the destination (only "
+                            f"the machine's RAM backend, one of {', '.join(RAM_BACKEND_TYPES)})")
+        # Rebuilt from id and size alone: every other property (host NUMA nodes, hugetlb,
+        # the source's path) is the source host's business.
+        st.out += ["-object", _ram_object(st.ram_backend, parse_size(
+            keyval_get(pairs, "size") or "0"), st.paths.ram_path)]
     elif policy is Policy.CHARDEV:
         pairs = parse_keyval(value, "backend")
         if keyval_get(pairs, "id") in st.dropped_chardevs:
@@ -416,6 +459,12 @@ def _rewrite_option(opt: Option, st: _Rewrite) -> None:
             raise UserError(f"{opt.name} {backend} is host-specific and not accepted "
                             f"(accepted: {', '.join(sorted(PORTABLE_NETDEVS))})")
         st.out += opt.argv()
+
+
+def _ram_object(backend_id: str, size: int, ram_path: Path) -> str:
+    """The destination's RAM: a shared file the agent writes pages into (x-ignore-shared)."""
+    return format_keyval([("qom-type", RAM_BACKEND_TYPE), ("id", backend_id),
+                          ("size", str(size)), ("mem-path", str(ram_path)), ("share", "on")])
 
 
 def _rewrite_blockdev(value: str, st: _Rewrite) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 
 from agent import identity as identity_mod
 from agent.errors import FerryError, PeerError, TrustError, UserError
-from agent.migration.convergence import TimeoutAction
+from agent.migration.convergence import CompressSetting, TimeoutAction
 from agent.migration.destination import DestinationJob
 from agent.migration.link import Link
 from agent.migration.source import MigrationOptions, SourceJob
@@ -207,8 +207,7 @@ def migration_options(request: dict[str, Any]) -> MigrationOptions:
         return MigrationOptions(
             downtime_ms=int(request.get("downtime_ms") or 300),
             bandwidth=int(bandwidth) if bandwidth else None,
-            compress_level=MigrationOptions.parse_compress(str(request.get("compress", "auto")),
-                                                           int(bandwidth) if bandwidth else None),
+            compress=CompressSetting.parse(str(request.get("compress") or "auto")),
             dedup=bool(request.get("dedup", True)),
             timeout_s=float(request.get("timeout_s") or 120.0),
             timeout_action=TimeoutAction(request.get("timeout_action") or "abort"),

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from agent.batch import codec
+from agent.batch.pool import BufferPool
 from agent.errors import FerryError, QemuError, UserError
 from agent.memory import scan
 from agent.qemu import qmp as qmp_mod
@@ -113,6 +114,7 @@ class DiskRounds:
     _bitmaps: list[str] = field(default_factory=list)
     _exports: list[str] = field(default_factory=list)
     _encoder: codec.BatchEncoder | None = None
+    _sealed: bool = False
 
     def __post_init__(self) -> None:
         nblocks = blocks_of(self.disk.virtual_size)
@@ -131,6 +133,13 @@ class DiskRounds:
         await self.qmp.execute("block-dirty-bitmap-add",
                                {"node": self.disk.node, "name": self.current_bitmap})
         self._bitmaps.append(self.current_bitmap)
+
+    async def seal(self) -> None:
+        """The guest is stopped: disable the current bitmap now, so that QEMU may go on;
+        the final round then reads what it holds."""
+        await self.qmp.execute("block-dirty-bitmap-disable",
+                               {"node": self.disk.node, "name": self.current_bitmap})
+        self._sealed = True
 
     async def dirty_bytes(self) -> int:
         """Bytes the current bitmap marks (what the next round would read)."""
@@ -159,7 +168,8 @@ class DiskRounds:
                 actions.insert(0, {"type": "block-dirty-bitmap-add",
                                    "data": {"node": self.disk.node, "name": self.current_bitmap}})
                 self._bitmaps.append(self.current_bitmap)
-            await self.qmp.execute("transaction", {"actions": actions})
+            if not (final and self._sealed):
+                await self.qmp.execute("transaction", {"actions": actions})
             context, wanted, bitmaps = f"{DIRTY_BITMAP_PREFIX}{done}", DIRTY, [done]
         await self.qmp.execute("block-export-add", {
             "type": "nbd", "id": export, "node-name": self.disk.node, "name": export,
@@ -202,12 +212,12 @@ class DiskRounds:
         # the read). The view marks the buffer busy from the read until it is encoded.
         reads: collections.deque[tuple[int, int, bytearray, memoryview,
                                        asyncio.Future[None]]] = collections.deque()
-        pool: list[bytearray] = []
+        pool = BufferPool(PAYLOAD_POOL)
 
         def read_ahead() -> None:
             while len(reads) < READS_IN_FLIGHT and (chunk := next(upcoming, None)):
                 first, n_blocks = chunk
-                into = _unviewed(pool, encoder.buffer_size(prefix))
+                into = pool.take(encoder.buffer_size(prefix))
                 blocks = memoryview(into)[data_at:data_at + n_blocks * DISK_BLOCK]
                 valid = min(n_blocks * DISK_BLOCK, size - first * DISK_BLOCK)
                 # The last block of a disk whose size is not a whole block is zero-padded.
@@ -330,26 +340,6 @@ class BatchCounts(NamedTuple):
 
 PAYLOAD_POOL = 16
 """DISK_BATCH payload buffers kept for reuse within a round."""
-PAYLOAD_GRAIN = 256 << 10
-
-
-def _unviewed(pool: list[bytearray], size: int) -> bytearray:
-    """A buffer of at least `size` bytes from `pool` that nothing views any more (a payload
-    handed out earlier that its consumer dropped), else a new one kept in the pool."""
-    for buffer in pool:
-        if len(buffer) >= size:
-            # CPython refuses to resize a bytearray that has exports (views); shrinking by
-            # a byte and growing back stays inside the allocation.
-            try:
-                last = buffer.pop()
-            except BufferError:
-                continue
-            buffer.append(last)
-            return buffer
-    buffer = bytearray(-(-size // PAYLOAD_GRAIN) * PAYLOAD_GRAIN)
-    if len(pool) < PAYLOAD_POOL:
-        pool.append(buffer)
-    return buffer
 
 
 def _aligned_chunks(ranges: list[tuple[int, int]], size: int,
@@ -397,6 +387,11 @@ class StorageSource:
 
     async def dirty_bytes(self) -> int:
         return sum([await r.dirty_bytes() for r in self.rounds])
+
+    async def seal_final_round(self) -> None:
+        """Disable every disk's current bitmap (in QEMU's pre-switchover pause)."""
+        for rounds in self.rounds:
+            await rounds.seal()
 
     async def round_batches(self, *, first: bool, final: bool) -> AsyncIterator[memoryview]:
         for rounds in self.rounds:

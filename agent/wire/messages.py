@@ -64,8 +64,9 @@ class MsgType(IntEnum):
     """One encoded batch of guest RAM pages (agent.batch.format)."""
     DISK_BLOCKS = 0x82
     """One encoded batch of disk blocks (agent.batch.format)."""
-    DEVICE_STATE = 0x83
-    """A chunk of QEMU's device-state migration stream, tunnelled between the QEMUs."""
+    QEMU_STREAM = 0x83
+    """A chunk of QEMU's migration stream (all but the main RAM block's pages: framing,
+    other RAM blocks, device state), rewritten for the destination QEMU."""
 
     @property
     def is_control(self) -> bool:
