@@ -23,6 +23,7 @@ from agent import identity
 from agent.guest import GuestConfig, RunningGuest
 from agent.guest.build import build_guest, default_cache_dir
 from agent.guest.remote import read_mailbox_over_qmp
+from agent.migration import faults
 from agent.qemu import qmp
 from agent.qemu.vm import TCG_RAM_PADDING
 from tests.agents import AgentPair, CuttableProxy, pid_alive, read_guest
@@ -112,15 +113,19 @@ def test_unknown_peer_is_refused_before_anything_starts(agents, start_guest) -> 
 # ---------------------------------------------------------------------------- rollback
 
 SLOW = ("--bandwidth", "8M")  # pre-copy of the 64 MiB of content takes a few seconds
+PRECOPY_BYTES = 4 << 20       # written into the destination's RAM file: pre-copy runs
 
 
 def wait_for_precopy(agents: AgentPair, name: str = "mig") -> int:
-    """Wait until the destination QEMU exists (pre-copy is under way); its pid."""
+    """Wait until pre-copy is under way: the destination QEMU exists and pages are landing
+    in its RAM file; the QEMU's pid."""
     deadline = time.monotonic() + 30
     while (pid := agents.b.incoming_pid(name)) is None:
         assert time.monotonic() < deadline, f"no destination QEMU\n{agents.logs()}"
         time.sleep(0.02)
-    time.sleep(0.3)
+    while sum(f.stat().st_blocks * 512 for f in agents.b.ram_dir.glob("*.ram")) < PRECOPY_BYTES:
+        assert time.monotonic() < deadline, f"no pages arrive\n{agents.logs()}"
+        time.sleep(0.02)
     return pid
 
 
@@ -195,6 +200,53 @@ def test_cli_cancel_rolls_back(agents, start_guest) -> None:
     assert rc == 1 and report["status"] == "cancelled", f"{report}\n{stderr}"
     assert_source_intact(guest)
     assert_destination_clean(agents, dest_pid)
+
+
+def with_faults(agents: AgentPair, monkeypatch, *names: str) -> None:
+    """Restart the source agent with faults injected (agent.migration.faults)."""
+    monkeypatch.setenv(faults.ENV, ",".join(names))
+    agents.a.stop()
+    agents.a.start()
+
+
+def test_failure_in_pre_switchover_rolls_back(agents, start_guest, monkeypatch) -> None:
+    with_faults(agents, monkeypatch, faults.Fault.PRE_SWITCHOVER)
+    guest = boot(start_guest)
+    rc, report, stderr = agents.migrate("--qmp", str(guest.qmp_path))
+    assert rc == 1 and report["status"] == "failed", f"{report}\n{stderr}\n{agents.logs()}"
+    assert "failure in pre-switchover" in report["error"]
+    assert report["switchover_ms"] == {} or "committed" not in report["switchover_ms"]
+    assert_source_intact(guest)   # QEMU had stopped the guest: it runs again
+    assert_destination_clean(agents, None)
+
+
+def test_qemu_migration_failing_on_the_source_rolls_back(agents, start_guest,
+                                                         monkeypatch) -> None:
+    with_faults(agents, monkeypatch, faults.Fault.CUT_STREAM)
+    guest = boot(start_guest)
+    rc, report, stderr = agents.migrate("--qmp", str(guest.qmp_path))
+    assert rc == 1 and report["status"] == "failed", f"{report}\n{stderr}\n{agents.logs()}"
+    assert "source QEMU's migration failed" in report["error"], report["error"]
+    assert_source_intact(guest)
+    assert_destination_clean(agents, None)
+
+
+def test_negative_control_a_dropped_late_page_is_caught_by_the_guest(
+        agents, start_guest, monkeypatch) -> None:
+    """Proof that the checks of the other tests can fail: lose one page of the last
+    section, and the guest's own verification must count it."""
+    with_faults(agents, monkeypatch, faults.Fault.DROP_LATE_PAGE)
+    guest = boot(start_guest)
+    rc, report, stderr = agents.migrate("--qmp", str(guest.qmp_path))
+    assert rc == 0, f"{report}\n{stderr}\n{agents.logs()}"
+    assert "injected fault: page" in agents.a.log()
+    record = agents.b.vm_record("mig")
+    first = read_guest(record.ram_path)
+    deadline = time.monotonic() + 10
+    while (now := read_guest(record.ram_path)).passes < first.passes + 2:
+        assert time.monotonic() < deadline, f"destination guest stalled: {now}"
+        time.sleep(0.05)
+    assert now.errors > 0, "the guest did not notice a page that never arrived"
 
 
 # ---------------------------------------------------------------------------- refusals

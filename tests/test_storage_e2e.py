@@ -148,6 +148,10 @@ def test_vm_with_two_disks_migrates_live(agents, start_guest, root) -> None:
     assert writer.error is None and len(writer.log) > 10, writer.error
     assert report["disk_bytes"] > 11 * MIB and len(report["disks"]) == 2
     assert all(d["rounds"] >= 2 for d in report["disks"]), report["disks"]
+    # The disks' last round ran in QEMU's pre-switchover pause, before the device state.
+    marks = report["switchover_ms"]
+    assert {"pre_switchover", "continued", "disks_sent", "ram_sent"} <= set(marks), marks
+    assert marks["pre_switchover"] <= marks["continued"] <= marks["disks_sent"]
     # The source QEMU quit; its images are the content at the moment it stopped.
     deadline = time.monotonic() + 10
     while guest.process.returncode is None and time.monotonic() < deadline:

@@ -18,8 +18,10 @@ ends UNKNOWN with the source stopped.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import time
@@ -32,6 +34,7 @@ from typing import Any
 from agent.batch import codec
 from agent.batch.pool import BufferPool
 from agent.errors import FerryError, LocalError, QemuError, UserError, VmNotMigratableError
+from agent.migration import faults
 from agent.migration.convergence import (Compression, CompressionPolicy, CompressSetting, Eta,
                                          TimeoutAction, ram_downtime_s)
 from agent.migration.link import Inbox, Link, send_control
@@ -40,7 +43,8 @@ from agent.migration.states import Phase, PhaseTracker
 from agent.qemu import migrate as qemu_migrate
 from agent.qemu import qmp as qmp_mod
 from agent.qemu import vm
-from agent.qemu.stream import Forward, Pages, RamSection, Section, StreamError, StreamParser
+from agent.qemu.stream import (ZERO_PAGE_OFFSET, Forward, Pages, RamSection, Section,
+                               StreamError, StreamParser)
 from agent.qemu.vmspec import PAGE_SIZE, VmSpec
 from agent.state import journal, vms
 from agent.state.config import AgentConfig
@@ -177,6 +181,8 @@ class SourceJob:
     _last_progress: float = 0.0
     _last_query: dict[str, Any] = field(default_factory=dict)
     _sending_s: float = 0.0
+    faults: frozenset[faults.Fault] = field(default_factory=faults.active)
+    _dropped_page: int | None = None
 
     # ------------------------------------------------------------------ driver
 
@@ -271,8 +277,9 @@ class SourceJob:
         self.encoder = codec.BatchEncoder(
             None, PAGE_SIZE, bytearray(codec.zero_block_hash(PAGE_SIZE) * spec.npages),
             dedup=self.options.dedup, compress_level=self.options.compress.level)
+        pause = bool(disks) or faults.Fault.PRE_SWITCHOVER in self.faults
         await self.qmp.execute("migrate-set-capabilities",
-                               qemu_migrate.source_capabilities(pause=bool(disks)))
+                               qemu_migrate.source_capabilities(pause=pause))
         await self._set_downtime_limit(self.options.downtime_ms / 1000 if not disks else 0.0)
         await self.qmp.execute("migrate-set-parameters", qemu_migrate.SOURCE_PARAMETERS)
         await self._emit(force=True)
@@ -394,6 +401,9 @@ class SourceJob:
                     parser.close()
                     break
                 self.counters.stream_bytes += n
+                if (faults.Fault.CUT_STREAM in self.faults
+                        and self.counters.stream_bytes > faults.CUT_STREAM_AFTER):
+                    conn.shutdown(socket.SHUT_RDWR)
                 out = await loop.run_in_executor(None, self._translate, parser)
                 if sending is not None:
                     await sending
@@ -464,6 +474,8 @@ class SourceJob:
 
     def _encode(self, pages: Pages) -> list[Outgoing]:
         assert self.encoder is not None and self._compression is not None
+        if faults.Fault.DROP_LATE_PAGE in self.faults and pages.section is Section.END:
+            pages = self._drop_a_page(pages)
         out: list[Outgoing] = []
         position, total = 0, len(pages)
         while position < total:
@@ -479,6 +491,21 @@ class SourceJob:
             if batch.entry_count:
                 out.append((Kind.RAM_BATCH, batch.payload))
         return out
+
+    def _drop_a_page(self, pages: Pages) -> Pages:
+        """The negative control (test only): lose one page the guest wrote last."""
+        if self._dropped_page is not None:
+            return pages
+        for k, (index, offset) in enumerate(zip(pages.indices, pages.offsets, strict=True)):
+            if offset != ZERO_PAGE_OFFSET and index >= faults.DROP_PAGE_FROM:
+                self._dropped_page = index
+                log.warning("migration %s: injected fault: page %d not sent", self.job_id,
+                            index)
+                keep = [i for i in range(len(pages)) if i != k]
+                return dataclasses.replace(
+                    pages, indices=memoryview(array.array("Q", [pages.indices[i] for i in keep])),
+                    offsets=memoryview(array.array("Q", [pages.offsets[i] for i in keep])))
+        return pages
 
     async def _send_all(self, out: list[Outgoing]) -> None:
         for item in out:
@@ -548,6 +575,8 @@ class SourceJob:
                 raise QemuError(f"the source QEMU's migration {status}: "
                                 f"{info.get('error-desc', 'no detail')}")
             if status == "pre-switchover":
+                if faults.Fault.PRE_SWITCHOVER in self.faults:
+                    raise LocalError("injected fault: failure in pre-switchover")
                 self._switchover_started.set()
             self.throttle_pct = int(info.get("cpu-throttle-percentage", 0) or 0)
             self.throttle_max = max(self.throttle_max, self.throttle_pct)

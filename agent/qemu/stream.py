@@ -95,6 +95,7 @@ class Pages:
     indices: memoryview
     offsets: memoryview
     data: memoryview
+    section: Section = Section.PART    # END: the last iteration, with the guest stopped
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -398,7 +399,7 @@ class StreamParser:
         if taken:
             self._events.append(Pages(memoryview(self._indices)[:taken],
                                       memoryview(self._offsets)[:taken],
-                                      memoryview(self._buf)))
+                                      memoryview(self._buf), self._section))
         if status is Scan.FULL:
             if self._fwd_len:
                 self._emit_forward()
