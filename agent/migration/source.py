@@ -338,8 +338,9 @@ class SourceJob:
             stopped = asyncio.create_task(self._watch_stop(mark), name="watch-stop")
             tasks = [asyncio.create_task(self._watch(mark), name="watch-qemu"), stopped]
             if self.storage.disks:
-                tasks += [asyncio.create_task(self._disk_rounds(), name="disk-rounds"),
-                          asyncio.create_task(self._disks_at_switchover(), name="disk-final")]
+                rounds = asyncio.create_task(self._disk_rounds(), name="disk-rounds")
+                tasks += [rounds, asyncio.create_task(self._disks_at_switchover(rounds),
+                                                      name="disk-final")]
             loop = asyncio.get_running_loop()
             try:
                 conn, _ = await asyncio.wait_for(loop.sock_accept(listener), ACCEPT_TIMEOUT_S)
@@ -619,15 +620,17 @@ class SourceJob:
         self._forced = True
         await self._set_downtime_limit(0)
 
-    async def _disks_at_switchover(self) -> None:
+    async def _disks_at_switchover(self, rounds: asyncio.Task[None]) -> None:
         """Once QEMU pauses in pre-switchover (guest stopped, END and device state not yet
-        sent): close the disks' last bitmaps, let QEMU go on, read them while it sends."""
+        sent): close the disks' last bitmaps, let QEMU go on, then (after the round under
+        way, if any) read them while it sends."""
         assert self.qmp is not None and self.storage is not None
         await self._switchover_started.wait()
         self._mark("pre_switchover")
         await self.storage.seal_final_round()
         await self.qmp.execute("migrate-continue", {"state": "pre-switchover"})
         self._mark("continued")
+        await rounds   # it stops after its current round, once the switchover started
         await self._send_disk_round(first=False, final=True)
         self._disks_final.set()
 

@@ -154,6 +154,8 @@ class DiskRounds:
 
     async def batches(self, *, first: bool, final: bool) -> AsyncIterator[memoryview]:
         """The DISK_BATCH payloads of one round (bitmaps and export handled around it)."""
+        if self._sealed and not final:
+            return   # the switchover began: the final round reads all that is left
         started = time.monotonic()
         export = f"ferry-{self.job_id}-{self.disk.index}-{self.counters.rounds}"
         if first:
