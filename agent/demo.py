@@ -2,8 +2,9 @@
 agents on this machine.
 
 Two agents (own homes, ports on loopback, trusting each other) run as processes; the
-guest is started with `ferry vm start` on the first, with a qcow2 disk, and moved with
-`ferry migrate` while it rewrites memory and checks every page it wrote. Afterwards it
+guest is started with `ferry vm start --ram private` on the first (plain -m RAM, as
+libvirt starts VMs), with a qcow2 disk, and moved with `ferry migrate` while it rewrites
+memory and checks every page it wrote. Afterwards it
 must run on the second agent's host with no page lost (the guest itself counts the pages
 it finds corrupted) and the disk's copy must equal the original (`qemu-img compare`).
 """
@@ -11,6 +12,7 @@ it finds corrupted) and the disk's copy must equal the original (`qemu-img compa
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import shutil
 import subprocess
@@ -24,9 +26,10 @@ from agent.cli import guarded
 from agent.errors import QemuError
 from agent.guest import build_guest
 from agent.guest.build import default_cache_dir
+from agent.guest.remote import read_mailbox_over_qmp
 from agent.guest.workload import PAGES_PER_MIB, guest_config
 from agent.localpair import AgentPair, pid_alive, read_guest
-from agent.qemu import vm
+from agent.qemu import qmp, vm
 
 MIB = 1 << 20
 DEFAULT_RAM_MIB = 1024
@@ -44,13 +47,14 @@ def ferry(*args: str) -> list[str]:
     return [sys.executable, "-m", "agent", *args]
 
 
-def wait_for_passes(ram_path: str, passes: int, timeout: float) -> None:
-    """Wait until the guest finished `passes` passes over its working set."""
-    deadline = time.monotonic() + timeout
-    while (state := read_guest(ram_path)).passes < passes:
-        if time.monotonic() > deadline:
-            raise QemuError(f"the guest did not get going within {timeout:g} s: {state}")
-        time.sleep(0.05)
+async def wait_for_passes(qmp_path: str, passes: int, timeout: float) -> None:
+    """Wait until the guest (private RAM: read over QMP) finished `passes` passes."""
+    async with qmp.connect(qmp_path) as monitor:
+        deadline = time.monotonic() + timeout
+        while (state := await read_mailbox_over_qmp(monitor)).passes < passes:
+            if time.monotonic() > deadline:
+                raise QemuError(f"the guest did not get going within {timeout:g} s: {state}")
+            await asyncio.sleep(0.05)
 
 
 def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
@@ -68,7 +72,8 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
         out(f"agents: a on 127.0.0.1:{pair.a.port}, b on 127.0.0.1:{pair.b.port} "
             f"(homes in {root}), each trusting the other's key")
         started = subprocess.run(
-            ferry("vm", "start", VM_NAME, "--memory", f"{args.ram_mib}M", "--home",
+            ferry("vm", "start", VM_NAME, "--memory", f"{args.ram_mib}M", "--ram", "private",
+                  "--home",
                   str(pair.a.home), "--", "-kernel", str(kernel),
                   "-drive", f"file={disk},format=qcow2,if=virtio"),
             capture_output=True, text=True, check=False)
@@ -79,7 +84,7 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
         out(f"guest: {config.fill_pages // PAGES_PER_MIB} MiB of content, rewrites "
             f"{config.ws_pages} pages at {config.rate} pages/s and checks each one; "
             f"disk {disk} ({args.disk_mib} MiB qcow2, {DISK_DATA_MIB} MiB written)")
-        wait_for_passes(source.ram_path, 1, BOOT_TIMEOUT_S)
+        asyncio.run(wait_for_passes(source.qmp_path, 1, BOOT_TIMEOUT_S))
         out(f"$ ferry migrate {VM_NAME} --to hostb --disk-map {disk}={disk_copy}")
         sys.stdout.flush()
         migrate = subprocess.run(ferry("migrate", VM_NAME, "--to", "hostb", "--home",
