@@ -6,6 +6,7 @@ the tests compare the two on generated inputs. agent.batch.codec builds the publ
 
 from __future__ import annotations
 
+import os
 import struct
 from typing import TYPE_CHECKING
 
@@ -271,8 +272,13 @@ def check_entries(entries: ReadableBuffer, count: int, nblocks: int) -> tuple[in
 
 
 def apply_entries(entries: ReadableBuffer, count: int, data: ReadableBuffer,
-                  dst: WriteableBuffer, block_size: int) -> None:
-    """Check the entries against dst and data (BatchError, nothing written), then apply in order."""
+                  dst: WriteableBuffer, block_size: int, fd: int = -1) -> None:
+    """Check the entries against dst and data (BatchError, nothing written), then apply in order.
+
+    With fd (the file dst maps, shared), DATA blocks are written with pwrite, a run of
+    consecutive blocks at a time: a fresh tmpfs page filled by write() is neither faulted
+    in nor zeroed first, which halves the destination's cost per page.
+    """
     block_shift(block_size)
     with memoryview(dst) as raw_dst, memoryview(data) as raw_data, \
             memoryview(entries) as raw_entries:
@@ -285,11 +291,29 @@ def apply_entries(entries: ReadableBuffer, count: int, data: ReadableBuffer,
         words = struct.unpack(f"<{raw_entries.nbytes // WORD_SIZE}Q", raw_entries.cast("B"))
         zero_block = bytes(block_size)
         pos = taken = 0
+        run_first = run_end = run_at = 0   # pending DATA run: blocks, and where in payload
+
+        def flush() -> None:
+            nonlocal run_first, run_end
+            if run_end > run_first:
+                _pwrite_all(fd, payload[run_at:run_at + (run_end - run_first) * block_size],
+                            run_first * block_size)
+            run_first = run_end = 0
+
         for _ in range(count):
             word = words[pos]
             pos += 1
             kind, i = word >> KIND_SHIFT, word & INDEX_MASK
             block = slice(i * block_size, (i + 1) * block_size)
+            if fd >= 0 and kind == EntryKind.DATA:
+                if run_end <= run_first or i != run_end:
+                    flush()
+                    run_first, run_end, run_at = i, i + 1, taken
+                else:
+                    run_end += 1
+                taken += block_size
+                continue
+            flush()   # a COPY may read what the run writes; entries apply in order
             if kind == EntryKind.ZERO:
                 if out[block] != zero_block:  # leave never-written tmpfs pages unallocated
                     out[block] = zero_block
@@ -300,3 +324,10 @@ def apply_entries(entries: ReadableBuffer, count: int, data: ReadableBuffer,
             else:
                 out[block] = payload[taken:taken + block_size]
                 taken += block_size
+        flush()
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data.nbytes:
+        written = os.pwrite(fd, data, offset)
+        data, offset = data[written:], offset + written

@@ -319,11 +319,12 @@ def decode_batch(batch: ReadableBuffer, nblocks: int, block_size: int, *,
                         compressed)
 
 
-def apply_batch(decoded: DecodedBatch, dst: WriteableBuffer) -> None:
+def apply_batch(decoded: DecodedBatch, dst: WriteableBuffer, fd: int = -1) -> None:
     """Write a decoded batch into dst (the destination's RAM mmap, say), entries in order.
 
     The entries are checked again against dst first, so nothing is written unless all of
-    the batch can be.
+    the batch can be. fd, the file dst maps (shared), takes DATA blocks by pwrite: cheaper
+    than faulting fresh pages in through the mapping.
     """
     with memoryview(dst) as view:
         if view.readonly:
@@ -334,14 +335,15 @@ def apply_batch(decoded: DecodedBatch, dst: WriteableBuffer) -> None:
         target = view.cast("B")
         try:
             _backend.apply_entries(decoded.entries, decoded.entry_count, decoded.data, target,
-                                   decoded.block_size)
+                                   decoded.block_size, fd)
         finally:
             target.release()
 
 
 def decode_and_apply(batch: ReadableBuffer, dst: WriteableBuffer, nblocks: int,
-                     block_size: int) -> int:
-    """Check a whole batch, then write it into dst; the number of entries applied."""
+                     block_size: int, fd: int = -1) -> int:
+    """Check a whole batch, then write it into dst (DATA by pwrite to fd, when given);
+    the number of entries applied."""
     decoded = decode_batch(batch, nblocks, block_size)
-    apply_batch(decoded, dst)
+    apply_batch(decoded, dst, fd)
     return decoded.entry_count

@@ -80,12 +80,14 @@ def report_text(report: dict[str, Any]) -> str:
     lines += [
         f"  total:        {report.get('total_ms')} ms",
         f"  downtime:     {report.get('downtime_ms')} ms",
-        f"  rounds:       {report.get('rounds')}",
+        f"  iterations:   {report.get('rounds')} (QEMU's dirty-log syncs)",
         f"  RAM:          {human_bytes(report.get('ram_bytes', 0))}",
-        f"  pages:        {report.get('data_pages')} data, {report.get('zero_pages')} zero, "
-        f"{report.get('dedup_pages')} dedup",
-        f"  on the wire:  {human_bytes(report.get('wire_bytes', 0))} "
-        f"(compression {report.get('compression_ratio')}x)",
+        (f"  pages sent:   {report.get('pages_sent')}: {report.get('data_pages')} data, "
+         f"{report.get('unchanged_pages')} unchanged, {report.get('dedup_pages')} dedup, "
+         f"{report.get('zero_pages')} zero"),
+        (f"  on the wire:  {human_bytes(report.get('wire_bytes', 0))} "
+         f"(compression {report.get('compression')}, DATA "
+         f"{report.get('compression_ratio')}x)"),
     ]
     for disk in report.get("disks") or ():
         lines.append(f"  disk:         {disk['path']}: {disk['rounds']} rounds, "

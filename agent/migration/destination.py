@@ -268,7 +268,8 @@ class DestinationJob:
             what, payload = await queue.get()
             if what is Kind.RAM_BATCH:
                 self.pages_applied += await loop.run_in_executor(
-                    None, codec.decode_and_apply, payload, incoming.ram, npages, PAGE_SIZE)
+                    None, codec.decode_and_apply, payload, incoming.ram, npages, PAGE_SIZE,
+                    incoming.ram_fd)
             elif what is Kind.QEMU_STREAM:
                 writer.write(payload)
                 await writer.drain()
