@@ -350,6 +350,165 @@ def test_bad_index_ends_the_batch_before_it(backend):
     assert sent == before
 
 
+# ---- blocks at offsets in a stream buffer (QEMU's page records) -------------------------
+
+ZERO_OFFSET = fmt.ZERO_OFFSET
+
+
+def offsets_of(*values: int) -> array:
+    return array("Q", values)
+
+
+def test_offsets_place_blocks_anywhere_in_src(backend):
+    """Blocks at unaligned offsets among other bytes, ZERO_OFFSET blocks with no bytes at
+    all, a block given twice (the later one wins): decode_and_apply rebuilds them."""
+    bs, nblocks = 4096, 8
+    rng = random.Random(20)
+    a, b, c = rng.randbytes(bs), text_block(rng, bs), rng.randbytes(bs)
+    # As in a stream: a record header before each page, pages not on any block boundary.
+    src = b"\x11" * 13 + a + b"\x22" * 9 + b + b"\x33" * 3 + c + b + b"\x44" * 5
+    at_a, at_b = 13, 13 + bs + 9
+    at_c = at_b + bs + 3
+    indices = array("Q", [3, 0, 5, 6, 3, 7, 1, 2])
+    offsets = offsets_of(at_a, ZERO_OFFSET, at_b, at_c + bs, at_c, ZERO_OFFSET, at_b,
+                         ZERO_OFFSET)
+    sent = fresh_sent(nblocks, bs)
+    dirty = codec.block_hash(b"\x01" * bs)
+    for i in (0, 7):   # the destination holds something else there: ZERO entries needed
+        sent[i * fmt.HASH_SIZE:(i + 1) * fmt.HASH_SIZE] = dirty
+    dst = bytearray(b"\x01" * bs) + bytearray(6 * bs) + bytearray(b"\x01" * bs)
+    encoder = codec.BatchEncoder(None, bs, sent, compress_level=None)
+    batch, pos = encoder.encode(indices, src=src, offsets=offsets)
+    assert pos == len(indices)
+    # 0 and 7 ZERO; 3 DATA then DATA again (new content); 5 DATA; 6 COPY of 5 (b again);
+    # 1 COPY of 5 too; 2 was zero there already: unchanged.
+    assert (batch.zero_count, batch.copy_count, batch.data_count, batch.unchanged_count) == \
+        (2, 2, 3, 1)
+    assert codec.decode_and_apply(bytes(batch.payload), dst, nblocks, bs) == batch.entry_count
+    want = [bytes(bs), b, bytes(bs), c, bytes(bs), b, b, bytes(bs)]
+    assert [bytes(dst[i * bs:(i + 1) * bs]) for i in range(nblocks)] == want
+
+
+def test_zero_offset_needs_no_source_bytes(backend):
+    bs, nblocks = 512, 4
+    sent = fresh_sent(nblocks, bs)
+    sent[fmt.HASH_SIZE:2 * fmt.HASH_SIZE] = codec.block_hash(b"\x07" * bs)
+    encoder = codec.BatchEncoder(None, bs, sent)
+    batch, pos = encoder.encode(array("Q", [0, 1, 2, 1]), src=b"",
+                                offsets=offsets_of(*[ZERO_OFFSET] * 4))
+    assert pos == 4 and (batch.entry_count, batch.zero_count, batch.unchanged_count) == (1, 1, 3)
+    dst = bytearray(nblocks * bs)
+    dst[bs:2 * bs] = b"\x07" * bs
+    codec.decode_and_apply(bytes(batch.payload), dst, nblocks, bs)
+    assert dst == bytes(nblocks * bs) and sent == fresh_sent(nblocks, bs)
+
+
+@pytest.mark.parametrize("bad", [None, 3 * 4096 + 100, 2**62, ZERO_OFFSET - 1,
+                                 ZERO_OFFSET - 4096])
+def test_offset_past_src_ends_the_batch(backend, bad):
+    """An offset whose block does not fit in src ends the batch before it; ValueError if
+    it is the first one, and nothing changes then."""
+    bs, nblocks = 4096, 4
+    rng = random.Random(21)
+    src = rng.randbytes(3 * bs + 100)
+    end = len(src) - bs  # the last offset that fits
+    offsets = offsets_of(0, end, end + 1 if bad is None else bad, 100)
+    indices = array("Q", [0, 1, 2, 3])
+    sent = fresh_sent(nblocks, bs)
+    encoder = codec.BatchEncoder(None, bs, sent)
+    batch, pos = encoder.encode(indices, src=src, offsets=offsets)
+    assert (pos, batch.data_count) == (2, 2)
+    before = bytes(sent)
+    with pytest.raises(ValueError, match="outside the source"):
+        encoder.encode(indices, pos, src=src, offsets=offsets)
+    assert sent == before
+    batch, pos = encoder.encode(indices, 3, src=src, offsets=offsets)   # skipping it
+    assert (pos, batch.data_count) == (4, 1)
+    dst = bytearray(nblocks * bs)
+    codec.decode_and_apply(bytes(batch.payload), dst, nblocks, bs)
+    assert dst[3 * bs:] == src[100:100 + bs]
+
+
+def test_offsets_checked_against_indices_and_hashes(backend):
+    bs, nblocks = 512, 4
+    encoder = codec.BatchEncoder(None, bs, fresh_sent(nblocks, bs))
+    with pytest.raises(ValueError, match="2 offsets for 3 indices"):
+        encoder.encode(array("Q", [0, 1, 2]), src=bytes(bs), offsets=offsets_of(0, 0))
+    with pytest.raises(ValueError, match="outside the source"):   # block 4 of 4
+        encoder.encode(array("Q", [4]), src=bytes(bs), offsets=offsets_of(ZERO_OFFSET))
+    batch, pos = encoder.encode(array("Q", [1, 4]), src=b"\1" * bs, offsets=offsets_of(0, 0))
+    assert (pos, batch.data_count) == (1, 1)
+
+
+@needs_native
+@settings(max_examples=80, deadline=None)
+@given(data=st.data())
+def test_twin_and_native_encode_identical_bytes_with_offsets(data):
+    """Random pages at random offsets of a stream-like buffer, ZERO_OFFSET entries and
+    offsets past the end: the same batches, positions and hashes from native and twin, and
+    applying them rebuilds every block the batches consumed."""
+    bs = data.draw(st.sampled_from([512, 4096]))
+    nblocks = data.draw(st.integers(1, 16))
+    dedup = data.draw(st.booleans())
+    level = data.draw(st.sampled_from([None, 1]))
+    max_entries = data.draw(st.integers(1, 10))
+    max_data = data.draw(st.integers(1, 5 * bs))
+    contents = pool(bs)
+    encoders, sents, dsts = [], [], []
+    for impl in (native, _codec_py):
+        with use_backend(impl):
+            sents.append(fresh_sent(nblocks, bs))
+            encoders.append(codec.BatchEncoder(None, bs, sents[-1], dedup=dedup,
+                                               compress_level=level, max_data_bytes=max_data,
+                                               max_entries=max_entries))
+            dsts.append(bytearray(nblocks * bs))
+    model = bytearray(nblocks * bs)
+    for _ in range(data.draw(st.integers(1, 3))):
+        src, indices, offsets = bytearray(), array("Q"), array("Q")
+        for _ in range(data.draw(st.integers(1, 14))):
+            src += bytes(data.draw(st.integers(0, 17)))     # a record header, say
+            indices.append(data.draw(st.integers(0, nblocks - 1)))
+            kind = data.draw(st.integers(0, len(contents) + 1))
+            if kind == len(contents):
+                offsets.append(ZERO_OFFSET)
+            elif kind == len(contents) + 1:    # somewhere in what is already there
+                offsets.append(data.draw(st.integers(0, len(src) + bs)))
+            else:
+                offsets.append(len(src))
+                src += contents[kind]
+        src += bytes(data.draw(st.integers(0, bs)))
+        pos = [0, 0]
+        while pos[0] < len(indices):
+            outs = []
+            for k, impl in enumerate((native, _codec_py)):
+                try:
+                    batch, pos[k] = encoders[k].encode(indices, pos[k], src=bytes(src),
+                                                       offsets=offsets)
+                except ValueError as exc:
+                    outs.append(("refused", "outside the source" in str(exc)))
+                    continue
+                with use_backend(impl):
+                    codec.decode_and_apply(bytes(batch.payload), dsts[k], nblocks, bs)
+                outs.append((bytes(batch.payload), batch.entry_count, batch.zero_count,
+                             batch.copy_count, batch.data_count, batch.unchanged_count,
+                             batch.compressed))
+            assert outs[0] == outs[1] and pos[0] == pos[1]
+            assert sents[0] == sents[1]
+            done = pos[0]
+            if isinstance(outs[0][0], str):   # both refused the block at pos
+                assert outs[0] == ("refused", True)
+                off = offsets[done]
+                assert off != ZERO_OFFSET and off + bs > len(src)
+                done += 1                        # skip the bad one, as a caller would
+                pos = [done, done]
+        for i, off in zip(indices, offsets, strict=True):
+            if off == ZERO_OFFSET:
+                model[i * bs:(i + 1) * bs] = bytes(bs)
+            elif off + bs <= len(src):
+                model[i * bs:(i + 1) * bs] = src[off:off + bs]
+        assert dsts[0] == dsts[1] == model
+
+
 # ---- strict parsing ---------------------------------------------------------------------
 
 BS, NBLOCKS = 512, 16

@@ -407,7 +407,7 @@ class StreamParser:
         if status is Scan.NEED_DATA:
             if self._fwd_len:
                 self._emit_forward()
-            return bool(taken)
+            return bool(self._events)   # a Forward alone is an event too
         if status is Scan.EOS:
             return self._end_of_section() or bool(taken)
         raise self._record_error(status, detail, record_at)
