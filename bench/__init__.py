@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import asyncio
+import signal
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 def parser(name: str, doc: str | None) -> argparse.ArgumentParser:
@@ -24,3 +30,45 @@ def sized_args(name: str, doc: str | None, argv: Sequence[str], *, size_mib: int
     if args.size_mib < 1 or args.repeat < 1:
         command.error("--size-mib and --repeat must be at least 1")
     return args
+
+
+_cancel_running: list[Callable[[], object]] = []
+"""How to stop the asyncio work under way, if any (see run_async)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM: the same clean-up as Ctrl-C."""
+    if _cancel_running:
+        _cancel_running[-1]()
+        return
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside: SIGTERM interrupts like Ctrl-C (KeyboardInterrupt, or a cancellation of the
+    work run_async runs), so every clean-up on the way out runs."""
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_async(work: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run(work), stopped by SIGTERM through a cancellation, so its `finally`
+    blocks (QMP clean-up) run: an exception raised into the event loop from a signal handler
+    can leave asyncio.run waiting forever. An interrupted run raises KeyboardInterrupt."""
+    async def guarded() -> T:
+        loop, task = asyncio.get_running_loop(), asyncio.current_task()
+        assert task is not None
+        _cancel_running.append(lambda: loop.call_soon_threadsafe(task.cancel))
+        try:
+            return await work
+        finally:
+            _cancel_running.pop()
+
+    try:
+        return asyncio.run(guarded())
+    except asyncio.CancelledError:
+        raise KeyboardInterrupt from None
