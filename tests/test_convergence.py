@@ -32,20 +32,28 @@ def test_fixed_and_off_settings_ignore_what_they_see():
     assert fixed.compress_next() and not off.compress_next()
 
 
+def slow_link(policy: CompressionPolicy, rate: float, batches: int = 40) -> None:
+    """Batches of 1 MB over a link of `rate`: most return at once (the socket buffers 8
+    MB), every eighth waits for the buffer to drain."""
+    for n in range(batches):
+        policy.sent(MB, 8 * MB / rate if n % 8 == 7 else 1e-4)
+
+
 def test_auto_compresses_on_a_slow_link_only():
     policy = CompressionPolicy(CompressSetting.parse("auto"))
     assert not policy.compress_next()       # nothing measured yet
-    policy.sent(4 * MB, 4 * MB / (125 * MB))  # 1 Gbit/s: zstd (~500 MB/s) outruns it
+    slow_link(policy, 125 * MB)             # 1 Gbit/s: zstd (~500 MB/s) outruns it
+    assert policy.link_rate == pytest.approx(125 * MB, rel=0.5)
     assert policy.compress_next()
     fast = CompressionPolicy(CompressSetting.parse("auto"))
-    for _ in range(20):
-        fast.sent(4 * MB, 4 * MB / (2000 * MB))  # never waits: the CPU is the bottleneck
+    for _ in range(40):
+        fast.sent(MB, MB / (2000 * MB))     # never waits: the CPU is the bottleneck
     assert not fast.compress_next()
 
 
 def test_auto_stops_compressing_what_does_not_shrink():
     policy = CompressionPolicy(CompressSetting.parse("auto"))
-    policy.sent(4 * MB, 4 * MB / (125 * MB))
+    slow_link(policy, 125 * MB)
     assert policy.compress_next()
     for _ in range(30):                     # random pages: compressed == raw
         policy.encoded(1 << 20, (1 << 20) - 100, 0.002, compressed=True)
@@ -55,7 +63,7 @@ def test_auto_stops_compressing_what_does_not_shrink():
 
 def test_auto_stops_when_zstd_is_slower_than_the_link():
     policy = CompressionPolicy(CompressSetting.parse("auto"))
-    policy.sent(4 * MB, 4 * MB / (300 * MB))
+    slow_link(policy, 300 * MB)
     for _ in range(30):                     # well compressible, but only 200 MB/s of zstd
         policy.encoded(1 << 20, 1 << 18, (1 << 20) / (200 * MB), compressed=True)
     assert not policy.compress_next()

@@ -9,6 +9,7 @@ turns QEMU's figures into a progress estimate that never goes up.
 from __future__ import annotations
 
 import enum
+import math
 import time
 from dataclasses import dataclass
 
@@ -25,6 +26,11 @@ RATIO_GUESS = 0.5
 COMPRESS_GAIN = 1.2
 # Weight of the newest observation in the moving averages.
 EWMA = 0.2
+# The link's rate is bytes over seconds of sending across about the last LINK_WINDOW_BYTES
+# (several times the 8 MiB a channel buffers before sending waits), judged once
+# LINK_SAMPLE_BYTES have gone.
+LINK_WINDOW_BYTES = 32 << 20
+LINK_SAMPLE_BYTES = 12 << 20
 # Below this the countdown has run out before the work did; progress shows no ETA then.
 ETA_FLOOR_S = 0.05
 
@@ -92,6 +98,8 @@ class CompressionPolicy:
     def __init__(self, setting: CompressSetting) -> None:
         self.setting = setting
         self.link_rate: float | None = None     # wire bytes per second of sending
+        self._bytes = 0.0                       # decaying sums behind link_rate
+        self._seconds = 0.0
         self.zstd_rate = ZSTD_RATE_GUESS        # raw bytes per second of encoding
         self.ratio = RATIO_GUESS                # compressed / raw
 
@@ -105,11 +113,16 @@ class CompressionPolicy:
         return pipeline > COMPRESS_GAIN * self.link_rate
 
     def sent(self, wire_bytes: int, seconds: float) -> None:
-        """One batch took `seconds` to send (sealing, socket waits, pacing)."""
-        if wire_bytes < 64 << 10 or seconds <= 0:
-            return   # too small to say anything about the link
-        rate = wire_bytes / seconds
-        self.link_rate = rate if self.link_rate is None else _ewma(self.link_rate, rate)
+        """One batch took `seconds` to send (sealing, socket waits, pacing).
+
+        Sends return at once while the socket's buffer has room and wait for it to drain
+        past its high-water mark, so one batch says little: the rate is bytes over time
+        summed over the last batches (older ones decaying)."""
+        keep = math.exp(-wire_bytes / LINK_WINDOW_BYTES)
+        self._bytes = self._bytes * keep + wire_bytes
+        self._seconds = self._seconds * keep + max(seconds, 0.0)
+        if self._bytes >= LINK_SAMPLE_BYTES and self._seconds > 0:
+            self.link_rate = self._bytes / self._seconds
 
     def encoded(self, raw_bytes: int, wire_data_bytes: int, seconds: float,
                 compressed: bool) -> None:

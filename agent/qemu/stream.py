@@ -39,6 +39,7 @@ from agent.qemu.stream_format import (
     MAX_BLOCKS,
     MAX_CONFIG_NAME,
     PAGE_SIZE,
+    RAM_SAVE_FLAG_CONTINUE,
     RAM_SAVE_FLAG_EOS,
     RAM_SAVE_FLAG_MEM_SIZE,
     RAM_SECTION,
@@ -438,9 +439,13 @@ class StreamParser:
         if status is Scan.NO_BLOCK:
             return self._fail("RAM record continues a block before any was named", at)
         if status is Scan.BEYOND:
-            block = self.blocks[self._current].name if self._current >= 0 else "?"
+            if not detail & RAM_SAVE_FLAG_CONTINUE:   # the record names its block
+                n = self._buf[at + 8]
+                block = bytes(self._buf[at + 9:at + 9 + n]).decode("utf-8", "replace")
+            else:
+                block = self.blocks[self._current].name if self._current >= 0 else "?"
             return self._fail(f"RAM record at offset {detail & ~RECORD_FLAGS_MASK:#x}, past "
-                              f"the end of its block (last block named: {block!r})", at)
+                              f"the end of its block {block!r}", at)
         if status is Scan.BAD_FILL:
             return self._fail(f"ZERO record with fill byte {detail:#04x}", at)
         return self._fail(f"record loop stopped with {status!r}", at)
