@@ -226,9 +226,9 @@ def make_row(tool: str, mode: str, case: Case, *, link: str = LOOPBACK_LINK,
 
 
 def failed_row(tool: str, mode: str, case: Case, error: str, *, link: str = LOOPBACK_LINK,
-               **extra: Any) -> dict[str, Any]:
+               cpu: dict[str, float | None] | None = None, **extra: Any) -> dict[str, Any]:
     return make_row(tool, mode, case, link=link, total_ms=None, downtime_ms=None,
-                    wire_bytes=None, ok=False, error=error, **extra)
+                    wire_bytes=None, ok=False, cpu=cpu, error=error, **extra)
 
 
 # ---------------------------------------------------------------------------- targets
@@ -940,8 +940,8 @@ def ferry_row(case: Case, note: Callable[[str], None], rate: str | None = None,
                 why = (report.get("error") or " ".join(stderr.strip().splitlines()[-1:])
                        or f"exit {rc}")
                 return failed_row("ferry", FERRY_MODE, case, f"ferry migrate: {why}",
-                                  link=link, report=report, agent_log=logged,
-                                  source_ram=ram, **cpu)
+                                  link=link, cpu=cpu, report=report, agent_log=logged,
+                                  source_ram=ram)
             src_after = wait_exit_cpu(source.pid, SOURCE_EXIT_TIMEOUT_S) if adopted else None
             cpu["src_qemu_cpu_s"] = cpu_delta(
                 src_after if src_after is not None else proc_cpu_seconds(source.pid),

@@ -77,6 +77,8 @@ def test_make_row_has_the_common_keys_first_and_rounds():
     failed = bm.failed_row("qemu", "plain", CASE, "boom", link=LINK)
     assert failed["ok"] is False and failed["error"] == "boom" and failed["total_ms"] is None
     assert failed["link"] == LINK and failed["src_qemu_cpu_s"] is None
+    failed = bm.failed_row("ferry", "default", CASE, "lost", cpu={"src_qemu_cpu_s": 2.2199999})
+    assert tuple(failed)[:len(bm.ROW_KEYS)] == bm.ROW_KEYS and failed["src_qemu_cpu_s"] == 2.22
 
 
 # ---------------------------------------------------------------------------- verdicts
