@@ -11,7 +11,7 @@ STAMP_VENV := $(VENV)/.installed
 NATIVE_SOURCES := $(wildcard ext/*.pyx ext/*.pxd ext/*.h) setup.py
 STAMP_BUILD := agent/_native/.built
 
-.PHONY: setup build demo test bench clean
+.PHONY: setup build demo lint test bench clean
 
 setup: $(STAMP_BUILD)
 
@@ -36,7 +36,12 @@ build: $(STAMP_BUILD)
 demo: setup
 	@$(PY) -m agent.demo
 
-test: setup
+# ruff (settings in pyproject.toml) over the code and tests; mypy over the package and bench.
+lint: setup
+	@$(PY) -m ruff check --quiet agent bench tests
+	@$(PY) -m mypy --no-error-summary agent bench
+
+test: lint
 	@$(PY) -m pytest $(PYTEST_ARGS)
 
 # Every benchmark runs even if one misses its target; the exit status says if any did.

@@ -97,7 +97,8 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
         before = read_guest(dest.ram_path)
         time.sleep(WATCH_S)
         after = read_guest(dest.ram_path)
-        out(f"on b: QEMU pid {dest.pid} runs the guest: heartbeat +{after.heartbeat - before.heartbeat}"
+        beats = after.heartbeat - before.heartbeat
+        out(f"on b: QEMU pid {dest.pid} runs the guest: heartbeat +{beats}"
             f" ms in {WATCH_S:g} s, {after.passes} passes, {after.errors} corrupted pages")
         out(f"on a: source QEMU pid {source.pid} "
             f"{'still runs (unexpected)' if pid_alive(source.pid) else 'has quit'}")

@@ -130,7 +130,8 @@ class VersionMismatchError(WireError):
 
     def __init__(self, local_version: int, peer_version: int) -> None:
         super().__init__(f"peer speaks ferry wire protocol version {peer_version}, this agent "
-                         f"speaks version {local_version}: run the same ferry release on both hosts")
+                         f"speaks version {local_version}: run the same ferry release on both "
+                         f"hosts")
         self.local_version = local_version
         self.peer_version = peer_version
 
@@ -150,7 +151,8 @@ class MessageError(WireError):
 
 
 class StreamEndError(WireError):
-    """The byte stream ended where it must not (inside a frame, without GOODBYE) or went on after GOODBYE."""
+    """The byte stream ended where it must not (inside a frame, without GOODBYE) or went on
+    after GOODBYE."""
 
 
 class PeerReportedError(PeerError):

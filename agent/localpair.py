@@ -125,7 +125,8 @@ class NetnsLink:
         commands = [["ip", "netns", "add", ns_a], ["ip", "netns", "add", ns_b],
                     ["ip", "-n", ns_a, "link", "add", dev_a, "type", "veth",
                      "peer", "name", dev_b, "netns", ns_b]]
-        for ns, dev, address in zip(self.namespaces, self.devices, self.addresses):
+        for ns, dev, address in zip(self.namespaces, self.devices, self.addresses,
+                                    strict=True):
             commands += [["ip", "-n", ns, "addr", "add", f"{address}/{LINK_PREFIX_LEN}",
                           "dev", dev],
                          ["ip", "-n", ns, "link", "set", "lo", "up"],
@@ -179,7 +180,7 @@ class NetnsLink:
     def device_bytes(self) -> tuple[int, int]:
         """Bytes received so far by a's end and by b's end of the veth (what b and a sent)."""
         out = []
-        for ns, dev in zip(self.namespaces, self.devices):
+        for ns, dev in zip(self.namespaces, self.devices, strict=True):
             shown = subprocess.run(["ip", "-n", ns, "-j", "-s", "link", "show", dev],
                                    capture_output=True, text=True, check=True)
             out.append(int(json.loads(shown.stdout)[0]["stats64"]["rx"]["bytes"]))
@@ -225,7 +226,8 @@ class AgentProcess:
                 return
             except AgentUnreachableError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"agent {self.name} did not start:\n{self.log()}")
+                    raise RuntimeError(
+                        f"agent {self.name} did not start:\n{self.log()}") from None
                 time.sleep(0.05)
 
     def log(self) -> str:

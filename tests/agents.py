@@ -30,7 +30,11 @@ class CuttableProxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:   # the agent behind is gone: refuse this one as it would
+                client.close()
+                continue
             with self._lock:
                 self.sockets += [client, upstream]
             for src, dst in ((client, upstream), (upstream, client)):

@@ -548,7 +548,7 @@ def expect_refused(payload, dst, match=None, **kwargs):
 
 def with_header(payload: bytes, **changes) -> bytes:
     names = ("magic", "version", "shift", "flags", "entries", "copies", "raw", "wire")
-    fields = dict(zip(names, fmt.HEADER.unpack_from(payload)))
+    fields = dict(zip(names, fmt.HEADER.unpack_from(payload), strict=True))
     fields.update(changes)
     return fmt.HEADER.pack(*fields.values()) + payload[fmt.HEADER_SIZE:]
 
@@ -742,7 +742,7 @@ def test_twin_and_native_dedup_index_agree(nblocks, ops):
     for op, block, n in ops:
         block %= nblocks
         results = []
-        for index, sent in zip(indexes, sents):
+        for index, sent in zip(indexes, sents, strict=True):
             if op == "find":
                 results.append(index.lookup(key(n), sent))
                 continue
@@ -768,7 +768,7 @@ def test_twin_and_native_dedup_index_agree_when_windows_fill(seed):
         h = struct.pack("<QQ", n % 4, n % 3)
         block = rng.randrange(nblocks)
         results = []
-        for index, sent in zip(indexes, sents):
+        for index, sent in zip(indexes, sents, strict=True):
             sent[16 * block:16 * (block + 1)] = h
             index.insert(h, block, sent)
             results.append([index.lookup(struct.pack("<QQ", m % 4, m % 3), sent)

@@ -6,9 +6,17 @@ import time
 
 import pytest
 
-from agent.migration.convergence import (COMPRESS_GAIN, MIN_RAM_SHARE, UNKNOWN_DISK_FINAL_S,
-                                         Compression, CompressionPolicy, CompressSetting, Eta,
-                                         ram_downtime_s)
+from agent.migration.convergence import (
+    COMPRESS_GAIN,
+    MIN_RAM_SHARE,
+    UNKNOWN_DISK_FINAL_S,
+    Compression,
+    CompressionPolicy,
+    CompressSetting,
+    Eta,
+    Pacer,
+    ram_downtime_s,
+)
 
 MB = 1_000_000
 
@@ -96,3 +104,12 @@ def test_eta_never_goes_up():
     time.sleep(0.01)
     assert eta.update(1, 10 * MB, 0.0) is None        # under the floor: no ETA shown
     assert eta.update(100 * MB, 0.0, 0.0) is None     # no rate yet
+
+
+def test_pacer_keeps_a_steady_rate_with_small_bursts():
+    pacer = Pacer(10 * MB)
+    assert pacer.burst == pytest.approx(1 << 20)       # 50 ms of 10 MB/s is less than 1 MiB
+    time.sleep(0.2)                                     # idle time saves no more than a burst
+    assert pacer.take(1 << 20) == 0.0
+    wait = pacer.take(MB)
+    assert wait == pytest.approx(0.1, abs=0.01)         # then 1 MB costs 0.1 s at 10 MB/s

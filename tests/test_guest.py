@@ -45,7 +45,7 @@ def wait_passes(guest, count: int, timeout: float = 5.0):
 def test_layout_constants_match_the_assembly():
     """guest.S and mailbox.py each name the layout; they must agree on every value."""
     source = SOURCE.read_text()
-    defined = dict(re.findall(r"^\s*\.set\s+(\w+),\s*(0x[0-9A-Fa-f]+|\d+)\b", source, re.M))
+    defined = dict(re.findall(r"^\s*\.set\s+(\w+),\s*(0x[0-9A-Fa-f]+|\d+)\b", source, re.MULTILINE))
     defined = {name: int(value, 0) for name, value in defined.items()}
     expected = {
         "MAILBOX": mailbox.MAILBOX_ADDR, "FREE_BASE_PAGE": mailbox.FREE_BASE_PAGE,

@@ -268,7 +268,7 @@ def plain_ram_qemu(qmp_path: Path, memory: str, *args: str) -> subprocess.Popen:
 def test_tcg_guest_hit_by_qemus_dirty_log_bug_is_refused(agents, vm_dir) -> None:
     qemu = plain_ram_qemu(vm_dir / "plain.qmp", "64M")
     try:
-        rc, report, stderr = agents.migrate("--qmp", str(vm_dir / "plain.qmp"))
+        rc, report, _ = agents.migrate("--qmp", str(vm_dir / "plain.qmp"))
         assert rc == 1 and report["status"] == "failed"
         assert "multiple of 64 pages" in report["error"] and "65544K" in report["error"]
         assert "KVM" in report["error"] and "9.0" in report["error"]

@@ -74,7 +74,7 @@ def servers(vm_dir: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
         def start(argv: list[str], sock: Path | None = None) -> subprocess.Popen[bytes]:
             nonlocal count
             count += 1
-            log = open(vm_dir / f"server{count}.log", "wb")   # noqa: SIM115 - closed below
+            log = open(vm_dir / f"server{count}.log", "wb")
             cleanup.callback(log.close)
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
             cleanup.callback(stop, proc)

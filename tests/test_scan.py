@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from array import array
 
 import pytest
@@ -32,7 +33,7 @@ def test_runs_native_match_twin(indices):
     assert [p for first, n in native.runs(indices) for p in range(first, first + n)] == indices
     # Maximal: no two runs touch.
     found = native.runs(indices)
-    assert all(a + n < b for (a, n), (b, _) in zip(found, found[1:]))
+    assert all(a + n < b for (a, n), (b, _) in itertools.pairwise(found))
 
 
 @settings(max_examples=100, deadline=None)

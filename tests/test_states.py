@@ -2,8 +2,14 @@
 
 import pytest
 
-from agent.migration.states import (FINAL, ROLLBACK_SAFE, TRANSITIONS, IllegalTransition,
-                                    Phase, PhaseTracker)
+from agent.migration.states import (
+    FINAL,
+    ROLLBACK_SAFE,
+    TRANSITIONS,
+    IllegalTransition,
+    Phase,
+    PhaseTracker,
+)
 
 
 def test_happy_path():

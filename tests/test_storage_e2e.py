@@ -19,8 +19,8 @@ import pytest
 from agent.errors import QemuError
 from agent.guest import GuestConfig
 from agent.guest.build import default_cache_dir
-from agent.qemu.vm import TCG_RAM_PADDING
 from agent.qemu import qmp
+from agent.qemu.vm import TCG_RAM_PADDING
 from agent.storage.disk_sink import SPACE_MARGIN
 from tests.agents import AgentPair, pid_alive, read_guest
 
@@ -187,7 +187,7 @@ async def _bitmaps_and_exports(qmp_path: Path) -> tuple[list, list]:
 
 
 def test_disk_format_conversion_raw_to_qcow2(agents, start_guest, root) -> None:
-    qcow2, raw = make_disks(root)
+    _, raw = make_disks(root)
     guest = start_guest(config=GuestConfig(ws_pages=100), ram_size=64 * MIB + PAD, name="stor",
                         extra_args=("-drive", f"file={raw},format=raw,if=virtio"))
     guest.wait_until(lambda s: s.passes >= 1, timeout=30, what="the first pass")
@@ -382,8 +382,8 @@ def test_disk_in_use_by_a_block_job_is_refused(agents, start_guest, root) -> Non
 
 def test_plan_targets_names_a_missing_directory(tmp_path) -> None:
     from agent.errors import UserError
-    from agent.storage.disk_sink import plan_targets
     from agent.qemu.vmspec import DiskSpec
+    from agent.storage.disk_sink import plan_targets
 
     disk = DiskSpec(0, "/src/d.qcow2", "qcow2", MIB, "#block1")
     with pytest.raises(UserError, match="does not exist on the destination"):
@@ -393,8 +393,8 @@ def test_plan_targets_names_a_missing_directory(tmp_path) -> None:
 
 def test_plan_targets_points_an_existing_target_to_shared_storage_or_a_map(tmp_path) -> None:
     from agent.errors import UserError
-    from agent.storage.disk_sink import plan_targets
     from agent.qemu.vmspec import DiskSpec
+    from agent.storage.disk_sink import plan_targets
 
     existing = tmp_path / "d.qcow2"
     existing.write_bytes(b"")

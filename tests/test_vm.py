@@ -6,14 +6,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from agent.errors import QemuError, QemuStartError, UserError, VmNotMigratableError
+from agent.errors import QemuError, UserError
 from agent.qemu import qmp, vm
 from agent.qemu.vmspec import ram_backend_of, split_options
 

@@ -1,12 +1,19 @@
 """The destination's argv check and rewrite: accepted forms, refusals, host paths replaced."""
 
-from pathlib import Path
 
 import pytest
 
 from agent.errors import UserError
-from agent.qemu.vmspec import (DestinationPaths, VmSpec, destination_argv, format_keyval,
-                          parse_keyval, parse_size, ram_backend_of, split_options)
+from agent.qemu.vmspec import (
+    DestinationPaths,
+    VmSpec,
+    destination_argv,
+    format_keyval,
+    parse_keyval,
+    parse_size,
+    ram_backend_of,
+    split_options,
+)
 
 SRC_RAM = "/dev/shm/src-web01.ram"
 

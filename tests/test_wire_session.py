@@ -1,4 +1,5 @@
-"""Two in-memory session endpoints: handshake, trust, messages, and every way a peer can misbehave."""
+"""Two in-memory session endpoints: handshake, trust, messages, and every way a peer can
+misbehave."""
 
 from __future__ import annotations
 

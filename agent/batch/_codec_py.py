@@ -239,7 +239,8 @@ def encode_blocks(src: ReadableBuffer, base: int, block_size: int, indices: Read
 
 
 def check_entries(entries: ReadableBuffer, count: int, nblocks: int) -> tuple[int, int, int]:
-    """(zero, copy, data) counts of count entries that must fill entries exactly; else BatchError."""
+    """(zero, copy, data) counts of count entries that must fill entries exactly; else
+    BatchError."""
     with memoryview(entries) as raw:
         view = raw.cast("B")
         if view.nbytes % WORD_SIZE:

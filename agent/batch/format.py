@@ -63,7 +63,8 @@ class EntryKind(enum.IntEnum):
 def block_shift(block_size: int) -> int:
     """log2 of block_size; ValueError unless it is a supported power of two."""
     shift = block_size.bit_length() - 1
-    if block_size <= 0 or block_size != 1 << shift or not MIN_BLOCK_SHIFT <= shift <= MAX_BLOCK_SHIFT:
+    if (block_size <= 0 or block_size != 1 << shift
+            or not MIN_BLOCK_SHIFT <= shift <= MAX_BLOCK_SHIFT):
         raise ValueError(f"block size {block_size} is not a power of two between "
                          f"{1 << MIN_BLOCK_SHIFT} and {1 << MAX_BLOCK_SHIFT}")
     return shift

@@ -1,4 +1,5 @@
-"""`ferry id`, `ferry trust`, `ferry untrust` and `ferry peers`: this host's key and whom it trusts."""
+"""`ferry id`, `ferry trust`, `ferry untrust` and `ferry peers`: this host's key and whom it
+trusts."""
 
 from __future__ import annotations
 

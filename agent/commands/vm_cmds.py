@@ -25,7 +25,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                             "(default; tools can read it) or plain -m private memory")
     start.add_argument("--cpus", type=int, default=1, metavar="N")
     add_home_argument(start)
-    start.epilog = "Extra QEMU arguments follow --, e.g.  ferry vm start web01 --memory 1G -- -kernel guest.elf"
+    start.epilog = ("Extra QEMU arguments follow --, e.g.  "
+                    "ferry vm start web01 --memory 1G -- -kernel guest.elf")
     start.set_defaults(func=run_start, takes_passthrough=True)
     listing = sub.add_parser("list", help="list the VMs this agent knows")
     add_home_argument(listing)

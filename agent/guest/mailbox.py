@@ -1,9 +1,10 @@
 """The test guest's mailbox: its layout, and reading status / writing config through RAM.
 
 The guest (guest.S, which must agree with every constant here, as a test in
-tests/test_guest.py checks) keeps one page at guest-physical MAILBOX_ADDR. On `-machine pc` low RAM is mapped
-1:1, so that page is at the same offset in the VM's shared RAM file, and the host reads it
-without asking QEMU.
+tests/test_guest.py checks) keeps one page at guest-physical MAILBOX_ADDR. On
+`-machine pc` low RAM is mapped 1:1, so that page is at the same offset in the VM's
+shared RAM file, and the host reads it without asking QEMU (agent.guest.remote reads it
+over QMP for a guest in private RAM).
 
     offset  field (little-endian u32 unless said)     written by
     0x00    magic 0x59524546 ("FERY")                  guest, last at boot

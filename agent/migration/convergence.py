@@ -31,6 +31,9 @@ EWMA = 0.2
 # LINK_SAMPLE_BYTES have gone.
 LINK_WINDOW_BYTES = 32 << 20
 LINK_SAMPLE_BYTES = 12 << 20
+# --bandwidth: bursts of at most this much time's worth, or one batch.
+BURST_S = 0.05
+MIN_BURST_BYTES = 1 << 20
 # Below this the countdown has run out before the work did; progress shows no ETA then.
 ETA_FLOOR_S = 0.05
 
@@ -135,6 +138,29 @@ class CompressionPolicy:
 
 def _ewma(old: float, new: float) -> float:
     return (1 - EWMA) * old + EWMA * new
+
+
+class Pacer:
+    """--bandwidth as a token bucket: a steady rate with bursts of at most BURST_S of it.
+
+    Steady matters: QEMU measures its bandwidth on the socket the agent reads at this
+    pace, and plans the switchover with it; credit saved while the job was preparing
+    would let a burst through that QEMU takes for the link's rate.
+    """
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.burst = max(rate * BURST_S, MIN_BURST_BYTES)
+        self._tokens = self.burst
+        self._at = time.monotonic()
+
+    def take(self, nbytes: int) -> float:
+        """Spend nbytes; the seconds to wait before sending more."""
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        self._tokens -= nbytes
+        return -self._tokens / self.rate if self._tokens < 0 else 0.0
 
 
 class Eta:

@@ -21,12 +21,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.batch import codec
-from agent.errors import (FerryError, LocalError, PeerError, ProtocolError, QemuError,
-                          UserError)
+from agent.errors import FerryError, LocalError, PeerError, ProtocolError, QemuError, UserError
 from agent.migration.link import Link, parse_message, send_control
 from agent.migration.protocol import Kind, Op
-from agent.qemu import vm
 from agent.qemu import qmp as qmp_mod
+from agent.qemu import vm
 from agent.qemu.migrate import destination_capabilities, wait_migration_done
 from agent.qemu.vmspec import PAGE_SIZE, DestinationPaths, VmSpec, destination_argv
 from agent.state import journal, vms

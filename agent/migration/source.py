@@ -35,16 +35,30 @@ from agent.batch import codec
 from agent.batch.pool import BufferPool
 from agent.errors import FerryError, LocalError, QemuError, UserError, VmNotMigratableError
 from agent.migration import faults
-from agent.migration.convergence import (Compression, CompressionPolicy, CompressSetting, Eta,
-                                         TimeoutAction, ram_downtime_s)
+from agent.migration.convergence import (
+    Compression,
+    CompressionPolicy,
+    CompressSetting,
+    Eta,
+    Pacer,
+    TimeoutAction,
+    ram_downtime_s,
+)
 from agent.migration.link import Inbox, Link, send_control
 from agent.migration.protocol import MAX_STREAM_CHUNK, Kind, Op
 from agent.migration.states import Phase, PhaseTracker
 from agent.qemu import migrate as qemu_migrate
 from agent.qemu import qmp as qmp_mod
 from agent.qemu import vm
-from agent.qemu.stream import (ZERO_PAGE_OFFSET, Forward, Pages, RamSection, Section,
-                               StreamError, StreamParser)
+from agent.qemu.stream import (
+    ZERO_PAGE_OFFSET,
+    Forward,
+    Pages,
+    RamSection,
+    Section,
+    StreamError,
+    StreamParser,
+)
 from agent.qemu.vmspec import PAGE_SIZE, VmSpec
 from agent.state import journal, vms
 from agent.state.config import AgentConfig
@@ -80,7 +94,7 @@ class MigrationOptions:
 
     downtime_ms: int = 300
     bandwidth: int | None = None          # bytes per second on the wire; None: unlimited
-    compress: CompressSetting = CompressSetting.parse("auto")
+    compress: CompressSetting = field(default_factory=lambda: CompressSetting.parse("auto"))
     dedup: bool = True
     timeout_s: float = 120.0
     timeout_action: TimeoutAction = TimeoutAction.ABORT
@@ -182,6 +196,7 @@ class SourceJob:
     _last_query: dict[str, Any] = field(default_factory=dict)
     _sending_s: float = 0.0
     faults: frozenset[faults.Fault] = field(default_factory=faults.active)
+    _pacer: Pacer | None = None
     _dropped_page: int | None = None
 
     # ------------------------------------------------------------------ driver
@@ -189,7 +204,7 @@ class SourceJob:
     async def run(self) -> dict[str, Any]:
         """Run the job to its end and return the report; raises only CancelledError."""
         body = asyncio.create_task(self._migrate(), name=f"migrate-{self.job_id}")
-        cancel_wait = asyncio.create_task(self.cancel.wait())
+        cancel_wait: asyncio.Task[object] = asyncio.create_task(self.cancel.wait())
         error: str | None = None
         try:
             while True:
@@ -274,6 +289,8 @@ class SourceJob:
         if migration in qemu_migrate.ACTIVE_STATUSES:
             raise UserError(f"VM {spec.name} is already migrating (QEMU migration {migration})")
         self._compression = CompressionPolicy(self.options.compress)
+        if self.options.bandwidth is not None:
+            self._pacer = Pacer(self.options.bandwidth)
         self.encoder = codec.BatchEncoder(
             None, PAGE_SIZE, bytearray(codec.zero_block_hash(PAGE_SIZE) * spec.npages),
             dedup=self.options.dedup, compress_level=self.options.compress.level)
@@ -360,6 +377,7 @@ class SourceJob:
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, FerryError):
                     await task
+        assert self.link is not None
         await send_control(self.link, Op.STREAM_END, bytes=self.counters.forward_bytes)
         self._mark("stream_sent")
         await qemu_migrate.wait_migration_done(self.qmp, self.qmp.event_mark(),
@@ -542,16 +560,12 @@ class SourceJob:
         if self.inbox is not None:
             self.inbox.check()
         await self.link.send(kind, payload)
-        await self._pace()
+        await self._pace(len(payload))
 
-    async def _pace(self) -> None:
+    async def _pace(self, nbytes: int) -> None:
         """Sleep as needed to keep the wire rate under --bandwidth."""
-        if self.options.bandwidth is None:
-            return
-        ahead = (self.counters.total_wire_bytes / self.options.bandwidth
-                 - (time.monotonic() - self.started))
-        if ahead > 0:
-            await asyncio.sleep(ahead)
+        if self._pacer is not None:
+            await asyncio.sleep(self._pacer.take(nbytes))
 
     # ------------------------------------------------------------------ QEMU's side
 
@@ -771,7 +785,6 @@ class SourceJob:
         c = self.counters
         downtime_ms = ((self.resume_us - self.stop_us) / 1000
                        if self.resume_us and self.stop_us else None)
-        ram = self._last_query.get("ram", {})
         return {
             "event": "result", "status": status, "phase": phase.value,
             "error": error if status != "completed" else None,

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
 
 def _block_names(names: bytes) -> dict[bytes, int]:
-    table, at = {}, 0
+    table: dict[bytes, int] = {}
+    at = 0
     while at < len(names):
         n = names[at]
         table.setdefault(names[at + 1:at + 1 + n], len(table))

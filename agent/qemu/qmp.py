@@ -90,9 +90,10 @@ class QmpEvent:
 
 
 def _event_from_message(msg: Message, seq: int) -> QmpEvent:
-    stamp = msg.get("timestamp") or {}
+    stamp: dict[str, Any] = msg.get("timestamp") or {}  # type: ignore[assignment]
     micros = int(stamp.get("seconds", 0)) * MICROSECONDS + int(stamp.get("microseconds", 0))
-    return QmpEvent(name=str(msg["event"]), data=dict(msg.get("data") or {}),
+    data: dict[str, Any] = dict(msg.get("data") or {})  # type: ignore[call-overload]
+    return QmpEvent(name=str(msg["event"]), data=data,
                     timestamp_us=micros, seq=seq)
 
 

@@ -237,7 +237,7 @@ async def _describe(q: qmp_mod.Qmp, path: str, pid: int, argv: tuple[str, ...]) 
             f"ferry migrates plain -m RAM and {', '.join(RAM_BACKEND_TYPES)}")
     ram_path = str(await prop("mem-path")) if backend_type == "memory-backend-file" else ""
     return VmInfo(name=name, pid=pid, argv=argv, qmp_path=path, machine=machine,
-                  ram_block=backend_id, ram_size=int(await prop("size")),
+                  ram_block=backend_id, ram_size=int(str(await prop("size"))),
                   ram_backend_id=backend_id, ram_backend_type=backend_type,
                   ram_path=ram_path, accel=accel, qemu_version=q.qemu_version)
 

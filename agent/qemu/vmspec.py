@@ -477,7 +477,8 @@ def _rewrite_blockdev(value: str, st: _Rewrite) -> str:
             require_allowed(filename, st.roots, "disk")
         return value
     pairs = parse_keyval(value)
-    for key, filename in list(pairs):
+    for key, given in list(pairs):
+        filename = given or ""
         if filename and (key == "filename" or key.endswith(".filename")):
             target = st.disks.get(filename)
             if target is not None and target.converts:

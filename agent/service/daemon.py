@@ -111,7 +111,8 @@ class Agent:
         if self.control is not None:
             await self.control.close()
         if self.peer_server is not None:
-            self.peer_server.close()
+            # Not close(): that would cancel incoming jobs the grace period below lets end.
+            self.peer_server.stop_listening()
         for job in self.jobs.values():
             job.cancel.set()  # source jobs roll back unless already committing
         deadline = asyncio.get_running_loop().time() + SHUTDOWN_GRACE_S
@@ -125,6 +126,8 @@ class Agent:
                 task.cancel()  # rolls back an incoming VM that was not committed
             if still:
                 await asyncio.wait(still)
+        if self.peer_server is not None:
+            await self.peer_server.close()
 
     # ------------------------------------------------------------------ peers
 

@@ -322,11 +322,15 @@ class StorageSink:
         for export in list(self._exports):
             self._exports.remove(export)
             mark = self.qmp.event_mark()  # type: ignore[union-attr]
+
+            def deleted(event: qmp_mod.QmpEvent, export: str = export) -> bool:
+                return event.data.get("id") == export
+
             with contextlib.suppress(QemuError):
                 await self.qmp.execute("block-export-del", {"id": export})  # type: ignore[union-attr]
                 await self.qmp.wait_event(  # type: ignore[union-attr]
                     "BLOCK_EXPORT_DELETED", after=mark, timeout=EXPORT_GONE_TIMEOUT_S,
-                    match=lambda e, x=export: e.data.get("id") == x)
+                    match=deleted)
         if self._server and self.qmp is not None:
             self._server = False
             with contextlib.suppress(QemuError):

@@ -63,12 +63,13 @@ async def copyable_disks(qmp: qmp_mod.Qmp) -> tuple[DiskSpec, ...]:
         names = ", ".join(f"{j.get('type')} job {j.get('device')!r}" for j in jobs)
         raise UserError(f"the VM's disks are in use by a block job ({names}); wait for it to "
                         f"finish or cancel it (block-job-cancel) before migrating")
-    disks = []
+    disks: list[DiskSpec] = []
     for block in blocks:
         inserted = block.get("inserted")
         if not inserted or inserted.get("ro"):
             continue  # empty drive or read-only media: nothing the guest can change
-        path, node, fmt = inserted.get("file", ""), inserted.get("node-name", ""), inserted.get("drv")
+        path, node = inserted.get("file", ""), inserted.get("node-name", "")
+        fmt = inserted.get("drv")
         if fmt not in DISK_FORMATS:
             raise UserError(f"disk {path} is {fmt}; ferry copies {' and '.join(DISK_FORMATS)} "
                             f"images (convert it with qemu-img, or use --storage shared)")
@@ -182,7 +183,8 @@ class DiskRounds:
                                          meta_contexts=[context]) as nbd:
                 extents = await nbd.block_status(0, self.disk.virtual_size, context)
                 if wanted is None:   # round 0: everything that does not read as zero
-                    ranges = [(e.offset, e.length) for e in extents if not e.flags & AllocationFlag.ZERO]
+                    ranges = [(e.offset, e.length) for e in extents
+                              if not e.flags & AllocationFlag.ZERO]
                 else:
                     ranges = [(e.offset, e.length) for e in extents if e.flags & wanted]
                 self.counters.last_dirty_bytes = sum(n for _, n in ranges)
@@ -227,7 +229,7 @@ class DiskRounds:
                 reads.append((first, n_blocks, into, blocks, asyncio.ensure_future(
                     nbd.readinto(first * DISK_BLOCK, blocks[:valid]))))
 
-        async def encode_next() -> tuple[memoryview, BatchCounts] | None | _Done:
+        async def encode_next() -> tuple[memoryview, BatchCounts] | _Done | None:
             """The next chunk's batch (None if every block was unchanged), or DONE when
             every chunk is done."""
             read_ahead()
@@ -248,7 +250,7 @@ class DiskRounds:
                 if not job.done():
                     await asyncio.wait([job])
 
-        encoding: asyncio.Task[tuple[memoryview, BatchCounts] | None | _Done] | None = None
+        encoding: asyncio.Task[tuple[memoryview, BatchCounts] | _Done | None] | None = None
         try:
             encoding = asyncio.ensure_future(encode_next())
             while not isinstance(encoded := await encoding, _Done):

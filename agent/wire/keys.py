@@ -1,4 +1,5 @@
-"""Text forms of X25519 public keys: base64 for files and commands, SHA-256 fingerprints for people."""
+"""Text forms of X25519 public keys: base64 for files and commands, SHA-256 fingerprints for
+people."""
 
 from __future__ import annotations
 

@@ -83,7 +83,8 @@ def message_type(code: int) -> MsgType:
     try:
         return MsgType(code)
     except ValueError:
-        raise MessageError(f"unknown message type code 0x{code:02x}", WireCode.UNKNOWN_TYPE) from None
+        raise MessageError(f"unknown message type code 0x{code:02x}",
+                           WireCode.UNKNOWN_TYPE) from None
 
 
 def encode_control(body: Mapping[str, Any]) -> bytes:

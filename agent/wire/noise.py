@@ -76,7 +76,8 @@ def public_bytes(key: X25519PrivateKey) -> bytes:
 
 
 def dh(private: X25519PrivateKey, public: bytes) -> bytes:
-    """X25519 of our private key and the peer's public key; a low-order point is a handshake error."""
+    """X25519 of our private key and the peer's public key; a low-order point is a handshake
+    error."""
     try:
         return private.exchange(X25519PublicKey.from_public_bytes(public))
     except ValueError as exc:
