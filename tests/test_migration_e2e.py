@@ -246,7 +246,8 @@ def test_negative_control_a_dropped_late_page_is_caught_by_the_guest(
     while (now := read_guest(record.ram_path)).passes < first.passes + 2:
         assert time.monotonic() < deadline, f"destination guest stalled: {now}"
         time.sleep(0.05)
-    assert now.errors > 0, "the guest did not notice a page that never arrived"
+    dropped = [line for line in agents.a.log().splitlines() if "injected fault: page" in line]
+    assert now.errors > 0, f"the guest did not notice a page that never arrived: {dropped} {now}"
 
 
 # ---------------------------------------------------------------------------- refusals
