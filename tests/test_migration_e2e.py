@@ -358,6 +358,20 @@ def test_guest_that_cannot_converge_is_aborted_by_the_timeout(agents, start_gues
     assert_destination_clean(agents, None)
 
 
+def test_timeout_action_force_switches_over_with_a_longer_downtime(agents,
+                                                                   start_guest) -> None:
+    # 2000 pages rewritten flat out against 8 MB/s: pre-copy cannot reach 300 ms.
+    guest = boot(start_guest, ws_pages=2000, rate=0, fill_pages=0)
+    rc, report, stderr = agents.migrate("--qmp", str(guest.qmp_path), "--bandwidth", "8M",
+                                        "--timeout", "3", "--timeout-action", "force",
+                                        "--compress", "off")
+    assert rc == 0, f"{report}\n{stderr}\n{agents.logs()}"
+    assert "switching over with no downtime limit" in agents.a.log()
+    assert report["total_ms"] > 3000 and report["downtime_ms"] > 300, report
+    state = read_guest(agents.b.vm_record("mig").ram_path)
+    assert state.errors == 0
+
+
 def test_vm_with_several_monitors_and_named_options_migrates(agents, start_guest,
                                                             vm_dir) -> None:
     # The forms of VMs started by other tools: a second QMP monitor through -chardev/-mon,
