@@ -51,14 +51,13 @@ import os
 import random
 import resource
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self, TypeVar
@@ -71,6 +70,7 @@ from agent.qemu import qmp as qmp_mod
 from agent.storage.nbd import NbdClient
 from agent.storage.nbd_proto import BASE_ALLOCATION, AllocationFlag
 from bench import parser as bench_parser
+from bench import run_async, sigterm_as_interrupt
 from bench.codec import WORDS
 
 MIB = 1 << 20
@@ -497,37 +497,6 @@ def readable(result: dict[str, Any]) -> str:
             f"target disk copy >= {TARGET_RATIO:.0%} of NBD read: {verdict}")
 
 
-_cancel_running: list[Callable[[], object]] = []
-"""How to stop the asyncio work under way, if any (see run_async)."""
-
-
-def _terminate(signum: int, frame: object) -> None:
-    """SIGTERM: the same clean-up as Ctrl-C."""
-    if _cancel_running:
-        _cancel_running[-1]()
-        return
-    raise KeyboardInterrupt
-
-
-def run_async(work: Coroutine[Any, Any, T]) -> T:
-    """asyncio.run(work), stopped by SIGTERM through a cancellation, so its `finally`
-    blocks (QMP clean-up) run: an exception raised into the event loop from a signal handler
-    can leave asyncio.run waiting forever. An interrupted run raises KeyboardInterrupt."""
-    async def guarded() -> T:
-        loop, task = asyncio.get_running_loop(), asyncio.current_task()
-        assert task is not None
-        _cancel_running.append(lambda: loop.call_soon_threadsafe(task.cancel))
-        try:
-            return await work
-        finally:
-            _cancel_running.pop()
-
-    try:
-        return asyncio.run(guarded())
-    except asyncio.CancelledError:
-        raise KeyboardInterrupt from None
-
-
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = bench_parser("disk", __doc__)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -585,17 +554,15 @@ def main(argv: Sequence[str]) -> int:
     def note(text: str) -> None:
         print(f"bench disk: {text}", file=sys.stderr, flush=True)
 
-    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        result = measure(args, note)
+        with sigterm_as_interrupt():
+            result = measure(args, note)
     except KeyboardInterrupt:
         note("interrupted; everything started was cleaned up")
         return 130
     except (FerryError, OSError, subprocess.SubprocessError) as exc:
         note(f"failed: {exc}")
         return 1
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     print(json.dumps(result) if args.json else readable(result))
     return 0 if result["met"] else 1
 

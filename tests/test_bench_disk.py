@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from agent.batch import codec
 from agent.batch.format import HEADER, MAGIC, VERSION, EntryKind, block_shift
-from agent.batch.pool import BufferPool
+from agent.buffers import BufferPool
 from agent.qemu.vmspec import DiskSpec, DiskTarget
 from agent.storage import disk_sink, disk_source
 from agent.storage.disk_sink import DiskWriter, WriteRun, overlaps, write_runs

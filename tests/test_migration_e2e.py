@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from agent import identity
-from agent.guest import GuestConfig, RunningGuest
+from agent.guest import GuestConfig, MailboxState, RunningGuest
 from agent.guest.build import build_guest, default_cache_dir
 from agent.guest.remote import read_mailbox_over_qmp
 from agent.migration import faults
@@ -58,6 +58,17 @@ def boot(start_guest: Callable[..., RunningGuest], **config: int) -> RunningGues
     return guest
 
 
+def two_more_passes(ram_path: str) -> tuple[MailboxState, MailboxState]:
+    """The destination guest's mailbox now and once it finished two more passes over its
+    working set (the one cut by the switchover, and one that checks every page)."""
+    first = read_guest(ram_path)
+    deadline = time.monotonic() + 10
+    while (now := read_guest(ram_path)).passes < first.passes + 2:
+        assert time.monotonic() < deadline, f"destination guest stalled: {now}"
+        time.sleep(0.05)
+    return first, now
+
+
 def assert_source_intact(guest: RunningGuest) -> None:
     """The source guest runs, counts on, and found no corrupted page."""
     assert guest.process.returncode is None, "source QEMU is gone"
@@ -91,11 +102,7 @@ def test_live_migration_moves_a_running_guest(agents: AgentPair, start_guest) ->
     assert guest.process.returncode is not None, "source QEMU still runs after commit"
     record = agents.b.vm_record("mig")
     assert record.pid == report["dest_pid"] and pid_alive(record.pid)
-    first = read_guest(record.ram_path)
-    deadline = time.monotonic() + 10
-    while (now := read_guest(record.ram_path)).passes < first.passes + 2:
-        assert time.monotonic() < deadline, f"destination guest stalled: {now}"
-        time.sleep(0.05)
+    first, now = two_more_passes(record.ram_path)
     assert now.errors == 0, f"guest found {now.errors} bad pages, first {now.first_error_page}"
     assert now.heartbeat > first.heartbeat
 
@@ -241,11 +248,7 @@ def test_negative_control_a_dropped_late_page_is_caught_by_the_guest(
     assert rc == 0, f"{report}\n{stderr}\n{agents.logs()}"
     assert "injected fault: page" in agents.a.log()
     record = agents.b.vm_record("mig")
-    first = read_guest(record.ram_path)
-    deadline = time.monotonic() + 10
-    while (now := read_guest(record.ram_path)).passes < first.passes + 2:
-        assert time.monotonic() < deadline, f"destination guest stalled: {now}"
-        time.sleep(0.05)
+    _, now = two_more_passes(record.ram_path)
     dropped = [line for line in agents.a.log().splitlines() if "injected fault: page" in line]
     assert now.errors > 0, f"the guest did not notice a page that never arrived: {dropped} {now}"
 
@@ -302,11 +305,7 @@ def test_vm_with_plain_ram_started_by_other_tools_migrates(agents, vm_dir) -> No
         assert report["downtime_ms"] > 0 and report["data_pages"] > 4096
         assert qemu.wait(timeout=10) == 0   # the source QEMU quit after the commit
         record = agents.b.vm_record("plain")
-        first = read_guest(record.ram_path)
-        deadline = time.monotonic() + 10
-        while (now := read_guest(record.ram_path)).passes < first.passes + 2:
-            assert time.monotonic() < deadline, f"destination guest stalled: {now}"
-            time.sleep(0.05)
+        _, now = two_more_passes(record.ram_path)
         assert now.errors == 0, f"guest found {now.errors} bad pages"
     finally:
         qemu.kill()

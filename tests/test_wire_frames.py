@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agent.buffers import has_views
 from agent.errors import FrameError, LocalError, WireCode, WireError
 from agent.wire import frames
 from agent.wire.frames import (
@@ -468,10 +469,10 @@ def test_strided_views_can_be_sent():
     assert [bytes(f.payload) for f in drain(decoder)] == [bytes(data)] * 2
 
 
-def test_is_viewed_probe():
+def test_has_views_probe():
     buffer = bytearray(b"abc")
-    assert not frames._is_viewed(buffer) and buffer == b"abc"
+    assert not has_views(buffer) and buffer == b"abc"
     view = memoryview(buffer)[1:]
-    assert frames._is_viewed(buffer)
+    assert has_views(buffer)
     del view
-    assert not frames._is_viewed(buffer)
+    assert not has_views(buffer)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.batch import codec
-from agent.batch.pool import BufferPool
+from agent.buffers import BufferPool
 from agent.errors import FerryError, LocalError, QemuError, UserError, VmNotMigratableError
 from agent.migration import faults
 from agent.migration.convergence import (

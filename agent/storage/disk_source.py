@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from agent.batch import codec
-from agent.batch.pool import BufferPool
+from agent.buffers import BufferPool
 from agent.errors import FerryError, QemuError, UserError
 from agent.memory import scan
 from agent.qemu import qmp as qmp_mod

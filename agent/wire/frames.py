@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from agent.buffers import has_views
 from agent.errors import FrameError, LocalError, WireCode, WireError
 from agent.wire.noise import KEYLEN, MAX_NONCE, TAGLEN, aesgcm_nonce, rekey
 
@@ -385,7 +386,7 @@ class FrameDecoder:
         for _ in range(len(lent)):
             buffer = lent.popleft()
             lent.append(buffer)
-            if len(buffer) >= size and not _is_viewed(buffer):
+            if len(buffer) >= size and not has_views(buffer):
                 return buffer
         buffer = bytearray(-(-size // FRAME_BUFFER_GRAIN) * FRAME_BUFFER_GRAIN)
         lent.append(buffer)
@@ -446,16 +447,3 @@ class FrameDecoder:
             self._lo = self._hi = 0
 
 
-def _is_viewed(buffer: bytearray) -> bool:
-    """True while any buffer export (a memoryview, C code holding it) of `buffer` exists.
-
-    CPython refuses to resize a bytearray with exports; shrinking by one byte and growing
-    back stays inside the allocation, so the probe neither copies nor changes the contents
-    that matter (the buffer is about to be overwritten anyway).
-    """
-    try:
-        last = buffer.pop()
-    except BufferError:
-        return True
-    buffer.append(last)
-    return False

@@ -1,4 +1,4 @@
-"""Reusable batch buffers: a buffer goes back into use once nothing views it any more.
+"""Reusable buffers: a buffer goes back into use once nothing views it any more.
 
 Encoders write batches into pooled bytearrays and hand out views of them; the channel
 seals a payload and drops its view before `send` returns, so a buffer whose views are all
@@ -22,7 +22,7 @@ class BufferPool:
     def take(self, size: int) -> bytearray:
         """A buffer of at least `size` bytes that nothing views, else a new one."""
         for buffer in self._buffers:
-            if len(buffer) >= size and not _viewed(buffer):
+            if len(buffer) >= size and not has_views(buffer):
                 return buffer
         buffer = bytearray(-(-size // GRAIN) * GRAIN)
         if len(self._buffers) < self.capacity:
@@ -30,9 +30,13 @@ class BufferPool:
         return buffer
 
 
-def _viewed(buffer: bytearray) -> bool:
-    # CPython refuses to resize a bytearray that has exports (views); shrinking by a byte
-    # and growing back stays inside the allocation.
+def has_views(buffer: bytearray) -> bool:
+    """True while any buffer export (a memoryview, C code holding it) of `buffer` exists.
+
+    CPython refuses to resize a bytearray with exports; shrinking by one byte and growing
+    back stays inside the allocation, so the probe neither copies nor changes the contents
+    that matter (the buffer is about to be overwritten anyway).
+    """
     try:
         last = buffer.pop()
     except BufferError:
