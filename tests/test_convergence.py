@@ -8,7 +8,9 @@ import pytest
 
 from agent.migration.convergence import (
     COMPRESS_GAIN,
+    EXPLOIT_WINDOWS,
     MIN_RAM_SHARE,
+    PROBE_BYTES,
     UNKNOWN_DISK_FINAL_S,
     Compression,
     CompressionPolicy,
@@ -19,6 +21,7 @@ from agent.migration.convergence import (
 )
 
 MB = 1_000_000
+MIB = 1 << 20
 
 
 def test_compress_setting_parses_and_names_itself():
@@ -32,57 +35,71 @@ def test_compress_setting_parses_and_names_itself():
             CompressSetting.parse(bad)
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def run(policy: CompressionPolicy, clock: Clock, mib: int, plain_s: float, zstd_s: float,
+        ratio: float = 0.5) -> list[bool]:
+    """Feed `mib` MiB of page data in 1 MiB batches, each taking plain_s or zstd_s of
+    wall time as the policy chose; the choices."""
+    choices = []
+    for _ in range(mib):
+        on = policy.compress_next()
+        choices.append(on)
+        clock.now += zstd_s if on else plain_s
+        policy.encoded(1 << 20, int((1 << 20) * (ratio if on else 1.0)), compressed=on)
+    return choices
+
+
 def test_fixed_and_off_settings_ignore_what_they_see():
-    fixed = CompressionPolicy(CompressSetting.parse("zstd:1"))
-    off = CompressionPolicy(CompressSetting.parse("off"))
-    for policy in (fixed, off):
-        policy.sent(10 * MB, 10.0)          # a 1 MB/s link
-    assert fixed.compress_next() and not off.compress_next()
+    clock = Clock()
+    fixed = CompressionPolicy(CompressSetting.parse("zstd:1"), clock)
+    off = CompressionPolicy(CompressSetting.parse("off"), clock)
+    assert all(run(fixed, clock, 64, 0.001, 1.0))
+    assert not any(run(off, clock, 64, 1.0, 0.001))
 
 
-def slow_link(policy: CompressionPolicy, rate: float, batches: int = 40) -> None:
-    """Batches of 1 MB over a link of `rate`: most return at once (the socket buffers 8
-    MB), every eighth waits for the buffer to drain."""
-    for n in range(batches):
-        policy.sent(MB, 8 * MB / rate if n % 8 == 7 else 1e-4)
+def test_auto_compresses_when_that_moves_pages_faster():
+    clock = Clock()
+    policy = CompressionPolicy(CompressSetting.parse("auto"), clock)
+    # A slow link: a MiB takes 8 ms plain, 5 ms compressed (half the bytes, zstd's cost).
+    choices = run(policy, clock, 2 * PROBE_BYTES // MIB + 40, 0.008, 0.005)
+    probes = 2 * PROBE_BYTES // MIB
+    assert not any(choices[:probes // 2]) and all(choices[probes // 2:probes])
+    assert all(choices[probes:probes + 40])
+    assert policy.rates[True] > policy.rates[False]
+    assert policy.seen()["ratio"] < 0.6
 
 
-def test_auto_compresses_on_a_slow_link_only():
-    policy = CompressionPolicy(CompressSetting.parse("auto"))
-    assert not policy.compress_next()       # nothing measured yet
-    slow_link(policy, 125 * MB)             # 1 Gbit/s: zstd (~500 MB/s) outruns it
-    assert policy.link_rate == pytest.approx(125 * MB, rel=0.5)
+def test_auto_keeps_pages_plain_when_the_cpu_is_the_bottleneck():
+    clock = Clock()
+    policy = CompressionPolicy(CompressSetting.parse("auto"), clock)
+    # Loopback: a MiB takes 1 ms plain; zstd's 2 ms of CPU only slow it down.
+    choices = run(policy, clock, 200, 0.001, 0.002)
+    probes = 2 * PROBE_BYTES // MIB
+    assert not any(choices[probes:probes + EXPLOIT_WINDOWS * PROBE_BYTES // MIB])
+
+
+def test_auto_tries_both_again_after_a_while():
+    clock = Clock()
+    policy = CompressionPolicy(CompressSetting.parse("auto"), clock)
+    window = PROBE_BYTES // MIB
+    run(policy, clock, 2 * window + EXPLOIT_WINDOWS * window, 0.001, 0.002)   # plain wins
+    # The link got slow: the next probe finds zstd faster, and it is kept.
+    run(policy, clock, 2 * window, 0.010, 0.004)
     assert policy.compress_next()
-    fast = CompressionPolicy(CompressSetting.parse("auto"))
-    for _ in range(40):
-        fast.sent(MB, MB / (2000 * MB))     # never waits: the CPU is the bottleneck
-    assert not fast.compress_next()
 
 
-def test_auto_stops_compressing_what_does_not_shrink():
-    policy = CompressionPolicy(CompressSetting.parse("auto"))
-    slow_link(policy, 125 * MB)
-    assert policy.compress_next()
-    for _ in range(30):                     # random pages: compressed == raw
-        policy.encoded(1 << 20, (1 << 20) - 100, 0.002, compressed=True)
-    assert policy.ratio > 1 / COMPRESS_GAIN
+def test_a_tie_is_not_worth_the_cpu():
+    clock = Clock()
+    policy = CompressionPolicy(CompressSetting.parse("auto"), clock)
+    run(policy, clock, 2 * PROBE_BYTES // MIB, 0.005, 0.005 / (COMPRESS_GAIN - 0.05))
     assert not policy.compress_next()
-
-
-def test_auto_stops_when_zstd_is_slower_than_the_link():
-    policy = CompressionPolicy(CompressSetting.parse("auto"))
-    slow_link(policy, 300 * MB)
-    for _ in range(30):                     # well compressible, but only 200 MB/s of zstd
-        policy.encoded(1 << 20, 1 << 18, (1 << 20) / (200 * MB), compressed=True)
-    assert not policy.compress_next()
-
-
-def test_small_batches_say_nothing():
-    policy = CompressionPolicy(CompressSetting.parse("auto"))
-    policy.sent(1000, 1.0)
-    assert policy.link_rate is None
-    policy.encoded(1000, 10, 1.0, compressed=True)
-    assert policy.ratio == 0.5
 
 
 def test_ram_downtime_leaves_room_for_the_disks_final_round():

@@ -194,7 +194,6 @@ class SourceJob:
     _eta: Eta = field(default_factory=Eta)
     _last_progress: float = 0.0
     _last_query: dict[str, Any] = field(default_factory=dict)
-    _sending_s: float = 0.0
     faults: frozenset[faults.Fault] = field(default_factory=faults.active)
     _pacer: Pacer | None = None
     _dropped_page: int | None = None
@@ -504,13 +503,11 @@ class SourceJob:
         position, total = 0, len(pages)
         while position < total:
             compress = self._compression.compress_next()
-            began = time.perf_counter()
             start = position
             batch, position = self.encoder.encode(
                 pages.indices, position, src=pages.data, offsets=pages.offsets,
                 into=self._pool.take(self.encoder.buffer_size()), compress=compress)
-            self._compression.encoded(batch.raw_data_bytes, batch.nbytes,
-                                      time.perf_counter() - began, batch.compressed)
+            self._compression.encoded(batch.raw_data_bytes, batch.nbytes, batch.compressed)
             self.counters.add(batch, position - start)
             if batch.entry_count:
                 out.append((Kind.RAM_BATCH, batch.payload))
@@ -537,14 +534,8 @@ class SourceJob:
                 await self._ram_done()
                 continue
             kind, payload = item
-            began = time.perf_counter()
             await self._send(kind, payload)
-            seconds = time.perf_counter() - began
-            self._sending_s += seconds
-            if kind is Kind.RAM_BATCH:
-                assert self._compression is not None
-                self._compression.sent(len(payload), seconds)
-            else:
+            if kind is not Kind.RAM_BATCH:
                 self.counters.forward_bytes += len(payload)
             await self._emit()
 
@@ -813,6 +804,7 @@ class SourceJob:
             "device_state_bytes": c.device_state_bytes,
             "compression": str(self.options.compress),
             "compressed_batches": c.compressed_batches,
+            "compression_seen": self._compression.seen() if self._compression else {},
             "compression_ratio": round(c.raw_data_bytes / max(1, c.wire_bytes), 3)
             if c.wire_bytes else 1.0,
             "dest_pid": self.dest_pid if status == "completed" else None,
