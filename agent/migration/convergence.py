@@ -23,6 +23,7 @@ RATIO_GUESS = 0.5
 # auto: windows of page data timed with and without zstd, and how long a verdict holds.
 PROBE_BYTES = 16 << 20
 EXPLOIT_WINDOWS = 6
+MAX_BACKOFF = 16
 # Compress only when it wins by this much: a tie costs CPU the guest could use.
 COMPRESS_GAIN = 1.1
 # Weight of the newest observation in the moving averages.
@@ -90,7 +91,8 @@ class CompressionPolicy:
     auto compresses when that moves guest pages faster, measured while the migration
     runs: it takes a window of PROBE_BYTES of page data without zstd and one with, keeps
     the faster (page bytes per second of wall time; zstd must win by COMPRESS_GAIN) for
-    EXPLOIT_WINDOWS windows, then tries both again, since links, load and content change.
+    EXPLOIT_WINDOWS windows (twice as many after each probe zstd lost, up to MAX_BACKOFF
+    times), then tries both again, since links, load and content change.
     On a link faster than the CPU zstd only slows the agent down and loses; on a slow
     link each page costs fewer wire bytes and it wins. A model from measured link and
     zstd rates was tried first: sends return at once while the socket buffers, so the
@@ -106,6 +108,7 @@ class CompressionPolicy:
         self._on = False                        # auto's current choice
         self._probing = True
         self._left = 0                          # windows before the next probe
+        self._backoff = 1
         self._window_bytes = 0
         self._window_start: float | None = None
 
@@ -141,7 +144,9 @@ class CompressionPolicy:
                 return
             plain, packed = self.rates[False], self.rates[True]
             self._on = bool(plain and packed and packed > COMPRESS_GAIN * plain)
-            self._probing, self._left = False, EXPLOIT_WINDOWS
+            # Each probe that zstd loses costs a slow window: probe half as often then.
+            self._backoff = 1 if self._on else min(self._backoff * 2, MAX_BACKOFF)
+            self._probing, self._left = False, EXPLOIT_WINDOWS * self._backoff
         else:
             self._left -= 1
             if self._left <= 0:

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 # Messages received ahead of the one being applied: overlaps decryption (event loop) with
 # decompression and copying (worker thread) while keeping memory bounded.
-APPLY_QUEUE_DEPTH = 8
+APPLY_QUEUE_DEPTH = 4
 LOAD_TIMEOUT_S = 60.0
 # What the receive loop hands the feeder, in stream order.
 _Item = tuple[Kind | Op, bytes | memoryview]

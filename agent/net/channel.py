@@ -55,9 +55,10 @@ WRITE_HIGH_WATER = 2 << 20
 live migration's last section waits behind whatever is queued here (8 MiB was 64 ms at
 1 Gbit/s added to the downtime), and the sender should feel the link at once."""
 WRITE_LOW_WATER = 512 << 10
-READ_HIGH_WATER = 8 << 20
-"""The socket is not read while more received bytes than this wait for receive()."""
-READ_LOW_WATER = 2 << 20
+READ_HIGH_WATER = 2 << 20
+"""The socket is not read while more received bytes than this wait for receive(): what
+waits here at a migration's switchover is applied inside its downtime."""
+READ_LOW_WATER = 512 << 10
 POOLED_FRAME_MIN = 64 << 10
 """Payloads from this size up are sealed into reused buffers."""
 SEND_POOL_BYTES = 16 << 20
