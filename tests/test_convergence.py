@@ -17,6 +17,7 @@ from agent.migration.convergence import (
     CompressSetting,
     Eta,
     Pacer,
+    downtime_target_s,
     ram_downtime_s,
 )
 
@@ -132,3 +133,11 @@ def test_pacer_keeps_a_steady_rate_with_small_bursts():
     assert pacer.take(1 << 20) == 0.0
     wait = pacer.take(MB)
     assert wait == pytest.approx(0.1, abs=0.01)         # then 1 MB costs 0.1 s at 10 MB/s
+
+
+def test_downtime_target_starts_low_and_reaches_the_limit():
+    assert downtime_target_s(0.3, 0) == pytest.approx(0.03)
+    assert downtime_target_s(0.3, 1) == pytest.approx(0.03)
+    assert downtime_target_s(0.3, 2) == pytest.approx(0.06)
+    assert downtime_target_s(0.3, 4) == pytest.approx(0.24)
+    assert downtime_target_s(0.3, 5) == downtime_target_s(0.3, 50) == pytest.approx(0.3)

@@ -19,6 +19,8 @@ UNKNOWN_DISK_FINAL_S = 1.0
 # QEMU must leave this share of the requested downtime to RAM, or it keeps iterating
 # (downtime-limit held at its minimum) until the disks have converged further.
 MIN_RAM_SHARE = 0.25
+# The downtime limit QEMU gets at its first iteration, as a share of --downtime-ms.
+FIRST_DOWNTIME_SHARE = 0.1
 RATIO_GUESS = 0.5
 # auto: windows of page data timed with and without zstd, and how long a verdict holds.
 PROBE_BYTES = 16 << 20
@@ -40,6 +42,19 @@ class TimeoutAction(enum.Enum):
 
     ABORT = "abort"    # roll back: migrate_cancel, the source keeps running
     FORCE = "force"    # switch over anyway: QEMU's downtime limit is lifted
+
+
+def downtime_target_s(requested_s: float, iterations: int) -> float:
+    """The pause QEMU may plan for after `iterations` dirty-log syncs: a tenth of the
+    requested one at first, doubling with every iteration up to all of it.
+
+    QEMU switches over as soon as what is dirty fits the limit at its measured bandwidth,
+    so with the whole limit it stops the guest with as much left as that allows; on a
+    fast link another iteration or two costs little and leaves far less for the pause.
+    A guest that does not converge still gets the full limit after a few iterations.
+    """
+    share = FIRST_DOWNTIME_SHARE * 2 ** max(iterations - 1, 0)
+    return requested_s * min(1.0, share)
 
 
 def ram_downtime_s(requested_s: float, disk_dirty_bytes: int, disk_rate: float) -> float:

@@ -42,6 +42,7 @@ from agent.migration.convergence import (
     Eta,
     Pacer,
     TimeoutAction,
+    downtime_target_s,
     ram_downtime_s,
 )
 from agent.migration.link import Inbox, Link, send_control
@@ -191,6 +192,7 @@ class SourceJob:
     _disks_final: asyncio.Event = field(default_factory=asyncio.Event)
     _switchover_started: asyncio.Event = field(default_factory=asyncio.Event)
     _downtime_ms_set: int | None = None
+    _disk_budget_s: float | None = None     # what the disks leave of the pause; None: no disks
     _forced: bool = False
     _eta: Eta = field(default_factory=Eta)
     _last_progress: float = 0.0
@@ -297,7 +299,8 @@ class SourceJob:
         pause = bool(disks) or faults.Fault.PRE_SWITCHOVER in self.faults
         await self.qmp.execute("migrate-set-capabilities",
                                qemu_migrate.source_capabilities(pause=pause))
-        await self._set_downtime_limit(self.options.downtime_ms / 1000 if not disks else 0.0)
+        self._disk_budget_s = None if not disks else 0.0   # hold QEMU until disks converge
+        await self._update_downtime_limit()
         await self.qmp.execute("migrate-set-parameters", qemu_migrate.SOURCE_PARAMETERS)
         await self._emit(force=True)
         self.link = await self.connect_peer(self.peer)
@@ -329,9 +332,13 @@ class SourceJob:
             job=self.job_id, role="source", step=step, vm=self.vm_name or "",
             qmp_path=str(self.qmp_path), peer=self.peer))
 
-    async def _set_downtime_limit(self, seconds: float) -> None:
-        """QEMU's downtime-limit, unless forced already; 0 s holds it in pre-copy."""
+    async def _update_downtime_limit(self) -> None:
+        """QEMU's downtime-limit: the pause the iteration count allows so far, no more than
+        the disks leave (0 s holds QEMU in pre-copy); lifted once forced."""
         assert self.qmp is not None
+        seconds = downtime_target_s(self.options.downtime_ms / 1000, self.iterations)
+        if self._disk_budget_s is not None:
+            seconds = min(seconds, self._disk_budget_s)
         ms = (qemu_migrate.MAX_DOWNTIME_MS if self._forced
               else qemu_migrate.downtime_limit_ms(seconds))
         if ms != self._downtime_ms_set:
@@ -585,7 +592,8 @@ class SourceJob:
         assert self.qmp is not None
         while True:
             info: dict[str, Any] = await self.qmp.execute("query-migrate")
-            self._note_query(info)
+            if self._note_query(info):
+                await self._update_downtime_limit()
             status = info.get("status")
             if status in ("failed", "cancelled"):
                 raise QemuError(f"the source QEMU's migration {status}: "
@@ -608,11 +616,14 @@ class SourceJob:
             with contextlib.suppress(QemuError):
                 await self.qmp.wait_event("MIGRATION", after=mark, timeout=PROGRESS_INTERVAL_S)
 
-    def _note_query(self, info: dict[str, Any]) -> None:
+    def _note_query(self, info: dict[str, Any]) -> bool:
+        """Keep QEMU's figures; True when a new iteration began (a dirty-log sync)."""
         self._last_query = info
-        syncs = (info.get("ram") or {}).get("dirty-sync-count")
-        if syncs:
-            self.iterations = int(syncs)
+        syncs = int((info.get("ram") or {}).get("dirty-sync-count") or 0)
+        if syncs > self.iterations:
+            self.iterations = syncs
+            return True
+        return False
 
     async def _check_budget(self) -> None:
         """Past --timeout in pre-copy: abort (the source keeps running) or force."""
@@ -633,7 +644,7 @@ class SourceJob:
                     "with no downtime limit (--timeout-action force)", self.job_id,
                     self.options.timeout_s)
         self._forced = True
-        await self._set_downtime_limit(0)
+        await self._update_downtime_limit()
 
     async def _disks_at_switchover(self, rounds: asyncio.Task[None]) -> None:
         """Once QEMU pauses in pre-switchover (guest stopped, END and device state not yet
@@ -658,7 +669,8 @@ class SourceJob:
         while not self._switchover_started.is_set():
             rate = max(rate, await self._send_disk_round(first=False, final=False))
             dirty = await self.storage.dirty_bytes()
-            await self._set_downtime_limit(ram_downtime_s(requested, dirty, rate))
+            self._disk_budget_s = ram_downtime_s(requested, dirty, rate)
+            await self._update_downtime_limit()
             if not dirty:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._switchover_started.wait(), 0.1)
