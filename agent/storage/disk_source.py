@@ -137,10 +137,16 @@ class DiskRounds:
 
     async def seal(self) -> None:
         """The guest is stopped: disable the current bitmap now, so that QEMU may go on;
-        the final round then reads what it holds."""
-        await self.qmp.execute("block-dirty-bitmap-disable",
-                               {"node": self.disk.node, "name": self.current_bitmap})
+        the final round then reads what it holds.
+
+        Sealed before the command is awaited: a round starting meanwhile would otherwise
+        add a new, enabled bitmap that the final round then exported (QEMU refuses that).
+        A round already past its start has renamed current_bitmap before this runs, and
+        its transaction reaches QEMU before this command."""
+        name = self.current_bitmap
         self._sealed = True
+        await self.qmp.execute("block-dirty-bitmap-disable",
+                               {"node": self.disk.node, "name": name})
 
     async def dirty_bytes(self) -> int:
         """Bytes the current bitmap marks (what the next round would read)."""
