@@ -66,7 +66,6 @@ BLOCK_ADDRESS = 0
 blocks, and the main RAM backend's is 0 on x86 pc/q35 (mapped through aliases)."""
 
 # Limits a parser enforces before buffering anything.
-MAX_NAME = 255                  # u8-length strings
 MAX_BLOCKS = 256                # RAM blocks in SECTION_START
 MAX_CONFIG_NAME = 255
 
