@@ -20,6 +20,7 @@ from pathlib import Path
 
 from agent.errors import QemuError, QemuStartError, UserError, VmNotMigratableError
 from agent.qemu import qmp as qmp_mod
+from agent.qemu.vmspec import PLAIN_RAM_BLOCK, RAM_BACKEND_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -191,11 +192,6 @@ def qemu_binary_version(binary: str = QEMU_BINARY) -> tuple[int, int, int]:
     if not match:
         raise QemuStartError(f"{binary} --version printed no version: {out.strip()[:200]}")
     return int(match[1]), int(match[2]), int(match[3] or 0)
-
-
-PLAIN_RAM_BLOCK = "pc.ram"
-"""The main RAM block of an x86 pc/q35 guest started with plain -m (no memory backend)."""
-RAM_BACKEND_TYPES = ("memory-backend-ram", "memory-backend-file", "memory-backend-memfd")
 
 
 async def describe_vm(qmp_path: str | os.PathLike[str], *, qmp: qmp_mod.Qmp | None = None,
