@@ -98,7 +98,9 @@ def test_sizes_in_other_units_are_accepted(dest):
 @pytest.mark.parametrize("extra,message", [
     (["-virtfs", "local,path=/"], "not accepted"),
     (["-object", "rng-random,id=r0,filename=/dev/random"], "rng-random is not accepted"),
-    (["-netdev", "tap,id=n0"], "host-specific"),
+    (["-netdev", "tap,id=n0"], "has no network on this host"),
+    (["-netdev", "vde,id=n0"], "host-specific"),
+    (["-netdev", "l2tpv3,id=n0"], "host-specific"),
     (["-kernel", "/etc/shadow"], "outside the destination's allowed paths"),
     (["-drive", "file=/var/other/disk.qcow2,if=virtio"], "outside the destination's allowed"),
     (["-blockdev", '{"driver":"file","filename":"/x/y.img","node-name":"f0"}'], "outside"),

@@ -38,6 +38,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="put the copy of disk SRC at DST on the destination (repeatable)")
     p.add_argument("--disk-format", choices=("qcow2", "raw"),
                    help="convert copied disks to this format (default: keep each one's)")
+    p.add_argument("--net-map", action="append", metavar="SRC=NETWORK", default=[],
+                   help="put the NIC SRC (its netdev id, its bridge here, or its network "
+                        "here) on the destination's network NETWORK (repeatable)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON line")
     p.set_defaults(func=run)
 
@@ -54,7 +57,7 @@ def request_from_args(args: argparse.Namespace) -> dict[str, Any]:
             "compress": args.compress, "dedup": not args.no_dedup,
             "timeout_s": args.timeout, "timeout_action": args.timeout_action,
             "storage": args.storage, "disk_map": args.disk_map,
-            "disk_format": args.disk_format}
+            "disk_format": args.disk_format, "net_map": args.net_map}
 
 
 def progress_line(event: dict[str, Any]) -> str:

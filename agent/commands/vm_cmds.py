@@ -7,6 +7,8 @@ import asyncio
 
 from agent.commands.common import add_home_argument, human_bytes, resolve_home
 from agent.errors import UserError
+from agent.hostnet import attach
+from agent.qemu import nics as guest_nics
 from agent.qemu import vm
 from agent.qemu.vmspec import PAGE_SIZE, parse_size
 from agent.state import vms
@@ -24,6 +26,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                        help="guest RAM as a shared file in the agent's RAM directory "
                             "(default; tools can read it) or plain -m private memory")
     start.add_argument("--cpus", type=int, default=1, metavar="N")
+    start.add_argument("--nic", action="append", default=[], metavar="NETWORK[,mac=M,model=D]",
+                       help="a NIC on one of the agent's networks ([networks.NAME] in "
+                            "agent.toml); model default virtio-net-pci, MAC made up "
+                            "(52:54:00:...) unless given; repeatable")
     add_home_argument(start)
     start.epilog = ("Extra QEMU arguments follow --, e.g.  "
                     "ferry vm start web01 --memory 1G -- -kernel guest.elf")
@@ -48,18 +54,32 @@ def run_start(args: argparse.Namespace) -> int:
               f"whose dirty pages QEMU < 9.0 under TCG loses in a migration; starting with "
               f"{padded // 1024}K instead")
         size = padded
+    requested = [guest_nics.parse_nic_option(text, index) for index, text in enumerate(args.nic)]
+    nics = attach.plan([r.request for r in requested], config.networks)  # refuses early
     vm_dir = config.vms_dir / args.name
     vm_dir.mkdir(parents=True, exist_ok=True)
     private = args.ram == "private"
-    spec = vm.LaunchSpec.in_directory(vm_dir, args.name, size, ram_dir=config.ram_dir,
-                                      cpus=args.cpus, extra_args=tuple(extra), accel=accel,
-                                      qemu_binary=config.qemu_path(), private_ram=private)
-    process = asyncio.run(vm.launch(spec))
+    backends = nics.create()
+    try:
+        nic_args = guest_nics.nic_arguments(requested, backends)
+        spec = vm.LaunchSpec.in_directory(vm_dir, args.name, size, ram_dir=config.ram_dir,
+                                          cpus=args.cpus, extra_args=(*nic_args, *extra),
+                                          accel=accel, qemu_binary=config.qemu_path(),
+                                          private_ram=private)
+        process = asyncio.run(vm.launch(spec, pass_fds=nics.pass_fds))
+    except BaseException:
+        nics.remove()
+        raise
+    nics.handed_over()   # QEMU alone holds the taps: they go when it exits
     ram_path = "" if private else str(spec.ram_path)
     vms.register(config, vms.VmRecord(name=args.name, pid=process.pid,
                                       qmp_path=str(spec.qmp_path), ram_path=ram_path,
-                                      vm_dir=str(vm_dir), managed=True))
+                                      vm_dir=str(vm_dir), managed=True,
+                                      nics=nics.records()))
     process.detach()
+    for nic in nics.records():
+        print(f"  NIC {nic['key']}: {nic['mac']} on network {nic['network']}"
+              f"{' (' + nic['ifname'] + ')' if nic['ifname'] else ''}")
     where = "private memory" if private else spec.ram_path
     print(f"started {args.name}: pid {process.pid}, {human_bytes(size)} RAM in "
           f"{where}, QMP {spec.qmp_path} ({process.accel.accel.value})")

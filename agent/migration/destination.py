@@ -22,6 +22,7 @@ from typing import Any
 
 from agent.batch import codec
 from agent.errors import FerryError, LocalError, PeerError, ProtocolError, QemuError, UserError
+from agent.hostnet import attach
 from agent.migration.link import Link, parse_message, send_control
 from agent.migration.protocol import Kind, Op
 from agent.qemu import qmp as qmp_mod
@@ -41,6 +42,9 @@ LOAD_TIMEOUT_S = 60.0
 # What the receive loop hands the feeder, in stream order.
 _Item = tuple[Kind | Op, bytes | memoryview]
 RESUME_TIMEOUT_S = 10.0
+# QEMU's default announce parameters (qapi AnnounceParameters): 5 rounds, 50 ms first,
+# 100 ms more each round, at most 550 ms apart.
+ANNOUNCE = {"initial": 50, "max": 550, "rounds": 5, "step": 100}
 @dataclass
 class IncomingVm:
     """The destination's resources for one incoming VM, so they can all be removed."""
@@ -52,6 +56,7 @@ class IncomingVm:
     ram_fd: int = -1
     ram: mmap.mmap | None = None
     storage: StorageSink | None = None
+    nics: attach.NicAttachment | None = None
     created_vm_dir: bool = False
 
     def close_ram(self) -> None:
@@ -69,6 +74,8 @@ class IncomingVm:
                 await self.qmp.disconnect()
         if self.process is not None:
             self.process.kill()
+        if self.nics is not None:
+            self.nics.remove()   # after QEMU: its taps are gone with it
         self.close_ram()
         if self.storage is not None:
             await self.storage.abort()
@@ -131,10 +138,13 @@ class DestinationJob:
                                        f"{spec.name}-{self.job_id}")
         targets = plan_targets(spec.disks, parse_disk_map(body.get("disk_map")),
                                body.get("disk_format"), self.config.roots)
-        argv = destination_argv(spec, paths, self.config.roots, self.config.qemu_path(),
-                                targets)
+        nics = attach.plan([attach.NicRequest(n.key, n.network, n.mac) for n in spec.nics],
+                           self.config.networks)
+        # Checked in full before anything exists; run with the real tap descriptors below.
+        destination_argv(spec, paths, self.config.roots, self.config.qemu_path(), targets,
+                         nics.placeholders())
         self._check_ram_space(spec.ram_size)
-        incoming = self.incoming = IncomingVm(spec=spec, paths=paths)
+        incoming = self.incoming = IncomingVm(spec=spec, paths=paths, nics=nics)
         incoming.storage = StorageSink(spec.disks, targets, paths.vm_dir / "nbd.sock")
         self._journal(incoming, pid=0)  # before creating anything a crash could leave
         if vm_dir.exists():
@@ -150,7 +160,12 @@ class DestinationJob:
         launch = vm.LaunchSpec(name=spec.name, ram_size=spec.ram_size, ram_path=paths.ram_path,
                                qmp_path=paths.qmp_path, serial_path=paths.serial_log,
                                pidfile=paths.pidfile, log_path=paths.qemu_log)
-        incoming.process = await vm.launch(launch, argv=argv)
+        argv = destination_argv(spec, paths, self.config.roots, self.config.qemu_path(),
+                                targets, nics.create())
+        try:
+            incoming.process = await vm.launch(launch, argv=argv, pass_fds=nics.pass_fds)
+        finally:
+            nics.handed_over()   # QEMU holds the taps now, or nobody does
         self._journal(incoming, pid=incoming.process.pid)
         incoming.qmp = await qmp_mod.connect(paths.qmp_path)
         await incoming.qmp.execute("migrate-set-capabilities", destination_capabilities())
@@ -294,10 +309,13 @@ class DestinationJob:
         mark = incoming.qmp.event_mark()
         await incoming.qmp.execute("cont")
         resume = await incoming.qmp.wait_event("RESUME", timeout=RESUME_TIMEOUT_S, after=mark)
+        if incoming.spec.nics:
+            await self._announce(incoming.qmp)
+        nic_records = incoming.nics.records() if incoming.nics else []
         vms.register(self.config, vms.VmRecord(
             name=incoming.spec.name, pid=incoming.process.pid,
             qmp_path=str(incoming.paths.qmp_path), ram_path=str(incoming.paths.ram_path),
-            vm_dir=str(incoming.paths.vm_dir), managed=True))
+            vm_dir=str(incoming.paths.vm_dir), managed=True, nics=nic_records))
         journal.remove(self.config, self.job_id)
         incoming.close_ram()
         with contextlib.suppress(QemuError):
@@ -308,7 +326,17 @@ class DestinationJob:
         with contextlib.suppress(FerryError, ConnectionError):
             await send_control(self.link, Op.COMMITTED, resume_us=resume.timestamp_us,
                                dest_pid=incoming.process.pid)
-        incoming.process.detach()
+        incoming.process.detach(on_exit=lambda: attach.remove_recorded(nic_records))
+
+    async def _announce(self, q: qmp_mod.Qmp) -> None:
+        """Make the guest's NICs announce themselves on their new ports (RARP, or the
+        guest's own gratuitous ARP where virtio's GUEST_ANNOUNCE is on), so switches and
+        peers learn at once; QEMU's announce parameters. The VM is committed: a failure
+        here is logged, never fatal."""
+        try:
+            await q.execute("announce-self", ANNOUNCE)
+        except QemuError as exc:
+            log.warning("incoming %s: announce-self failed: %s", self.job_id, exc)
 
     async def _roll_back(self, why: str) -> None:
         if self.committed or self.incoming is None:

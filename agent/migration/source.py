@@ -34,6 +34,7 @@ from typing import Any
 from agent.batch import codec
 from agent.buffers import BufferPool
 from agent.errors import FerryError, LocalError, QemuError, UserError, VmNotMigratableError
+from agent.hostnet import attach
 from agent.migration import faults
 from agent.migration.convergence import (
     Compression,
@@ -49,8 +50,8 @@ from agent.migration.link import Inbox, Link, send_control
 from agent.migration.protocol import MAX_STREAM_CHUNK, Kind, Op
 from agent.migration.states import Phase, PhaseTracker
 from agent.qemu import migrate as qemu_migrate
+from agent.qemu import nics, vm
 from agent.qemu import qmp as qmp_mod
-from agent.qemu import vm
 from agent.qemu.stream import (
     ZERO_PAGE_OFFSET,
     Forward,
@@ -60,7 +61,7 @@ from agent.qemu.stream import (
     StreamError,
     StreamParser,
 )
-from agent.qemu.vmspec import PAGE_SIZE, VmSpec
+from agent.qemu.vmspec import PAGE_SIZE, NicSpec, VmSpec
 from agent.state import journal, vms
 from agent.state.config import AgentConfig
 from agent.storage.disk_source import StorageSource, copyable_disks
@@ -102,6 +103,7 @@ class MigrationOptions:
     storage: str = "copy"                 # copy: copy writable disks; shared: same paths
     disk_map: tuple[str, ...] = ()        # SRC=DST target paths on the destination
     disk_format: str | None = None        # convert copied disks to this format
+    net_map: tuple[str, ...] = ()         # SRC=NETWORK: the destination network of a NIC
 
     def __post_init__(self) -> None:
         if self.downtime_ms <= 0:
@@ -180,6 +182,7 @@ class SourceJob:
     migrate_started: bool = False
     stop_us: int | None = None
     resume_us: int | None = None
+    nics: tuple[NicSpec, ...] = ()
     dest_pid: int | None = None
     started: float = field(default_factory=time.monotonic)
     switchover: dict[str, float] = field(default_factory=dict)
@@ -283,7 +286,9 @@ class SourceJob:
                 f"TCG guests so)")
         disks = await copyable_disks(self.qmp) if self.options.storage == "copy" else ()
         spec = VmSpec(name=self.vm_name or info.name, argv=info.argv[1:],
-                      ram_size=info.ram_size, ram_backend_id=info.ram_block, disks=disks)
+                      ram_size=info.ram_size, ram_backend_id=info.ram_block, disks=disks,
+                      nics=await self._describe_nics(info))
+        self.nics = spec.nics
         status = (await self.qmp.execute("query-status")).get("status")
         if status != "running":
             raise UserError(f"VM {spec.name} is {status}, not running; resume it first")
@@ -319,6 +324,21 @@ class SourceJob:
         await self.storage.start()  # bitmaps record writes from here on
         log.info("migration %s: destination ready after %.0f ms (QEMU pid %s)", self.job_id,
                  (time.monotonic() - self.started) * 1000, self.dest_pid)
+
+    async def _describe_nics(self, info: vm.VmInfo) -> tuple[NicSpec, ...]:
+        """The VM's NICs on host networks, each with the network it goes to (refused here
+        if ferry cannot tell which)."""
+        options = nics.netdev_options(info.argv[1:])
+        if not nics.argv_nics(options) and not self.options.net_map:
+            return ()
+        recorded = {}
+        if self.vm_name is not None:
+            with contextlib.suppress(UserError):
+                recorded = vms.load(self.config, self.vm_name).nic_networks()
+        assert self.qmp is not None
+        return nics.describe_nics(options, info.pid, await nics.guest_macs(self.qmp), recorded,
+                                  nics.parse_net_map(self.options.net_map),
+                                  self.config.networks)
 
     def _disk_compress_level(self) -> int | None:
         """Disk batches compress only when asked for explicitly (zstd:N): `auto` decides
@@ -718,6 +738,7 @@ class SourceJob:
             vms.forget(self.config, self.vm_name)
             if record.managed and record.ram_path:
                 Path(record.ram_path).unlink(missing_ok=True)
+            attach.remove_recorded(record.nics)   # macvtaps; taps went with QEMU
 
     # ------------------------------------------------------------------ rollback
 
@@ -827,6 +848,8 @@ class SourceJob:
             "dest_pid": self.dest_pid if status == "completed" else None,
             "throttle": self.throttle_max / 100,
             "switchover_ms": self.switchover,
+            "resume_us": self.resume_us,
+            "nics": [n.to_json() for n in self.nics],
         }
 
 

@@ -14,7 +14,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -353,9 +353,14 @@ class QemuProcess:
         self.kill()
         return self._popen.returncode
 
-    def detach(self) -> None:
-        """Let QEMU outlive this handle (and the agent): only reap it when it exits."""
-        threading.Thread(target=self._popen.wait, name=f"reap-{self.pid}", daemon=True).start()
+    def detach(self, on_exit: Callable[[], None] | None = None) -> None:
+        """Let QEMU outlive this handle (and the agent): only reap it when it exits, then
+        call on_exit (e.g. remove host devices that outlive QEMU)."""
+        def reap() -> None:
+            self._popen.wait()
+            if on_exit is not None:
+                on_exit()
+        threading.Thread(target=reap, name=f"reap-{self.pid}", daemon=True).start()
 
     def kill(self) -> None:
         """SIGKILL and reap at once; safe to call any number of times (finalizers)."""
@@ -381,11 +386,13 @@ def _is_socket(path: Path) -> bool:
 
 
 async def launch(spec: LaunchSpec, *, argv: Sequence[str] | None = None,
-                 timeout: float = DEFAULT_LAUNCH_TIMEOUT) -> QemuProcess:
+                 timeout: float = DEFAULT_LAUNCH_TIMEOUT,
+                 pass_fds: Sequence[int] = ()) -> QemuProcess:
     """Start QEMU for `spec` as a child in its own session and wait for its QMP socket.
 
     `argv` replaces the command line built from spec (the destination runs the checked
     argv of a migrating VM); spec still names the sockets, logs and files to watch.
+    `pass_fds` are inherited by QEMU at the same numbers (tap devices for its NICs).
     """
     accel = spec.accel or choose_accel()
     argv = qemu_argv(spec, accel) if argv is None else list(argv)
@@ -396,7 +403,8 @@ async def launch(spec: LaunchSpec, *, argv: Sequence[str] | None = None,
         try:
             # Own session: a Ctrl-C meant for the agent must not reach the VM (DESIGN §6).
             popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qemu_log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     pass_fds=tuple(pass_fds))
         except OSError as exc:
             raise QemuStartError(f"cannot run {spec.qemu_binary}: {exc.strerror}") from exc
     proc = QemuProcess(spec=spec, accel=accel, argv=argv, _popen=popen)

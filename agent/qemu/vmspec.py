@@ -74,6 +74,10 @@ OPTIONS: dict[str, Policy] = {
 VALUE_LESS = {Policy.FLAG, Policy.DROP_FLAG}
 # Network back ends that need nothing of the host beyond QEMU itself.
 PORTABLE_NETDEVS = {"user", "hubport", "none"}
+# Back ends on a host network: each such NIC is put on the destination's network of the
+# same name (agent.hostnet), its back end rebuilt there.
+HOST_NETDEVS = ("tap", "bridge")
+NIC_GUEST_KEYS = ("model", "mac")
 CHARDEV_PATH_KEYS = ("path", "logfile")
 
 
@@ -183,6 +187,24 @@ def split_options(args: Sequence[str]) -> list[Option]:
     return options
 
 
+def netdev_keys(options: Sequence[Option]) -> list[tuple[Option, str]]:
+    """Every -netdev and -nic with the key both agents name its NIC by: the netdev id,
+    else (a -nic without id) nic:N, N counting the -nic options from 0."""
+    keyed = []
+    nic_ordinal = 0
+    for opt in options:
+        if opt.name not in ("-netdev", "-nic"):
+            continue
+        given = keyval_get(parse_keyval(opt.value or "", "type"), "id")
+        if opt.name == "-nic":
+            key = given or f"nic:{nic_ordinal}"
+            nic_ordinal += 1
+        else:
+            key = given or ""
+        keyed.append((opt, key))
+    return keyed
+
+
 # ---------------------------------------------------------------------------- description
 
 DISK_FORMATS = ("qcow2", "raw")
@@ -208,6 +230,25 @@ class DiskSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class NicSpec:
+    """One NIC with a host side (tap, bridge): the destination puts it on `network`."""
+
+    key: str                       # netdev id, or nic:N for the N-th -nic without id
+    network: str
+    mac: str = ""                  # "" if unknown (the argv names none; QEMU's default)
+    model: str = ""
+
+    def to_json(self) -> dict:
+        return {"key": self.key, "network": self.network, "mac": self.mac,
+                "model": self.model}
+
+    @classmethod
+    def from_json(cls, data: dict) -> NicSpec:
+        return cls(key=str(data["key"]), network=str(data["network"]),
+                   mac=str(data.get("mac", "")), model=str(data.get("model", "")))
+
+
+@dataclass(frozen=True, slots=True)
 class VmSpec:
     """What the source tells the destination about a VM: enough to start its twin."""
 
@@ -216,6 +257,7 @@ class VmSpec:
     ram_size: int                  # bytes of the shared RAM backend
     ram_backend_id: str
     disks: tuple[DiskSpec, ...] = ()   # disks to copy (storage mode copy); none if shared
+    nics: tuple[NicSpec, ...] = ()     # NICs on host networks
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.name):
@@ -232,7 +274,8 @@ class VmSpec:
                 "ram_backend_id": self.ram_backend_id,
                 "disks": [{"index": d.index, "path": d.path, "format": d.format,
                            "virtual_size": d.virtual_size, "node": d.node}
-                          for d in self.disks]}
+                          for d in self.disks],
+                "nics": [n.to_json() for n in self.nics]}
 
     @classmethod
     def from_json(cls, data: dict) -> VmSpec:
@@ -244,9 +287,10 @@ class VmSpec:
                                    format=str(d["format"]), virtual_size=int(d["virtual_size"]),
                                    node=str(d["node"]))
                           for d in data.get("disks") or ())
+            nics = tuple(NicSpec.from_json(n) for n in data.get("nics") or ())
             return cls(name=str(data["name"]), argv=tuple(argv), ram_size=int(data["ram_size"]),
-                       ram_backend_id=str(data["ram_backend_id"]), disks=disks)
-        except (KeyError, TypeError, ValueError) as exc:
+                       ram_backend_id=str(data["ram_backend_id"]), disks=disks, nics=nics)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise UserError(f"malformed VM description: {exc}") from exc
 
 
@@ -342,6 +386,8 @@ class _Rewrite:
     out: list[str] = field(default_factory=list)
     dropped_chardevs: set[str] = field(default_factory=set)
     ram_backend: str = ""          # id of the machine's RAM backend object
+    host_nics: dict[str, str] = field(default_factory=dict)   # NIC key -> this host's back end
+    nic_keys: dict[int, str] = field(default_factory=dict)    # id(option) -> its NIC key
     serial_count: int = 0
     chardev_count: int = 0
 
@@ -364,11 +410,13 @@ def require_allowed(path_text: str, roots: Sequence[Path], what: str) -> None:
 
 def destination_argv(spec: VmSpec, paths: DestinationPaths, roots: Sequence[Path],
                      qemu_binary: str,
-                     disks: dict[str, DiskTarget] | None = None) -> list[str]:
+                     disks: dict[str, DiskTarget] | None = None,
+                     host_nics: dict[str, str] | None = None) -> list[str]:
     """The argv the destination runs for spec: checked, with host resources its own.
 
     `disks` maps a copied disk's source path to its target on this host; disks not in it
-    are shared storage, used at the same path.
+    are shared storage, used at the same path. `host_nics` maps the key of each NIC on a
+    host network (tap, bridge) to the back end this host gives it (e.g. `tap,fd=7`).
     """
     options = split_options(spec.argv)
     backend = ram_backend_of(options)
@@ -383,7 +431,9 @@ def destination_argv(spec: VmSpec, paths: DestinationPaths, roots: Sequence[Path
                     for o in options if o.name == "-mon"}
     state = _Rewrite(roots=tuple(roots), paths=paths, disks=dict(disks or {}),
                      dropped_chardevs={c for c in mon_chardevs if c},
-                     ram_backend=backend.id if backend is not None else "")
+                     ram_backend=backend.id if backend is not None else "",
+                     host_nics=dict(host_nics or {}),
+                     nic_keys={id(opt): key for opt, key in netdev_keys(options)})
     for opt in options:
         _rewrite_option(opt, state)
     if backend is None:
@@ -454,11 +504,32 @@ def _rewrite_option(opt: Option, st: _Rewrite) -> None:
     elif policy is Policy.BLOCKDEV:
         st.out += ["-blockdev", _rewrite_blockdev(value, st)]
     elif policy is Policy.NETDEV:
-        backend = parse_keyval(value, "type")[0][1]
+        pairs = parse_keyval(value, "type")
+        backend = pairs[0][1] if pairs else None
+        key = st.nic_keys.get(id(opt), "")
+        if backend in HOST_NETDEVS:
+            st.out += [opt.name, _host_nic_backend(opt.name, key, pairs, st.host_nics)]
+            return
         if backend not in PORTABLE_NETDEVS:
             raise UserError(f"{opt.name} {backend} is host-specific and not accepted "
-                            f"(accepted: {', '.join(sorted(PORTABLE_NETDEVS))})")
+                            f"(accepted: {', '.join(sorted(PORTABLE_NETDEVS))}, and "
+                            f"{', '.join(HOST_NETDEVS)} NICs put on the destination's "
+                            f"networks)")
         st.out += opt.argv()
+
+
+def _host_nic_backend(option: str, key: str, pairs: list[tuple[str, str | None]],
+                      host_nics: dict[str, str]) -> str:
+    """A tap or bridge NIC's netdev rebuilt on this host's network: only the id (and for
+    -nic the guest side: model, mac) survives; everything host-side is this host's own."""
+    replacement = host_nics.get(key)
+    if replacement is None:
+        raise UserError(f"{option} {pairs[0][1]} (NIC {key or 'without id'}) has no network "
+                        f"on this host: the source did not describe it")
+    kept = [("id", key)] if option == "-netdev" or not key.startswith("nic:") else []
+    if option == "-nic":
+        kept += [(k, v) for k, v in pairs if k in NIC_GUEST_KEYS and v is not None]
+    return ",".join([replacement, format_keyval(kept)]) if kept else replacement
 
 
 def _ram_object(backend_id: str, size: int, ram_path: Path) -> str:

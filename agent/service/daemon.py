@@ -217,6 +217,7 @@ def migration_options(request: dict[str, Any]) -> MigrationOptions:
             storage=str(request.get("storage") or "copy"),
             disk_map=tuple(str(m) for m in request.get("disk_map") or ()),
             disk_format=str(request["disk_format"]) if request.get("disk_format") else None,
+            net_map=tuple(str(m) for m in request.get("net_map") or ()),
         )
     except (TypeError, ValueError) as exc:
         raise UserError(f"bad migration options: {exc}") from exc

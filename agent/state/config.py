@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import UserError
+from agent.hostnet.networks import Network, parse_networks
 from agent.identity import parse_address
 
 CONFIG_FILE = "agent.toml"
@@ -28,6 +29,7 @@ class AgentConfig:
     qemu_binary: str = DEFAULT_QEMU
     ram_dir: Path = DEFAULT_RAM_DIR
     control_group: int | None = None
+    networks: dict[str, Network] = field(default_factory=dict)   # [networks.NAME]
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -90,7 +92,10 @@ def load_config(home: Path) -> AgentConfig:
             changes["control_group"] = grp.getgrnam(str(data["control_group"])).gr_gid
         except KeyError:
             raise UserError(f"{path}: no group {data['control_group']!r}") from None
-    unknown = set(data) - {"listen", "allow_paths", "qemu_binary", "ram_dir", "control_group"}
+    if "networks" in data:
+        changes["networks"] = parse_networks(data["networks"], str(path))
+    unknown = set(data) - {"listen", "allow_paths", "qemu_binary", "ram_dir", "control_group",
+                           "networks"}
     if unknown:
         raise UserError(f"{path}: unknown settings {', '.join(sorted(unknown))}")
     return replace(config, **changes)

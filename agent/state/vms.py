@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from agent.errors import UserError
@@ -24,6 +24,11 @@ class VmRecord:
     ram_path: str
     vm_dir: str
     managed: bool = True      # ferry created its files (and may delete them)
+    nics: list[dict[str, str]] = field(default_factory=list)   # NICs on host networks
+
+    def nic_networks(self) -> dict[str, str]:
+        """NIC key -> the network it is on here."""
+        return {n["key"]: n["network"] for n in self.nics if n.get("key") and n.get("network")}
 
     def alive(self) -> bool:
         """Whether the recorded QEMU process still runs."""
