@@ -244,3 +244,28 @@ def test_vm_started_by_other_tools_is_mapped_by_its_bridge(net, tmp_path) -> Non
     finally:
         qemu.kill()
         qemu.wait()
+
+
+def test_nic_on_a_macvtap_network_gets_the_guests_mac_and_goes_with_the_vm(net) -> None:
+    parent = net.link.devices[1]           # b's end of the link: a real parent device
+    net.agents.b.stop()
+    add_network(net.agents.b.home, "direct", f'macvtap = "{parent}"')
+    net.agents.b.start()
+    assert net.vm_start("mig", "--nic", "lan").returncode == 0
+    source = net.agents.a.vm_record("mig")
+    first_pass(Path(source.ram_path))
+    rc, report, stderr = net.agents.migrate("mig", "--net-map", "lan=direct")
+    assert rc == 0, f"{report}\n{stderr}\n{net.agents.logs()}"
+    dest = net.agents.b.vm_record("mig")
+    nic = dest.nics[0]
+    assert nic["kind"] == "macvtap" and nic["network"] == "direct"
+    (link,) = net.ip_json(1, "-d", "link", "show", "dev", nic["ifname"])
+    assert link["address"] == source.nics[0]["mac"] and link["link"] == parent
+    assert link["linkinfo"]["info_kind"] == "macvtap"
+    _, now = (read_guest(dest.ram_path), wait_for(
+        lambda: (s := read_guest(dest.ram_path)).passes >= 2 and s, "two passes"))
+    assert now.errors == 0
+    # A macvtap outlives its descriptor: the agent deletes it when the VM quits.
+    quit_vm(dest.qmp_path)
+    wait_for(lambda: not pid_alive(dest.pid), "the destination QEMU to quit")
+    wait_for(lambda: net.ferry_taps(1) == [], "the macvtap to go")

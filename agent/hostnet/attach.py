@@ -48,6 +48,12 @@ class NicAttachment:
             raise
         return backends
 
+    def outliving_names(self) -> list[str]:
+        """Names of the devices that will outlive QEMU (macvtaps), known before they
+        exist: journaled first, so a crash cannot leave one unnamed."""
+        return [devices.device_name(self.tag, i) for i, (_, n) in enumerate(self.planned)
+                if n.kind is NetworkKind.MACVTAP]
+
     @property
     def pass_fds(self) -> tuple[int, ...]:
         return tuple(nic.fd for nic in self.created.values() if nic.fd >= 0)

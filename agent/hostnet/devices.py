@@ -139,14 +139,19 @@ def _open_macvtap(ifname: str) -> int:
     """The character device of a macvtap (/dev/tapIFINDEX), made if no udev made it."""
     ifindex = int((SYS_NET / ifname / "ifindex").read_text())
     node = Path(f"/dev/tap{ifindex}")
+    made = False
     if not node.exists():
         dev = SYS_NET / ifname / "macvtap" / f"tap{ifindex}" / "dev"
         major, minor = dev.read_text().split(":")
         os.mknod(node, 0o600 | stat.S_IFCHR, os.makedev(int(major), int(minor)))
+        made = True
     try:
         return os.open(node, os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
         raise LocalError(f"cannot open {node} for macvtap {ifname}: {exc.strerror}") from exc
+    finally:
+        if made:
+            node.unlink(missing_ok=True)   # the descriptor is all QEMU needs
 
 
 def delete_link(ifname: str) -> None:

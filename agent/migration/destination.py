@@ -182,7 +182,8 @@ class DestinationJob:
             vm=incoming.spec.name, pid=pid, vm_dir=str(incoming.paths.vm_dir),
             ram_path=str(incoming.paths.ram_path), peer=self.peer,
             disks=[t.path for t in (incoming.storage.targets.values()
-                                    if incoming.storage else ())]))
+                                    if incoming.storage else ())],
+            links=incoming.nics.outliving_names() if incoming.nics else []))
 
     def _check_ram_space(self, ram_size: int) -> None:
         usage = shutil.disk_usage(self.config.ram_dir)

@@ -14,6 +14,7 @@ from typing import Any
 
 from agent import identity as identity_mod
 from agent.errors import FerryError, PeerError, TrustError, UserError
+from agent.hostnet import attach
 from agent.migration.convergence import CompressSetting, TimeoutAction
 from agent.migration.destination import DestinationJob
 from agent.migration.link import Link
@@ -230,6 +231,9 @@ async def run_agent(config: AgentConfig, *, ready: asyncio.Event | None = None) 
     if created:
         log.warning("created identity %s in %s", identity.fingerprint, config.home)
     await journal.recover(config)  # jobs a crashed agent left half done
+    for record in vms.list_vms(config):
+        if not record.alive():
+            attach.remove_recorded(record.nics)   # macvtaps of VMs that quit meanwhile
     agent = Agent(config=config, identity=identity, trust=LiveTrust(config.home))
     await agent.start()
     loop = asyncio.get_running_loop()

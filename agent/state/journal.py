@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from agent.errors import QemuError
+from agent.hostnet import devices
 from agent.qemu import qmp as qmp_mod
 from agent.qemu.vm import is_qemu
 from agent.state.config import AgentConfig
@@ -52,6 +53,7 @@ class Entry:
     ram_path: str = ""
     peer: str = ""
     disks: list[str] = field(default_factory=list)   # destination: images it created
+    links: list[str] = field(default_factory=list)   # destination: macvtaps (outlive QEMU)
 
 
 def _path(config: AgentConfig, job: str) -> Path:
@@ -99,6 +101,8 @@ async def recover(config: AgentConfig) -> list[str]:
             Path(entry.ram_path).unlink(missing_ok=True)
             for disk in entry.disks:
                 Path(disk).unlink(missing_ok=True)
+            for link in entry.links:
+                devices.delete_link(link)
             if entry.vm_dir:
                 shutil.rmtree(entry.vm_dir, ignore_errors=True)
             done.append(f"incoming {entry.vm} (job {entry.job}): removed the unfinished copy")
