@@ -17,19 +17,21 @@ import logging
 import mmap
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from agent.batch import codec
 from agent.errors import FerryError, LocalError, PeerError, ProtocolError, QemuError, UserError
 from agent.hostnet import attach
+from agent.migration import recovery
+from agent.migration.claims import Claims
 from agent.migration.link import Link, parse_message, send_control
-from agent.migration.protocol import Kind, Op
+from agent.migration.protocol import Control, Kind, Op
 from agent.qemu import qmp as qmp_mod
 from agent.qemu import vm
 from agent.qemu.migrate import destination_capabilities, wait_migration_done
 from agent.qemu.vmspec import PAGE_SIZE, DestinationPaths, VmSpec, destination_argv
-from agent.state import journal, vms
+from agent.state import journal, outcomes, vms
 from agent.state.config import AgentConfig
 from agent.storage.disk_sink import StorageSink, parse_disk_map, plan_targets
 
@@ -92,6 +94,7 @@ class DestinationJob:
     link: Link
     peer: str
     job_id: str
+    claims: Claims = field(default_factory=Claims)
     incoming: IncomingVm | None = None
     ram_done: bool = False
     stream_ended: bool = False
@@ -99,15 +102,18 @@ class DestinationJob:
     state_writer: asyncio.StreamWriter | None = None
     committed: bool = False
     pages_applied: int = 0
+    outcome: outcomes.Outcome | None = None   # told the source with an ERROR, when known
 
-    async def run(self) -> None:
-        """Serve the job until it completes or is rolled back; raises only CancelledError."""
+    async def run(self, prepare: Control) -> None:
+        """Serve the job PREPARE began until it completes or is rolled back; raises only
+        CancelledError."""
         try:
-            kind, payload = await self.link.receive()
-            msg = parse_message(kind, payload)
-            if msg is None or msg.op is not Op.PREPARE:
-                raise ProtocolError("a migration must begin with PREPARE")
-            await self._prepare(msg.body)
+            job = str(prepare.body.get("job") or "")
+            if not outcomes.JOB_ID.fullmatch(job):
+                raise ProtocolError(f"PREPARE names no valid job id ({job[:40]!r})")
+            self.job_id = job   # the source's: STATUS questions name it
+            self.claims.claim(f"job:{job}", job, f"job id {job}")
+            await self._prepare(prepare.body)
             await self._serve()
         except asyncio.CancelledError:
             await self._roll_back("the agent is shutting down")
@@ -124,16 +130,25 @@ class DestinationJob:
                 exc = LocalError(f"destination internal error: {exc!r}")
             with contextlib.suppress(FerryError, ConnectionError):
                 await send_control(self.link, Op.ERROR, message=str(exc),
-                                   error_type=type(exc).__name__)
+                                   error_type=type(exc).__name__,
+                                   outcome=(self.outcome or outcomes.Outcome.REMOVED).value
+                                   if not self.committed or self.outcome else None)
             await self._roll_back(str(exc))
+        finally:
+            self.claims.release(self.job_id)
 
     # ------------------------------------------------------------------ prepare
 
     async def _prepare(self, body: dict[str, Any]) -> None:
         spec = VmSpec.from_json(body.get("vm") or {})
         vm_dir = self.config.vms_dir / spec.name
+        self.claims.claim(f"vm:{spec.name}", self.job_id, f"VM name {spec.name}")
         if vms.is_running(self.config, spec.name):
             raise UserError(f"the destination already runs a VM named {spec.name}")
+        if vms.record_path(self.config, spec.name).exists():
+            raise UserError(f"the destination has a stopped VM named {spec.name} "
+                            f"({vm_dir}); remove it there first, or migrate under another "
+                            f"name")
         paths = DestinationPaths.under(vm_dir, self.config.ram_dir,
                                        f"{spec.name}-{self.job_id}")
         targets = plan_targets(spec.disks, parse_disk_map(body.get("disk_map")),
@@ -146,11 +161,10 @@ class DestinationJob:
         self._check_ram_space(spec.ram_size)
         incoming = self.incoming = IncomingVm(spec=spec, paths=paths, nics=nics)
         incoming.storage = StorageSink(spec.disks, targets, paths.vm_dir / "nbd.sock")
-        self._journal(incoming, pid=0)  # before creating anything a crash could leave
-        if vm_dir.exists():
-            shutil.rmtree(vm_dir)  # a stale directory of a VM that is not running
-        vm_dir.mkdir(parents=True)
-        incoming.created_vm_dir = True
+        self._journal(incoming)  # before creating anything a crash could leave
+        # A directory without a record is what a VM that left keeps (its logs): reused.
+        incoming.created_vm_dir = not vm_dir.exists()
+        vm_dir.mkdir(parents=True, exist_ok=True)
         incoming.storage.create_images()
         # The RAM file exists (sparse, all zero) before QEMU maps it: pages not sent are zero.
         incoming.ram_fd = os.open(paths.ram_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -166,7 +180,7 @@ class DestinationJob:
             incoming.process = await vm.launch(launch, argv=argv, pass_fds=nics.pass_fds)
         finally:
             nics.handed_over()   # QEMU holds the taps now, or nobody does
-        self._journal(incoming, pid=incoming.process.pid)
+        self._journal(incoming)
         incoming.qmp = await qmp_mod.connect(paths.qmp_path)
         await incoming.qmp.execute("migrate-set-capabilities", destination_capabilities())
         await incoming.qmp.execute("migrate-incoming", {"uri": f"unix:{paths.incoming_path}"})
@@ -176,14 +190,19 @@ class DestinationJob:
         await send_control(self.link, Op.PREPARED, dest_pid=incoming.process.pid,
                            npages=spec.npages)
 
-    def _journal(self, incoming: IncomingVm, pid: int) -> None:
-        journal.write(self.config, journal.Entry(
-            job=self.job_id, role="destination", step=journal.Step.INCOMING,
-            vm=incoming.spec.name, pid=pid, vm_dir=str(incoming.paths.vm_dir),
+    def _journal(self, incoming: IncomingVm, step: journal.Step = journal.Step.INCOMING) -> None:
+        journal.write(self.config, self._entry(incoming, step))
+
+    def _entry(self, incoming: IncomingVm, step: journal.Step) -> journal.Entry:
+        return journal.Entry(
+            job=self.job_id, role="destination", step=step, vm=incoming.spec.name,
+            pid=incoming.process.pid if incoming.process else 0,
+            qmp_path=str(incoming.paths.qmp_path), vm_dir=str(incoming.paths.vm_dir),
             ram_path=str(incoming.paths.ram_path), peer=self.peer,
             disks=[t.path for t in (incoming.storage.targets.values()
                                     if incoming.storage else ())],
-            links=incoming.nics.outliving_names() if incoming.nics else []))
+            links=incoming.nics.outliving_names() if incoming.nics else [],
+            nics=incoming.nics.records() if incoming.nics else [])
 
     def _check_ram_space(self, ram_size: int) -> None:
         usage = shutil.disk_usage(self.config.ram_dir)
@@ -303,13 +322,22 @@ class DestinationJob:
                 return
 
     async def _commit(self) -> None:
-        """The destination owns the VM from here on: resume it, whatever the link does."""
-        self.committed = True
+        """The destination owns the VM from here on: resume it, whatever the link does.
+
+        Journaled first: a restarted agent then keeps (and resumes) the guest instead of
+        removing it, since the source has stopped for good."""
         incoming = self.incoming
         assert incoming is not None and incoming.qmp is not None and incoming.process
-        mark = incoming.qmp.event_mark()
-        await incoming.qmp.execute("cont")
-        resume = await incoming.qmp.wait_event("RESUME", timeout=RESUME_TIMEOUT_S, after=mark)
+        self._journal(incoming, step=journal.Step.COMMIT_RECEIVED)
+        self.committed = True
+        try:
+            mark = incoming.qmp.event_mark()
+            await incoming.qmp.execute("cont")
+            resume = await incoming.qmp.wait_event("RESUME", timeout=RESUME_TIMEOUT_S,
+                                                   after=mark)
+        except FerryError as exc:
+            await self._commit_failed(exc)
+            raise
         if incoming.spec.nics:
             await self._announce(incoming.qmp)
         nic_records = incoming.nics.records() if incoming.nics else []
@@ -317,6 +345,8 @@ class DestinationJob:
             name=incoming.spec.name, pid=incoming.process.pid,
             qmp_path=str(incoming.paths.qmp_path), ram_path=str(incoming.paths.ram_path),
             vm_dir=str(incoming.paths.vm_dir), managed=True, nics=nic_records))
+        outcomes.record(self.config, self.job_id, outcomes.Outcome.RESUMED,
+                        incoming.spec.name)
         journal.remove(self.config, self.job_id)
         incoming.close_ram()
         with contextlib.suppress(QemuError):
@@ -328,6 +358,25 @@ class DestinationJob:
             await send_control(self.link, Op.COMMITTED, resume_us=resume.timestamp_us,
                                dest_pid=incoming.process.pid)
         incoming.process.detach(on_exit=lambda: attach.remove_recorded(nic_records))
+
+    async def _commit_failed(self, exc: FerryError) -> None:
+        """`cont` did not take. A QEMU that died never ran the guest here: its copy goes
+        and the source may resume (the ERROR says so). One that lives is kept as recovery
+        keeps a committed VM: it may have run."""
+        incoming = self.incoming
+        assert incoming is not None and incoming.process is not None
+        entry = self._entry(incoming, journal.Step.COMMIT_RECEIVED)
+        if incoming.process.returncode is None:
+            log.error("incoming %s: resuming the VM failed (%s); keeping it", self.job_id, exc)
+            log.warning("incoming %s: %s", self.job_id,
+                        await recovery.keep_committed(self.config, entry))
+            incoming.process.detach()
+        else:
+            log.error("incoming %s: the QEMU died before it resumed: %s", self.job_id, exc)
+            await incoming.remove()
+            recovery.remove_incoming(self.config, entry)
+            self.outcome = outcomes.Outcome.REMOVED
+        journal.remove(self.config, self.job_id)
 
     async def _announce(self, q: qmp_mod.Qmp) -> None:
         """Make the guest's NICs announce themselves on their new ports (RARP, or the
@@ -346,5 +395,7 @@ class DestinationJob:
         if self.state_writer is not None:
             self.state_writer.close()
         await self.incoming.remove()
+        outcomes.record(self.config, self.job_id, outcomes.Outcome.REMOVED,
+                        self.incoming.spec.name)
         self.incoming = None
         journal.remove(self.config, self.job_id)

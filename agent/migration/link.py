@@ -22,7 +22,18 @@ class Link(Protocol):
 
 
 class RemoteFailure(PeerError):
-    """The other agent reported that its side of the job failed."""
+    """The other agent reported that its side of the job failed; `outcome` is what it did
+    with its copy when it says (removed: the source may resume)."""
+
+    def __init__(self, message: str, outcome: str | None = None) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+
+
+def remote_failure(msg: Control) -> RemoteFailure:
+    return RemoteFailure(str(msg.body.get("message", "the peer failed")),
+                         msg.body.get("outcome") if isinstance(msg.body.get("outcome"), str)
+                         else None)
 
 
 async def send_control(link: Link, op: Op, **body: object) -> None:
@@ -60,7 +71,7 @@ class Inbox:
                 if msg is None:
                     raise ProtocolError(f"unexpected data message kind {kind} from the peer")
                 if msg.op is Op.ERROR and self.error is None:
-                    self.error = RemoteFailure(str(msg.body.get("message", "the peer failed")))
+                    self.error = remote_failure(msg)
                 await self._queue.put(msg)
         except (PeerError, ConnectionError, OSError) as exc:
             if self.error is None:
@@ -91,7 +102,7 @@ class Inbox:
             raise self.error if isinstance(self.error, PeerError) else PeerError(
                 f"link to the peer lost ({what}): {self.error}")
         if msg.op is Op.ERROR:
-            raise RemoteFailure(str(msg.body.get("message", "the peer failed")))
+            raise remote_failure(msg)
         if msg.op not in ops:
             raise ProtocolError(f"expected {'/'.join(o.value for o in ops)} ({what}), "
                                 f"got {msg.op.value}")

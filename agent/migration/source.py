@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.batch import codec
+from agent.batch.format import HASH_SIZE
 from agent.buffers import BufferPool
 from agent.errors import FerryError, LocalError, QemuError, UserError, VmNotMigratableError
-from agent.hostnet import attach
 from agent.migration import faults
 from agent.migration.convergence import (
     Compression,
@@ -46,7 +46,7 @@ from agent.migration.convergence import (
     downtime_target_s,
     ram_downtime_s,
 )
-from agent.migration.link import Inbox, Link, send_control
+from agent.migration.link import Inbox, Link, RemoteFailure, send_control
 from agent.migration.protocol import MAX_STREAM_CHUNK, Kind, Op
 from agent.migration.states import Phase, PhaseTracker
 from agent.qemu import migrate as qemu_migrate
@@ -64,6 +64,7 @@ from agent.qemu.stream import (
 from agent.qemu.vmspec import PAGE_SIZE, NicSpec, VmSpec
 from agent.state import journal, vms
 from agent.state.config import AgentConfig
+from agent.state.outcomes import Outcome
 from agent.storage.disk_source import StorageSource, copyable_disks
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,7 @@ class SourceJob:
     faults: frozenset[faults.Fault] = field(default_factory=faults.active)
     _pacer: Pacer | None = None
     _dropped_page: int | None = None
+    _sent_hashes: bytearray = field(default_factory=bytearray)   # what the destination holds
 
     # ------------------------------------------------------------------ driver
 
@@ -239,6 +241,13 @@ class SourceJob:
                 await self._roll_back(Phase.FAILED, error)
             elif self.phases.phase is Phase.COMMITTING:
                 self.phases.advance(Phase.UNKNOWN)
+                if isinstance(exc, RemoteFailure) and exc.outcome == Outcome.REMOVED:
+                    # The destination says its copy is gone (it never ran the guest).
+                    await self._roll_back(Phase.FAILED, error)
+                else:
+                    log.error("migration %s: COMMIT may have reached %s; the source stays "
+                              "stopped until %s tells (asking)", self.job_id, self.peer,
+                              self.peer)
         finally:
             cancel_wait.cancel()
             await self._release()
@@ -265,7 +274,6 @@ class SourceJob:
         await self._prepare()
         self.phases.advance(Phase.PRECOPY)
         await self._transfer()
-        self.phases.advance(Phase.COMMITTING)
         await self._commit()
         self.phases.advance(Phase.COMPLETED)
         await self._emit(force=True)
@@ -298,8 +306,9 @@ class SourceJob:
         self._compression = CompressionPolicy(self.options.compress)
         if self.options.bandwidth is not None:
             self._pacer = Pacer(self.options.bandwidth)
+        self._sent_hashes = bytearray(codec.zero_block_hash(PAGE_SIZE) * spec.npages)
         self.encoder = codec.BatchEncoder(
-            None, PAGE_SIZE, bytearray(codec.zero_block_hash(PAGE_SIZE) * spec.npages),
+            None, PAGE_SIZE, self._sent_hashes,
             dedup=self.options.dedup, compress_level=self.options.compress.level)
         pause = bool(disks) or faults.Fault.PRE_SWITCHOVER in self.faults
         await self.qmp.execute("migrate-set-capabilities",
@@ -546,11 +555,16 @@ class SourceJob:
         return out
 
     def _drop_a_page(self, pages: Pages) -> Pages:
-        """The negative control (test only): lose one page the guest wrote last."""
+        """The negative control (test only): lose one page the guest wrote last, one whose
+        content the destination does not hold yet (QEMU also re-sends pages that were
+        rewritten after it read them: losing such a copy loses nothing)."""
         if self._dropped_page is not None:
             return pages
+        hashes = self._sent_hashes
         for k, (index, offset) in enumerate(zip(pages.indices, pages.offsets, strict=True)):
-            if offset != ZERO_PAGE_OFFSET and index >= faults.DROP_PAGE_FROM:
+            held = hashes[index * HASH_SIZE:(index + 1) * HASH_SIZE]
+            if (offset != ZERO_PAGE_OFFSET and index >= faults.DROP_PAGE_FROM
+                    and codec.block_hash(pages.data[offset:offset + PAGE_SIZE]) != held):
                 self._dropped_page = index
                 log.warning("migration %s: injected fault: page %d not sent", self.job_id,
                             index)
@@ -717,28 +731,26 @@ class SourceJob:
     async def _commit(self) -> None:
         """Hand the VM over; from here the source never resumes on its own."""
         assert self.link is not None and self.qmp is not None and self.inbox is not None
+        # Journaled before COMMIT can leave: a restarted agent then asks the destination
+        # instead of resuming. Should the journal fail, COMMIT never left: roll back.
         self._journal(journal.Step.COMMITTING)
+        self.phases.advance(Phase.COMMITTING)
         await send_control(self.link, Op.COMMIT)
         reply = await self.inbox.expect({Op.COMMITTED}, timeout=COMMIT_TIMEOUT_S,
                                         what="destination resuming the VM")
         self.resume_us = int(reply.body.get("resume_us", 0)) or None
         self._mark("committed")
         self.dest_pid = int(reply.body.get("dest_pid", 0)) or self.dest_pid
+        self._journal(journal.Step.COMMITTED)   # from here a restart quits our QEMU
         with contextlib.suppress(QemuError):
             await self.qmp.quit()
         self.qmp = None
         self._forget_source_vm()
 
     def _forget_source_vm(self) -> None:
-        """The VM left this host: drop its record and, if ferry made it, its RAM file."""
-        if self.vm_name is None:
-            return
-        with contextlib.suppress(UserError):
-            record = vms.load(self.config, self.vm_name)
-            vms.forget(self.config, self.vm_name)
-            if record.managed and record.ram_path:
-                Path(record.ram_path).unlink(missing_ok=True)
-            attach.remove_recorded(record.nics)   # macvtaps; taps went with QEMU
+        """The VM left this host: drop its record and what ferry made for it."""
+        if self.vm_name is not None:
+            vms.release_departed(self.config, self.vm_name)
 
     # ------------------------------------------------------------------ rollback
 
@@ -814,8 +826,8 @@ class SourceJob:
     def report(self, error: str | None) -> dict[str, Any]:
         """The final report (the JSON object `ferry migrate --json` prints last)."""
         phase = self.phases.phase
-        status = {Phase.COMPLETED: "completed", Phase.CANCELLED: "cancelled"}.get(phase,
-                                                                                 "failed")
+        status = {Phase.COMPLETED: "completed", Phase.CANCELLED: "cancelled",
+                  Phase.UNKNOWN: "unknown"}.get(phase, "failed")
         c = self.counters
         downtime_ms = ((self.resume_us - self.stop_us) / 1000
                        if self.resume_us and self.stop_us else None)

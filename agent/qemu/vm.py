@@ -137,6 +137,23 @@ def is_qemu(pid: int) -> bool:
     return b"qemu" in argv0
 
 
+def qemu_pids_mentioning(marker: str) -> list[int]:
+    """Every running QEMU whose command line contains marker (a path unique to one job):
+    how recovery finds a QEMU launched an instant before its agent died, pid unrecorded."""
+    found = []
+    needle = marker.encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if needle in cmdline and b"qemu" in cmdline.split(b"\0", 1)[0]:
+            found.append(int(entry.name))
+    return found
+
+
 @dataclass(frozen=True, slots=True)
 class VmInfo:
     """What ferry learns about a running VM from its QMP socket and /proc."""

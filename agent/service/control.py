@@ -78,6 +78,11 @@ class ControlServer:
         if self.group is not None:
             os.chown(self.path, -1, self.group)
 
+    def stop_listening(self) -> None:
+        """Take no new requests; the ones being served go on (a migration's report)."""
+        if self._server is not None:
+            self._server.close()
+
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()

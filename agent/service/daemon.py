@@ -13,22 +13,27 @@ from pathlib import Path
 from typing import Any
 
 from agent import identity as identity_mod
-from agent.errors import FerryError, PeerError, TrustError, UserError
+from agent.errors import FerryError, PeerError, ProtocolError, TrustError, UserError
 from agent.hostnet import attach
+from agent.migration import recovery
+from agent.migration.claims import Claims
 from agent.migration.convergence import CompressSetting, TimeoutAction
 from agent.migration.destination import DestinationJob
-from agent.migration.link import Link
+from agent.migration.link import Link, parse_message, send_control
+from agent.migration.protocol import Op
 from agent.migration.source import MigrationOptions, SourceJob
 from agent.net import channel as channel_mod
 from agent.service import systemd
 from agent.service.control import ControlServer, Reply
-from agent.state import journal, vms
+from agent.state import journal, outcomes, vms
 from agent.state.config import AgentConfig
 from agent.wire.messages import MsgType
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN_GRACE_S = 30.0
+STATUS_TIMEOUT_S = 10.0
+RESOLVE_FIRST_S = 1.0
+RESOLVE_MAX_S = 60.0
 
 
 class ChannelLink:
@@ -86,7 +91,11 @@ class Agent:
     identity: identity_mod.Identity
     trust: LiveTrust
     jobs: dict[str, SourceJob] = field(default_factory=dict)
+    job_tasks: set[asyncio.Task[Any]] = field(default_factory=set)    # control requests
     incoming: set[asyncio.Task[None]] = field(default_factory=set)
+    claims: Claims = field(default_factory=Claims)
+    unresolved: dict[str, journal.Entry] = field(default_factory=dict)   # job -> entry
+    resolver: asyncio.Task[None] | None = None
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     peer_server: channel_mod.ChannelServer | None = None
     control: ControlServer | None = None
@@ -108,41 +117,99 @@ class Agent:
         return self.peer_server.port
 
     async def close(self) -> None:
-        """Stop taking work, let running jobs finish (or roll back), then release."""
+        """Stop taking work; let running jobs end within the grace period, then roll back
+        the ones that have not (a source job past COMMIT finishes regardless)."""
+        if self.control is not None:
+            self.control.stop_listening()
+        if self.peer_server is not None:
+            # Not close(): that would cancel incoming jobs the grace period lets end.
+            self.peer_server.stop_listening()
+        if self.resolver is not None:
+            self.resolver.cancel()
+        grace = self.config.shutdown_grace_s
+        running = {t for t in (*self.job_tasks, *self.incoming) if not t.done()}
+        if running:
+            log.info("waiting up to %g s for %d running job(s)", grace, len(running))
+            _, still = await asyncio.wait(running, timeout=grace)
+            if still:
+                log.warning("shutting down: rolling back %d job(s) still running after "
+                            "%g s", len(still), grace)
+                for job in self.jobs.values():
+                    job.cancel.set()          # a source job rolls back unless committing
+                for task in still & self.incoming:
+                    task.cancel()             # rolls back an uncommitted incoming VM
+                await asyncio.wait(still)
         if self.control is not None:
             await self.control.close()
-        if self.peer_server is not None:
-            # Not close(): that would cancel incoming jobs the grace period below lets end.
-            self.peer_server.stop_listening()
-        for job in self.jobs.values():
-            job.cancel.set()  # source jobs roll back unless already committing
-        deadline = asyncio.get_running_loop().time() + SHUTDOWN_GRACE_S
-        while self.jobs and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
-        pending = [t for t in self.incoming if not t.done()]
-        if pending:
-            log.info("waiting up to %g s for %d incoming job(s)", SHUTDOWN_GRACE_S, len(pending))
-            _, still = await asyncio.wait(pending, timeout=SHUTDOWN_GRACE_S)
-            for task in still:
-                task.cancel()  # rolls back an incoming VM that was not committed
-            if still:
-                await asyncio.wait(still)
         if self.peer_server is not None:
             await self.peer_server.close()
 
     # ------------------------------------------------------------------ peers
 
     async def _serve_peer(self, channel: channel_mod.Channel) -> None:
+        """A peer's connection: a migration (PREPARE) or a question about one (STATUS)."""
         peer = channel.peer_name
-        job = DestinationJob(config=self.config, link=ChannelLink(channel), peer=peer,
-                             job_id=os.urandom(6).hex())
+        link = ChannelLink(channel)
         task = asyncio.current_task()
         assert task is not None
         self.incoming.add(task)
         try:
-            await job.run()
+            kind, payload = await link.receive()
+            first = parse_message(kind, payload)
+            if first is not None and first.op is Op.STATUS:
+                job_id = str(first.body.get("job", ""))
+                await send_control(link, Op.STATUS, job=job_id, outcome=self.status_of(job_id))
+                return
+            if first is None or first.op is not Op.PREPARE:
+                await send_control(link, Op.ERROR, message="a migration must begin with "
+                                   "PREPARE", error_type="ProtocolError")
+                return
+            job = DestinationJob(config=self.config, link=link, peer=peer,
+                                 job_id=os.urandom(6).hex(), claims=self.claims)
+            await job.run(first)
+        except (FerryError, ConnectionError, OSError) as exc:
+            log.info("peer %s: %s", peer, exc)
         finally:
             self.incoming.discard(task)
+
+    def status_of(self, job_id: str) -> str:
+        """What became of an incoming job here: resumed, removed, pending or unknown."""
+        if self.claims.holds(job_id) or any(e.job == job_id
+                                            for e in journal.entries(self.config)):
+            return "pending"
+        found = outcomes.lookup(self.config, job_id)
+        return found.value if found is not None else "unknown"
+
+    async def ask_status(self, peer: str, job_id: str) -> str:
+        """Ask peer what became of job_id (recovery.AskStatus)."""
+        link = await self.connect_peer(peer)
+        try:
+            await send_control(link, Op.STATUS, job=job_id)
+            kind, payload = await asyncio.wait_for(link.receive(), STATUS_TIMEOUT_S)
+            reply = parse_message(kind, payload)
+            if reply is None or reply.op is not Op.STATUS:
+                raise ProtocolError("the peer answered STATUS with something else")
+            return str(reply.body.get("outcome", "unknown"))
+        finally:
+            with contextlib.suppress(FerryError, ConnectionError, OSError):
+                await link.close()
+
+    def resolve_later(self, entries: list[journal.Entry]) -> None:
+        """Keep asking the destinations of these COMMITTING jobs until each answers."""
+        for entry in entries:
+            self.unresolved[entry.job] = entry
+        if self.unresolved and (self.resolver is None or self.resolver.done()):
+            self.resolver = asyncio.create_task(self._resolve(), name="resolve-commits")
+
+    async def _resolve(self) -> None:
+        delay = RESOLVE_FIRST_S
+        while self.unresolved:
+            for job_id, entry in list(self.unresolved.items()):
+                if await recovery.resolve(self.config, entry, self.ask_status) is not None:
+                    del self.unresolved[job_id]
+            if self.unresolved:
+                await asyncio.sleep(delay)   # the peer is down or busy: ask again later
+                delay = min(delay * 2, RESOLVE_MAX_S)
 
     def trusted_peer(self, name: str) -> identity_mod.Peer:
         """The trusted peer `name`, or a TrustError saying how to add it."""
@@ -196,11 +263,21 @@ class Agent:
         job = SourceJob(config=self.config, qmp_path=qmp_path, peer=peer, options=options,
                         connect_peer=self.connect_peer, progress=send, cancel=cancel,
                         vm_name=str(name) if name else None)
+        self.claims.claim(f"qmp:{qmp_path.resolve()}", job.job_id, f"VM {name or qmp_path}")
+        task = asyncio.current_task()
+        assert task is not None
         self.jobs[job.job_id] = job
+        self.job_tasks.add(task)
         try:
             report = await job.run()
         finally:
             del self.jobs[job.job_id]
+            self.job_tasks.discard(task)
+            self.claims.release(job.job_id)
+        if report["status"] == "unknown":
+            # COMMIT may have reached the peer: ask it (now, and after any restart).
+            self.resolve_later([e for e in journal.entries(self.config)
+                                if e.job == job.job_id])
         return {"ok": report["status"] == "completed", **report}
 
 
@@ -230,12 +307,13 @@ async def run_agent(config: AgentConfig, *, ready: asyncio.Event | None = None) 
     identity, created = identity_mod.load_identity(config.home)
     if created:
         log.warning("created identity %s in %s", identity.fingerprint, config.home)
-    await journal.recover(config)  # jobs a crashed agent left half done
+    unresolved = await recovery.recover(config)  # jobs a killed agent left half done
     for record in vms.list_vms(config):
         if not record.alive():
             attach.remove_recorded(record.nics)   # macvtaps of VMs that quit meanwhile
     agent = Agent(config=config, identity=identity, trust=LiveTrust(config.home))
     await agent.start()
+    agent.resolve_later(unresolved)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.stopping.set)

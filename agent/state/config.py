@@ -30,6 +30,7 @@ class AgentConfig:
     ram_dir: Path = DEFAULT_RAM_DIR
     control_group: int | None = None
     networks: dict[str, Network] = field(default_factory=dict)   # [networks.NAME]
+    shutdown_grace_s: float = 30.0   # SIGTERM: running jobs may end within this, then roll back
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -92,10 +93,15 @@ def load_config(home: Path) -> AgentConfig:
             changes["control_group"] = grp.getgrnam(str(data["control_group"])).gr_gid
         except KeyError:
             raise UserError(f"{path}: no group {data['control_group']!r}") from None
+    if "shutdown_grace_s" in data:
+        grace = data["shutdown_grace_s"]
+        if not isinstance(grace, int | float) or isinstance(grace, bool) or grace < 0:
+            raise UserError(f"{path}: shutdown_grace_s must be a number of seconds >= 0")
+        changes["shutdown_grace_s"] = float(grace)
     if "networks" in data:
         changes["networks"] = parse_networks(data["networks"], str(path))
     unknown = set(data) - {"listen", "allow_paths", "qemu_binary", "ram_dir", "control_group",
-                           "networks"}
+                           "networks", "shutdown_grace_s"}
     if unknown:
         raise UserError(f"{path}: unknown settings {', '.join(sorted(unknown))}")
     return replace(config, **changes)

@@ -1,42 +1,33 @@
 """The agent's journal of jobs in flight, so a restarted agent can finish or undo them.
 
-One small JSON file per job in the home's journal/ directory, rewritten atomically at
-every step that changes what recovery must do, and removed when the job ends. What
-recovery does (see `recover`):
-  destination, not committed  -> kill the incoming QEMU, remove its files
-  source, before COMMIT       -> resume the source VM if it is paused
-  source, COMMIT sent         -> leave the VM stopped and say so: only the destination
-                                 knows whether it took over (DESIGN §2)
+One small JSON file per job in the home's journal/ directory, written (atomically, and
+synced) before each step that changes what recovery must do, and removed only when the
+job is final. What recovery does with each step: agent.migration.recovery.
 """
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import json
 import logging
 import os
-import shutil
-import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from agent.errors import QemuError
-from agent.hostnet import devices
-from agent.qemu import qmp as qmp_mod
-from agent.qemu.vm import is_qemu
 from agent.state.config import AgentConfig
 
 log = logging.getLogger(__name__)
 
 
 class Step(enum.StrEnum):
-    """How far a journaled job got."""
+    """How far a journaled job got (written before the step is taken)."""
 
-    INCOMING = "incoming"        # destination: QEMU started, VM not ours yet
+    INCOMING = "incoming"        # destination: its QEMU may exist; the VM is not ours
+    COMMIT_RECEIVED = "commit-received"   # destination: COMMIT came; `cont` may be done
     PRECOPY = "precopy"          # source: guest running, pages flowing
     STOPPED = "stopped"          # source: guest stopped for the switchover
-    COMMITTING = "committing"    # source: COMMIT sent
+    COMMITTING = "committing"    # source: COMMIT may have left
+    COMMITTED = "committed"      # source: the destination runs the VM; ours must quit
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +45,7 @@ class Entry:
     peer: str = ""
     disks: list[str] = field(default_factory=list)   # destination: images it created
     links: list[str] = field(default_factory=list)   # destination: macvtaps (outlive QEMU)
+    nics: list[dict[str, str]] = field(default_factory=list)   # destination: for its record
 
 
 def _path(config: AgentConfig, job: str) -> Path:
@@ -89,46 +81,3 @@ def entries(config: AgentConfig) -> list[Entry]:
             except (OSError, ValueError, TypeError, KeyError):
                 log.error("ignoring unreadable journal entry %s", path)
     return found
-
-
-async def recover(config: AgentConfig) -> list[str]:
-    """Finish or undo every journaled job; one line per job saying what was done."""
-    done = []
-    for entry in entries(config):
-        if entry.role == "destination":
-            if entry.pid and is_qemu(entry.pid):
-                os.kill(entry.pid, signal.SIGKILL)
-            Path(entry.ram_path).unlink(missing_ok=True)
-            for disk in entry.disks:
-                Path(disk).unlink(missing_ok=True)
-            for link in entry.links:
-                devices.delete_link(link)
-            if entry.vm_dir:
-                shutil.rmtree(entry.vm_dir, ignore_errors=True)
-            done.append(f"incoming {entry.vm} (job {entry.job}): removed the unfinished copy")
-        elif entry.step is Step.COMMITTING:
-            done.append(f"outgoing {entry.vm} (job {entry.job}): COMMIT was sent to "
-                        f"{entry.peer}; the source VM stays stopped. Check the destination: "
-                        f"if {entry.vm} does not run there, resume it here with QMP `cont`")
-            log.error(done[-1])
-        else:
-            done.append(f"outgoing {entry.vm} (job {entry.job}): {await _resume(entry)}")
-        remove(config, entry.job)
-    for line in done:
-        log.warning("recovered: %s", line)
-    return done
-
-
-async def _resume(entry: Entry) -> str:
-    """Resume a source VM left paused by a job that never sent COMMIT."""
-    try:
-        async with qmp_mod.connect(entry.qmp_path) as qmp:
-            with contextlib.suppress(QemuError):
-                await qmp.execute("migrate_cancel")
-            status = (await qmp.execute("query-status")).get("status")
-            if status == "running":
-                return "source VM was running"
-            await qmp.execute("cont")
-            return f"source VM resumed (was {status})"
-    except QemuError as exc:
-        return f"could not reach the source VM to resume it: {exc}"

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from agent.errors import UserError
+from agent.hostnet import attach
 from agent.qemu.vm import is_qemu
 from agent.state.config import AgentConfig
 
@@ -84,3 +85,16 @@ def is_running(config: AgentConfig, name: str) -> bool:
 def forget(config: AgentConfig, name: str) -> None:
     """Drop the record of a VM that left this host (its directory stays for its logs)."""
     record_path(config, name).unlink(missing_ok=True)
+
+
+def release_departed(config: AgentConfig, name: str) -> None:
+    """The VM left this host: drop its record and what ferry made for it (its RAM file,
+    its macvtaps; its taps went with QEMU). Its directory stays, for its logs."""
+    try:
+        record = load(config, name)
+    except UserError:
+        return
+    forget(config, name)
+    if record.managed and record.ram_path:
+        Path(record.ram_path).unlink(missing_ok=True)
+    attach.remove_recorded(record.nics)
