@@ -4,10 +4,9 @@
 import pytest
 
 from agent.errors import UserError
+from agent.qemu.destargv import DestinationPaths, destination_argv
 from agent.qemu.vmspec import (
-    DestinationPaths,
     VmSpec,
-    destination_argv,
     format_keyval,
     parse_keyval,
     parse_size,
@@ -184,7 +183,7 @@ def test_spec_json_roundtrip_and_validation():
 
 
 def test_copied_disks_are_redirected_in_drive_and_blockdev(dest, tmp_path):
-    from agent.qemu.vmspec import DiskTarget
+    from agent.qemu.destargv import DiskTarget
     paths, roots = dest
     argv = source_argv("-drive", "file=/src/d0.qcow2,format=qcow2,if=virtio",
                        "-blockdev", "driver=file,filename=/src/d1.img,node-name=f1",
@@ -198,7 +197,7 @@ def test_copied_disks_are_redirected_in_drive_and_blockdev(dest, tmp_path):
 
 
 def test_blockdev_format_conversion_is_refused(dest, tmp_path):
-    from agent.qemu.vmspec import DiskTarget
+    from agent.qemu.destargv import DiskTarget
     paths, roots = dest
     argv = source_argv("-blockdev", "driver=file,filename=/src/d1.img,node-name=f1")
     targets = {"/src/d1.img": DiskTarget(str(tmp_path / "d1.qcow2"), "qcow2", converts=True)}

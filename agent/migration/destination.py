@@ -26,8 +26,9 @@ from agent.migration.link import Link, parse_message, send_control
 from agent.migration.protocol import Kind, Op
 from agent.qemu import qmp as qmp_mod
 from agent.qemu import vm
+from agent.qemu.destargv import DestinationPaths, destination_argv
 from agent.qemu.migrate import destination_capabilities, wait_migration_done
-from agent.qemu.vmspec import PAGE_SIZE, DestinationPaths, VmSpec, destination_argv
+from agent.qemu.vmspec import PAGE_SIZE, VmSpec
 from agent.state import journal, vms
 from agent.state.config import AgentConfig
 from agent.storage.disk_sink import StorageSink, parse_disk_map, plan_targets
@@ -131,8 +132,13 @@ class DestinationJob:
                                        f"{spec.name}-{self.job_id}")
         targets = plan_targets(spec.disks, parse_disk_map(body.get("disk_map")),
                                body.get("disk_format"), self.config.roots)
-        argv = destination_argv(spec, paths, self.config.roots, self.config.qemu_path(),
-                                targets)
+        widened: list[str] = []
+        # In a thread: the backing-chain checks run qemu-img.
+        argv = await asyncio.to_thread(destination_argv, spec, paths, self.config.roots,
+                                       self.config.qemu_path(), targets,
+                                       accept=self.config.accept, widened=widened)
+        for note in widened:
+            log.warning("incoming %s from %s: %s (agent.toml)", spec.name, self.peer, note)
         self._check_ram_space(spec.ram_size)
         incoming = self.incoming = IncomingVm(spec=spec, paths=paths)
         incoming.storage = StorageSink(spec.disks, targets, paths.vm_dir / "nbd.sock")
@@ -159,7 +165,7 @@ class DestinationJob:
         log.info("incoming %s from %s: QEMU pid %d waits for pages", spec.name, self.peer,
                  incoming.process.pid)
         await send_control(self.link, Op.PREPARED, dest_pid=incoming.process.pid,
-                           npages=spec.npages)
+                           npages=spec.npages, widened=widened)
 
     def _journal(self, incoming: IncomingVm, pid: int) -> None:
         journal.write(self.config, journal.Entry(

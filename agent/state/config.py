@@ -10,6 +10,7 @@ from typing import Any
 
 from agent.errors import UserError
 from agent.identity import parse_address
+from agent.qemu.hostrules import Accept
 
 CONFIG_FILE = "agent.toml"
 DEFAULT_PORT = 7370
@@ -28,6 +29,7 @@ class AgentConfig:
     qemu_binary: str = DEFAULT_QEMU
     ram_dir: Path = DEFAULT_RAM_DIR
     control_group: int | None = None
+    accept: Accept = field(default_factory=Accept)   # [accept]: the argv rules widened
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -90,7 +92,10 @@ def load_config(home: Path) -> AgentConfig:
             changes["control_group"] = grp.getgrnam(str(data["control_group"])).gr_gid
         except KeyError:
             raise UserError(f"{path}: no group {data['control_group']!r}") from None
-    unknown = set(data) - {"listen", "allow_paths", "qemu_binary", "ram_dir", "control_group"}
+    if "accept" in data:
+        changes["accept"] = Accept.from_table(data["accept"], str(path))
+    unknown = set(data) - {"listen", "allow_paths", "qemu_binary", "ram_dir", "control_group",
+                           "accept"}
     if unknown:
         raise UserError(f"{path}: unknown settings {', '.join(sorted(unknown))}")
     return replace(config, **changes)
