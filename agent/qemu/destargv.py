@@ -321,12 +321,12 @@ def _check_block_node(option: str, value: str, flat: list[tuple[str, str | None]
     """Block drivers and image files of one -drive or -blockdev (flattened, nested nodes
     included). `top_file`: a top-level `file` is a filename (-drive), not a node."""
     for key, given in flat:
-        last = key.rsplit(".", 1)[-1]
+        if key.rsplit(".", 1)[-1] == "driver" or (key == "format" and top_file):
+            st.rules.block_driver(option, value, given)
+    for key, given in flat:   # drivers first: no image is inspected for a refused one
         if given is None:
             continue
-        if last == "driver" or (key == "format" and top_file):
-            st.rules.block_driver(option, value, given)
-        if last == "filename" or (key == "file" and top_file):
+        if key.rsplit(".", 1)[-1] == "filename" or (key == "file" and top_file):
             target = st.disks.get(given)
             if target is not None:
                 st.rules.file(option, value, "disk", target.path)
