@@ -131,6 +131,7 @@ REFUSED = [
     (("-vnc", ":0"), "VNC listener"),
     (("-spice", "port=5900"), "SPICE listener"),
     (("-L", "{o}"), "ROMs and firmware"),
+    (("-k", "{o}/secret"), "keymap"),
     (("-readconfig", "{o}/secret"), "not accepted"),
     (("-fw_cfg", "name=opt/x,file={o}/secret"), "not accepted"),
     (("-smbios", "file={o}/secret"), "not accepted"),

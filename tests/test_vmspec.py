@@ -212,3 +212,19 @@ def test_disk_spec_refuses_unknown_formats():
     spec = VmSpec(name="a", argv=(), ram_size=4096, ram_backend_id="r",
                   disks=(DiskSpec(0, "/x/d.qcow2", "qcow2", 1 << 20, "#block1"),))
     assert VmSpec.from_json(spec.to_json()) == spec
+
+
+@pytest.mark.parametrize("text,implied,expected", [
+    # QEMU's QemuOpts: a name ends at the first '=' or ','; ',,' escapes only in values
+    ("e1000,id=x,,romfile=/a", "driver", [("driver", "e1000"), ("id", "x,romfile=/a")]),
+    ("e1000,x,,romfile=/a", "driver",
+     [("driver", "e1000"), ("x", None), ("", None), ("romfile", "/a")]),
+    ("e1000,,x", "driver", [("driver", "e1000,x")]),
+    ("server,nowait,path=/s", None, [("server", None), ("nowait", None), ("path", "/s")]),
+    ("a=b,", None, [("a", "b")]),
+    ("a=,b=c,,,d", None, [("a", ""), ("b", "c,"), ("d", None)]),
+])
+def test_keyval_is_split_as_qemu_splits_it(text, implied, expected):
+    pairs = parse_keyval(text, implied)
+    assert pairs == expected
+    assert parse_keyval(format_keyval(pairs), implied) == pairs

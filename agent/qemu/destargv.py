@@ -178,6 +178,8 @@ def _rewrite_option(opt: Option, st: _Rewrite) -> None:
     value = opt.value or ""
     rules = st.rules
     if policy in (Policy.FLAG, Policy.KEEP, Policy.MEMORY):
+        if opt.name == "-k" and "/" in value:   # QEMU would open a path as the keymap
+            rules.refuse(opt.name, value, "a keymap is one of QEMU's by name")
         st.out += opt.argv()
     elif policy in (Policy.DROP, Policy.DROP_FLAG, Policy.MON):
         return
