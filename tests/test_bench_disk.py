@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from agent.batch import codec
 from agent.batch.format import HEADER, MAGIC, VERSION, EntryKind, block_shift
 from agent.buffers import BufferPool
-from agent.qemu.vmspec import DiskSpec, DiskTarget
+from agent.qemu.destargv import DiskTarget
+from agent.qemu.vmspec import DiskSpec
 from agent.storage import disk_sink, disk_source
 from agent.storage.disk_sink import DiskWriter, WriteRun, overlaps, write_runs
 from agent.storage.disk_source import DISK_BLOCK, DISK_HEADER, DiskRounds

@@ -333,6 +333,69 @@ def test_unaccepted_qemu_option_is_refused(agents, start_guest) -> None:
     assert_destination_clean(agents, None)
 
 
+# Each names a host resource of the destination (a file outside its allowed paths, a host
+# device, a host directory served, a program): refused before anything is created there.
+# `{out}` is a directory outside the destination's allowed paths.
+HOST_RESOURCE_ATTACKS = {
+    "romfile": (("-device", "e1000,romfile={out}/rom.bin"),
+                "-device 'e1000,romfile={out}/rom.bin' is refused",
+                "romfile '{out}/rom.bin' is outside the destination's allowed paths"),
+    "loader": (("-device", "loader,file={out}/rom.bin,addr=0x3000000"),
+               "-device 'loader,file={out}/rom.bin,addr=0x3000000' is refused",
+               "loader file '{out}/rom.bin' is outside"),
+    "global-romfile": (("-global", "e1000.romfile={out}/rom.bin", "-device", "e1000"),
+                       "-global 'e1000.romfile={out}/rom.bin' is refused",
+                       "rule: a ROM or firmware is one QEMU bundles"),
+    "tftp": (("-netdev", "user,id=n0,tftp={out}", "-device", "e1000,netdev=n0"),
+             "-netdev 'user,id=n0,tftp={out}' is refused",
+             "tftp serves a host directory over TFTP (widen with [accept] netdev_user)"),
+    "usb-host": (("-device", "qemu-xhci", "-device", "usb-host,vendorid=0x1234,productid=0x5678"),
+                 "-device 'usb-host,vendorid=0x1234,productid=0x5678' is refused",
+                 "device type 'usb-host' is not on the destination's allow-list"),
+    "guestfwd-cmd": (("-netdev", "user,id=n0,guestfwd=tcp:10.0.2.100:1234-cmd:/bin/true",
+                      "-device", "e1000,netdev=n0"),
+                     "-netdev 'user,id=n0,guestfwd=tcp:10.0.2.100:1234-cmd:/bin/true' is refused",
+                     "guestfwd connects the guest to a host service or program"),
+}
+
+
+@pytest.mark.parametrize("attack", sorted(HOST_RESOURCE_ATTACKS))
+def test_argv_naming_a_destination_host_resource_is_refused(agents, start_guest, tmp_path,
+                                                            attack) -> None:
+    (tmp_path / "rom.bin").write_bytes(b"\x55\xaa" + bytes(510))
+    args, *messages = (tuple(a.replace("{out}", str(tmp_path)) for a in part)
+                       if isinstance(part, tuple) else part.replace("{out}", str(tmp_path))
+                       for part in HOST_RESOURCE_ATTACKS[attack])
+    guest = start_guest(config=GuestConfig(ws_pages=100), ram_size=64 * MIB + PAD, name="mig",
+                        extra_args=args)
+    rc, report, stderr = agents.migrate("--qmp", str(guest.qmp_path))
+    assert rc == 1 and report["status"] == "failed", f"{report}\n{stderr}"
+    for message in messages:
+        assert message in report["error"], report["error"]
+    assert_source_intact(guest)
+    assert_destination_clean(agents, None)
+
+
+def test_shared_qcow2_whose_backing_file_is_outside_the_roots_is_refused(
+        agents, start_guest, tmp_path) -> None:
+    base = tmp_path / "base.raw"             # outside the destination's allowed paths
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(base), "4M"], check=True)
+    shared = agents.b.home / "shared"        # inside them (its home)
+    shared.mkdir()
+    top = shared / "top.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "raw",
+                    str(top)], check=True)
+    guest = start_guest(config=GuestConfig(ws_pages=100), ram_size=64 * MIB + PAD, name="mig",
+                        extra_args=("-drive", f"file={top},format=qcow2,if=virtio"))
+    rc, report, stderr = agents.migrate("--qmp", str(guest.qmp_path), "--storage", "shared")
+    assert rc == 1 and report["status"] == "failed", f"{report}\n{stderr}"
+    assert f"-drive 'file={top},format=qcow2,if=virtio' is refused" in report["error"]
+    assert f"backing file '{base}' is outside the destination's allowed paths" in report["error"]
+    assert_source_intact(guest)
+    assert_destination_clean(agents, None)
+    assert sorted(p.name for p in shared.iterdir()) == ["top.qcow2"]
+
+
 # ---------------------------------------------------------------------------- convergence
 
 def test_fast_dirtying_guest_is_throttled_into_converging(agents, start_guest) -> None:

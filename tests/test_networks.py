@@ -11,13 +11,8 @@ from agent.errors import UserError
 from agent.hostnet import attach, devices
 from agent.hostnet.networks import Network, NetworkKind, parse_networks
 from agent.qemu import nics
-from agent.qemu.vmspec import (
-    DestinationPaths,
-    NicSpec,
-    VmSpec,
-    destination_argv,
-    split_options,
-)
+from agent.qemu.destargv import DestinationPaths, destination_argv
+from agent.qemu.vmspec import NicSpec, VmSpec, split_options
 from agent.state.config import load_config
 
 LAN = {"lan": Network("lan", NetworkKind.BRIDGE, "br-a")}

@@ -4,10 +4,9 @@
 import pytest
 
 from agent.errors import UserError
+from agent.qemu.destargv import DestinationPaths, destination_argv
 from agent.qemu.vmspec import (
-    DestinationPaths,
     VmSpec,
-    destination_argv,
     format_keyval,
     parse_keyval,
     parse_size,
@@ -186,7 +185,7 @@ def test_spec_json_roundtrip_and_validation():
 
 
 def test_copied_disks_are_redirected_in_drive_and_blockdev(dest, tmp_path):
-    from agent.qemu.vmspec import DiskTarget
+    from agent.qemu.destargv import DiskTarget
     paths, roots = dest
     argv = source_argv("-drive", "file=/src/d0.qcow2,format=qcow2,if=virtio",
                        "-blockdev", "driver=file,filename=/src/d1.img,node-name=f1",
@@ -200,7 +199,7 @@ def test_copied_disks_are_redirected_in_drive_and_blockdev(dest, tmp_path):
 
 
 def test_blockdev_format_conversion_is_refused(dest, tmp_path):
-    from agent.qemu.vmspec import DiskTarget
+    from agent.qemu.destargv import DiskTarget
     paths, roots = dest
     argv = source_argv("-blockdev", "driver=file,filename=/src/d1.img,node-name=f1")
     targets = {"/src/d1.img": DiskTarget(str(tmp_path / "d1.qcow2"), "qcow2", converts=True)}
@@ -215,3 +214,19 @@ def test_disk_spec_refuses_unknown_formats():
     spec = VmSpec(name="a", argv=(), ram_size=4096, ram_backend_id="r",
                   disks=(DiskSpec(0, "/x/d.qcow2", "qcow2", 1 << 20, "#block1"),))
     assert VmSpec.from_json(spec.to_json()) == spec
+
+
+@pytest.mark.parametrize("text,implied,expected", [
+    # QEMU's QemuOpts: a name ends at the first '=' or ','; ',,' escapes only in values
+    ("e1000,id=x,,romfile=/a", "driver", [("driver", "e1000"), ("id", "x,romfile=/a")]),
+    ("e1000,x,,romfile=/a", "driver",
+     [("driver", "e1000"), ("x", None), ("", None), ("romfile", "/a")]),
+    ("e1000,,x", "driver", [("driver", "e1000,x")]),
+    ("server,nowait,path=/s", None, [("server", None), ("nowait", None), ("path", "/s")]),
+    ("a=b,", None, [("a", "b")]),
+    ("a=,b=c,,,d", None, [("a", ""), ("b", "c,"), ("d", None)]),
+])
+def test_keyval_is_split_as_qemu_splits_it(text, implied, expected):
+    pairs = parse_keyval(text, implied)
+    assert pairs == expected
+    assert parse_keyval(format_keyval(pairs), implied) == pairs

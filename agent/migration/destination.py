@@ -29,8 +29,9 @@ from agent.migration.link import Link, parse_message, send_control
 from agent.migration.protocol import Control, Kind, Op
 from agent.qemu import qmp as qmp_mod
 from agent.qemu import vm
+from agent.qemu.destargv import DestinationPaths, DiskTarget, destination_argv
 from agent.qemu.migrate import destination_capabilities, wait_migration_done
-from agent.qemu.vmspec import PAGE_SIZE, DestinationPaths, VmSpec, destination_argv
+from agent.qemu.vmspec import PAGE_SIZE, VmSpec
 from agent.state import journal, outcomes, vms
 from agent.state.config import AgentConfig
 from agent.storage.disk_sink import StorageSink, parse_disk_map, plan_targets
@@ -155,9 +156,13 @@ class DestinationJob:
                                body.get("disk_format"), self.config.roots)
         nics = attach.plan([attach.NicRequest(n.key, n.network, n.mac) for n in spec.nics],
                            self.config.networks)
-        # Checked in full before anything exists; run with the real tap descriptors below.
-        destination_argv(spec, paths, self.config.roots, self.config.qemu_path(), targets,
-                         nics.placeholders())
+        widened: list[str] = []
+        # Checked in full before anything exists (in a thread: the backing-chain checks
+        # run qemu-img); run below with the real tap descriptors.
+        await asyncio.to_thread(self._argv, spec, paths, targets, nics.placeholders(),
+                                widened)
+        for note in widened:
+            log.warning("incoming %s from %s: %s (agent.toml)", spec.name, self.peer, note)
         self._check_ram_space(spec.ram_size)
         incoming = self.incoming = IncomingVm(spec=spec, paths=paths, nics=nics)
         incoming.storage = StorageSink(spec.disks, targets, paths.vm_dir / "nbd.sock")
@@ -174,8 +179,7 @@ class DestinationJob:
         launch = vm.LaunchSpec(name=spec.name, ram_size=spec.ram_size, ram_path=paths.ram_path,
                                qmp_path=paths.qmp_path, serial_path=paths.serial_log,
                                pidfile=paths.pidfile, log_path=paths.qemu_log)
-        argv = destination_argv(spec, paths, self.config.roots, self.config.qemu_path(),
-                                targets, nics.create())
+        argv = await asyncio.to_thread(self._argv, spec, paths, targets, nics.create())
         try:
             incoming.process = await vm.launch(launch, argv=argv, pass_fds=nics.pass_fds)
         finally:
@@ -188,7 +192,13 @@ class DestinationJob:
         log.info("incoming %s from %s: QEMU pid %d waits for pages", spec.name, self.peer,
                  incoming.process.pid)
         await send_control(self.link, Op.PREPARED, dest_pid=incoming.process.pid,
-                           npages=spec.npages)
+                           npages=spec.npages, widened=widened)
+
+    def _argv(self, spec: VmSpec, paths: DestinationPaths, targets: dict[str, DiskTarget],
+              host_nics: dict[str, str], widened: list[str] | None = None) -> list[str]:
+        return destination_argv(spec, paths, self.config.roots, self.config.qemu_path(),
+                                targets, accept=self.config.accept, widened=widened,
+                                host_nics=host_nics)
 
     def _journal(self, incoming: IncomingVm, step: journal.Step = journal.Step.INCOMING) -> None:
         journal.write(self.config, self._entry(incoming, step))

@@ -185,6 +185,7 @@ class SourceJob:
     resume_us: int | None = None
     nics: tuple[NicSpec, ...] = ()
     dest_pid: int | None = None
+    dest_widened: list[str] = field(default_factory=list)   # what the peer's [accept] let in
     started: float = field(default_factory=time.monotonic)
     switchover: dict[str, float] = field(default_factory=dict)
     iterations: int = 0                   # QEMU's dirty-log syncs (dirty-sync-count)
@@ -325,6 +326,10 @@ class SourceJob:
         reply = await self.inbox.expect({Op.PREPARED}, timeout=PREPARE_TIMEOUT_S,
                                         what="preparing the destination")
         self.dest_pid = int(reply.body.get("dest_pid", 0)) or None
+        self.dest_widened = [str(n) for n in reply.body.get("widened") or ()]
+        for note in self.dest_widened:
+            log.warning("migration %s: the destination accepts by its config: %s",
+                        self.job_id, note)
         self._journal(journal.Step.PRECOPY)
         self.config.run_dir.mkdir(parents=True, exist_ok=True)
         self.storage = StorageSource(self.qmp, disks, self.config.run_dir / f"{self.job_id}.nbd",
@@ -858,6 +863,7 @@ class SourceJob:
             "compression_ratio": round(c.raw_data_bytes / max(1, c.wire_bytes), 3)
             if c.wire_bytes else 1.0,
             "dest_pid": self.dest_pid if status == "completed" else None,
+            "dest_widened": self.dest_widened,
             "throttle": self.throttle_max / 100,
             "switchover_ms": self.switchover,
             "resume_us": self.resume_us,

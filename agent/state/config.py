@@ -11,6 +11,7 @@ from typing import Any
 from agent.errors import UserError
 from agent.hostnet.networks import Network, parse_networks
 from agent.identity import parse_address
+from agent.qemu.hostrules import Accept
 
 CONFIG_FILE = "agent.toml"
 DEFAULT_PORT = 7370
@@ -31,6 +32,7 @@ class AgentConfig:
     control_group: int | None = None
     networks: dict[str, Network] = field(default_factory=dict)   # [networks.NAME]
     shutdown_grace_s: float = 30.0   # SIGTERM: running jobs may end within this, then roll back
+    accept: Accept = field(default_factory=Accept)   # [accept]: the argv rules widened
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -100,8 +102,10 @@ def load_config(home: Path) -> AgentConfig:
         changes["shutdown_grace_s"] = float(grace)
     if "networks" in data:
         changes["networks"] = parse_networks(data["networks"], str(path))
+    if "accept" in data:
+        changes["accept"] = Accept.from_table(data["accept"], str(path))
     unknown = set(data) - {"listen", "allow_paths", "qemu_binary", "ram_dir", "control_group",
-                           "networks", "shutdown_grace_s"}
+                           "networks", "shutdown_grace_s", "accept"}
     if unknown:
         raise UserError(f"{path}: unknown settings {', '.join(sorted(unknown))}")
     return replace(config, **changes)

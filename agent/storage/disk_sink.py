@@ -26,7 +26,9 @@ from agent.errors import (
     UserError,
 )
 from agent.qemu import qmp as qmp_mod
-from agent.qemu.vmspec import DISK_FORMATS, DiskSpec, DiskTarget, require_allowed
+from agent.qemu.destargv import DiskTarget
+from agent.qemu.hostrules import require_allowed
+from agent.qemu.vmspec import DISK_FORMATS, DiskSpec
 from agent.storage.disk_source import DISK_BLOCK, DISK_HEADER, EXPORT_GONE_TIMEOUT_S, blocks_of
 from agent.storage.nbd import NbdClient
 from agent.storage.nbd_proto import NbdErrno
