@@ -8,10 +8,17 @@ always outside tests) every check here is False and nothing changes.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 ENV = "FERRY_TEST_FAULTS"
+HOLD_ENV = "FERRY_TEST_HOLD"
+"""A protocol step (agent.migration.conversation.steps) at which the agent stops, once:
+it creates HOME/hold-STEP and goes on when the test removes that file."""
+HOLD_POLL_S = 0.02
 
 
 class Fault(enum.StrEnum):
@@ -32,3 +39,22 @@ def active() -> frozenset[Fault]:
     """The faults the environment asks for (unknown names are ignored)."""
     names = {n.strip() for n in os.environ.get(ENV, "").split(",") if n.strip()}
     return frozenset(f for f in Fault if f.value in names)
+
+
+def hold(home: Path) -> Callable[[str], Awaitable[None]] | None:
+    """The hold hook for this job's links (None outside tests)."""
+    wanted = os.environ.get(HOLD_ENV, "").strip()
+    if not wanted:
+        return None
+    done = False
+
+    async def at(step: str) -> None:
+        nonlocal done
+        if done or step != wanted:
+            return
+        done = True
+        marker = home / f"hold-{step.replace(':', '-')}"
+        marker.touch()
+        while marker.exists():   # the test injects its fault, then removes the file
+            await asyncio.sleep(HOLD_POLL_S)
+    return at

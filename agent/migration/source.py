@@ -46,6 +46,7 @@ from agent.migration.convergence import (
     downtime_target_s,
     ram_downtime_s,
 )
+from agent.migration.conversation import CheckedLink, Conversation, Role
 from agent.migration.link import Inbox, Link, RemoteFailure, send_control
 from agent.migration.protocol import MAX_STREAM_CHUNK, Kind, Op
 from agent.migration.states import Phase, PhaseTracker
@@ -318,7 +319,8 @@ class SourceJob:
         await self._update_downtime_limit()
         await self.qmp.execute("migrate-set-parameters", qemu_migrate.SOURCE_PARAMETERS)
         await self._emit(force=True)
-        self.link = await self.connect_peer(self.peer)
+        self.link = CheckedLink(await self.connect_peer(self.peer),
+                                Conversation(Role.SOURCE), faults.hold(self.config.home))
         self.inbox = Inbox(self.link)
         await send_control(self.link, Op.PREPARE, vm=spec.to_json(), job=self.job_id,
                            disk_map=list(self.options.disk_map),

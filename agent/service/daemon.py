@@ -15,9 +15,10 @@ from typing import Any
 from agent import identity as identity_mod
 from agent.errors import FerryError, PeerError, ProtocolError, TrustError, UserError
 from agent.hostnet import attach
-from agent.migration import recovery
+from agent.migration import faults, recovery
 from agent.migration.claims import Claims
 from agent.migration.convergence import CompressSetting, TimeoutAction
+from agent.migration.conversation import CheckedLink, Conversation, Role
 from agent.migration.destination import DestinationJob
 from agent.migration.link import Link, parse_message, send_control
 from agent.migration.protocol import Op
@@ -149,7 +150,8 @@ class Agent:
     async def _serve_peer(self, channel: channel_mod.Channel) -> None:
         """A peer's connection: a migration (PREPARE) or a question about one (STATUS)."""
         peer = channel.peer_name
-        link = ChannelLink(channel)
+        link = CheckedLink(ChannelLink(channel), Conversation(Role.DESTINATION),
+                           faults.hold(self.config.home))
         task = asyncio.current_task()
         assert task is not None
         self.incoming.add(task)
@@ -182,7 +184,7 @@ class Agent:
 
     async def ask_status(self, peer: str, job_id: str) -> str:
         """Ask peer what became of job_id (recovery.AskStatus)."""
-        link = await self.connect_peer(peer)
+        link = CheckedLink(await self.connect_peer(peer), Conversation(Role.SOURCE))
         try:
             await send_control(link, Op.STATUS, job=job_id)
             kind, payload = await asyncio.wait_for(link.receive(), STATUS_TIMEOUT_S)

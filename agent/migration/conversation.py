@@ -1,0 +1,231 @@
+"""The agent-to-agent protocol as data: which message each side may send or receive in
+each state of a conversation, in the style of h11's state tables (sans-IO).
+
+Every message either side sends or receives is checked against its role's table before
+it has any effect (CheckedLink does it for every message on the link); anything the
+table lacks is a ProtocolError, which rolls the job back. docs/architecture.md draws the
+tables from here (`python -m agent.migration.conversation --write`), so they cannot drift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import json
+import sys
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+
+from agent.errors import ProtocolError
+from agent.migration.link import Link
+from agent.migration.protocol import MAX_CONTROL_BYTES, Kind, Op
+
+
+class Role(enum.StrEnum):
+    SOURCE = "source"
+    DESTINATION = "destination"
+
+
+class State(enum.StrEnum):
+    """Where one side's conversation is."""
+
+    IDLE = "idle"                  # nothing said yet
+    PREPARING = "preparing"        # PREPARE said; the destination gets its QEMU ready
+    TRANSFER = "transfer"          # pages, QEMU's stream, disk blocks
+    DEVICE_STATE = "device-state"  # RAM_DONE said: only QEMU's stream (device state) follows
+    LOADING = "loading"            # STREAM_END said: the destination QEMU loads
+    LOADED = "loaded"              # LOADED said: waiting for COMMIT
+    COMMITTING = "committing"      # COMMIT said: the destination resumes the VM
+    DONE = "done"                  # COMMITTED said: the VM runs at the destination
+    ABORTING = "aborting"          # ABORT said: the destination removes its copy
+    ASKED = "asked"                # STATUS asked about an earlier job
+    CLOSED = "closed"              # the conversation is over
+
+
+class Dir(enum.StrEnum):
+    SEND = "send"
+    RECV = "recv"
+
+
+Message = Kind | Op
+"""A data kind (RAM_BATCH, DISK_BATCH, QEMU_STREAM) or a control op."""
+Event = tuple[State, Dir, Message]
+
+DATA = (Kind.RAM_BATCH, Kind.DISK_BATCH, Kind.QEMU_STREAM)
+# Before COMMITTED either side may give up: the source with ABORT, either with ERROR.
+ABORTABLE = (State.PREPARING, State.TRANSFER, State.DEVICE_STATE, State.LOADING,
+             State.LOADED)
+
+
+def _table(role: Role) -> dict[Event, State]:
+    """(state, direction, message) -> next state for one role; what is missing is illegal."""
+    out, inn = (Dir.SEND, Dir.RECV) if role is Role.SOURCE else (Dir.RECV, Dir.SEND)
+    # `out`: what the source says (the destination hears it); `inn`: the other way.
+    t: dict[Event, State] = {
+        (State.IDLE, out, Op.PREPARE): State.PREPARING,
+        (State.PREPARING, inn, Op.PREPARED): State.TRANSFER,
+        **{(State.TRANSFER, out, kind): State.TRANSFER for kind in DATA},
+        (State.TRANSFER, out, Op.RAM_DONE): State.DEVICE_STATE,
+        (State.DEVICE_STATE, out, Kind.QEMU_STREAM): State.DEVICE_STATE,
+        (State.DEVICE_STATE, out, Op.STREAM_END): State.LOADING,
+        (State.LOADING, inn, Op.LOADED): State.LOADED,
+        (State.LOADED, out, Op.COMMIT): State.COMMITTING,
+        (State.COMMITTING, inn, Op.COMMITTED): State.DONE,
+        (State.ABORTING, inn, Op.ABORTED): State.CLOSED,
+        (State.IDLE, out, Op.STATUS): State.ASKED,
+        (State.ASKED, inn, Op.STATUS): State.CLOSED,
+    }
+    for state in ABORTABLE:
+        t[(state, out, Op.ABORT)] = State.ABORTING
+        t[(state, inn, Op.ERROR)] = State.CLOSED
+        t[(state, out, Op.ERROR)] = State.CLOSED
+    # COMMIT may fail at the destination (its QEMU died): it says so with an ERROR.
+    t[(State.COMMITTING, inn, Op.ERROR)] = State.CLOSED
+    t[(State.IDLE, inn, Op.ERROR)] = State.CLOSED      # refused before anything began
+    t[(State.IDLE, out, Op.ERROR)] = State.CLOSED
+    # Said while the ABORT was on its way: answered, no longer acted on.
+    for late in (Op.PREPARED, Op.LOADED, Op.ERROR):
+        t[(State.ABORTING, inn, late)] = State.ABORTING
+    # An ABORT after the other side gave up (best effort) changes nothing.
+    t[(State.CLOSED, out, Op.ABORT)] = State.CLOSED
+    return t
+
+
+TABLES: dict[Role, dict[Event, State]] = {role: _table(role) for role in Role}
+
+
+class Conversation:
+    """One side's conversation: consulted before every message is acted on."""
+
+    def __init__(self, role: Role) -> None:
+        self.role = role
+        self.state = State.IDLE
+        self.last_step = ""            # the last transition that changed state
+        self._table = TABLES[role]
+
+    def sent(self, message: Message) -> None:
+        self._advance(Dir.SEND, message)
+
+    def received(self, message: Message) -> None:
+        self._advance(Dir.RECV, message)
+
+    def _advance(self, direction: Dir, message: Message) -> None:
+        nxt = self._table.get((self.state, direction, message))
+        if nxt is None:
+            verb = "send" if direction is Dir.SEND else "receive"
+            raise ProtocolError(f"the {self.role.value} may not {verb} "
+                                f"{_name(message)} in state {self.state.value}")
+        if nxt is not self.state:
+            self.last_step = step_name(self.role, direction, message)
+        self.state = nxt
+
+
+def step_name(role: Role, direction: Dir, message: Message) -> str:
+    """A transition's name, e.g. source:recv:loaded (test hooks and the fault matrix)."""
+    return f"{role.value}:{direction.value}:{_name(message)}"
+
+
+def steps(role: Role) -> list[str]:
+    """Every transition of role's table that changes state, in table order."""
+    seen: list[str] = []
+    for (state, direction, message), nxt in TABLES[role].items():
+        name = step_name(role, direction, message)
+        if nxt is not state and name not in seen:
+            seen.append(name)
+    return seen
+
+
+def _name(message: Message) -> str:
+    return message.value if isinstance(message, Op) else message.name.lower().replace("_", "-")
+
+
+def message_of(kind: int, payload: bytes | memoryview) -> Message:
+    """What a message on the link is: its data kind, or its control op (peeked)."""
+    try:
+        kind = Kind(kind)
+    except ValueError:
+        raise ProtocolError(f"unknown message kind {kind}") from None
+    if kind is not Kind.CONTROL:
+        return kind
+    if len(payload) > MAX_CONTROL_BYTES:
+        raise ProtocolError(f"control message of {len(payload)} bytes is too large")
+    try:
+        return Op(json.loads(bytes(payload))["op"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ProtocolError(f"malformed control message: {exc}") from exc
+
+
+Hold = Callable[[str], Awaitable[None]]
+"""Called after each step (the end-to-end tests' fault matrix holds an agent there)."""
+
+
+class CheckedLink:
+    """A Link whose every message passes the conversation's table first."""
+
+    def __init__(self, link: Link, conversation: Conversation, hold: Hold | None = None) -> None:
+        self.link = link
+        self.conversation = conversation
+        self._hold = hold
+
+    async def send(self, kind: int, payload: bytes | memoryview) -> None:
+        before = self.conversation.state
+        self.conversation.sent(message_of(kind, payload))
+        await self.link.send(kind, payload)
+        await self._after(before)
+
+    async def receive(self) -> tuple[int, bytes | memoryview]:
+        kind, payload = await self.link.receive()
+        before = self.conversation.state
+        self.conversation.received(message_of(kind, payload))
+        await self._after(before)
+        return kind, payload
+
+    async def _after(self, before: State) -> None:
+        if self._hold is not None and self.conversation.state is not before:
+            await self._hold(self.conversation.last_step)
+
+    async def close(self) -> None:
+        await self.link.close()
+
+
+# ---------------------------------------------------------------------------- docs
+
+DOC_BEGIN = "<!-- protocol tables: generated by python -m agent.migration.conversation -->"
+DOC_END = "<!-- end of protocol tables -->"
+
+
+def markdown() -> str:
+    """Both tables as markdown, one row per (state, direction, message)."""
+    lines = [DOC_BEGIN, ""]
+    for role in Role:
+        lines += [f"**{role.value}** (anything not listed is a protocol error):", "",
+                  "| state | sends / receives | message | next state |",
+                  "|---|---|---|---|"]
+        for (state, direction, message), nxt in TABLES[role].items():
+            lines.append(f"| {state.value} | {direction.value} | {_name(message)} | "
+                         f"{nxt.value} |")
+        lines.append("")
+    lines.append(DOC_END)
+    return "\n".join(lines)
+
+
+def with_tables(doc: str) -> str:
+    """doc with its generated section replaced by the current tables."""
+    start, end = doc.index(DOC_BEGIN), doc.index(DOC_END) + len(DOC_END)
+    return doc[:start] + markdown() + doc[end:]
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", type=Path, nargs="?", const=Path("docs/architecture.md"),
+                        help="replace the tables in this document (default %(const)s)")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    if args.write is None:
+        print(markdown())
+        return 0
+    args.write.write_text(with_tables(args.write.read_text()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
