@@ -20,6 +20,8 @@ class CuttableProxy:
         self.port = int(self.listener.getsockname()[1])
         self.sockets: list[socket.socket] = []
         self._lock = threading.Lock()
+        self._stalled: set[int] = set()   # ids of sockets that forward nothing any more
+        self._closed = False
         self._thread = threading.Thread(target=self._accept, daemon=True)
         self._thread.start()
 
@@ -36,14 +38,20 @@ class CuttableProxy:
                 client.close()
                 continue
             with self._lock:
+                if self._closed:
+                    client.close()
+                    upstream.close()
+                    return
                 self.sockets += [client, upstream]
             for src, dst in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        import time
         try:
             while data := src.recv(1 << 16):
+                while id(src) in self._stalled:   # a stalled link: hold the bytes forever
+                    time.sleep(0.05)
                 dst.sendall(data)
         except OSError:
             pass
@@ -57,11 +65,21 @@ class CuttableProxy:
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
                                     b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                with contextlib.suppress(OSError):   # not connected any more: fine
                     # shutdown wakes the pump blocked in recv; close alone would not.
                     sock.shutdown(socket.SHUT_RDWR)
-                    sock.close()
+                sock.close()
             self.sockets.clear()
 
+    def stall(self) -> None:
+        """Stop forwarding on every open connection, leaving them open: a link that looks
+        alive to TCP but carries nothing. New connections work."""
+        with self._lock:
+            self._stalled |= {id(sock) for sock in self.sockets}
+
     def close(self) -> None:
+        with self._lock:
+            self._closed = True
         self.listener.close()
+        self._stalled.clear()
         self.cut()

@@ -156,7 +156,8 @@ def message_of(kind: int, payload: bytes | memoryview) -> Message:
 
 
 Hold = Callable[[str], Awaitable[None]]
-"""Called after each step (the end-to-end tests' fault matrix holds an agent there)."""
+"""Called with the step name after each message, sent or received (before the receiver
+acts on it): the end-to-end tests' fault matrix holds an agent at a step's first time."""
 
 
 class CheckedLink:
@@ -168,21 +169,19 @@ class CheckedLink:
         self._hold = hold
 
     async def send(self, kind: int, payload: bytes | memoryview) -> None:
-        before = self.conversation.state
-        self.conversation.sent(message_of(kind, payload))
+        message = message_of(kind, payload)
+        self.conversation.sent(message)
         await self.link.send(kind, payload)
-        await self._after(before)
+        if self._hold is not None:
+            await self._hold(step_name(self.conversation.role, Dir.SEND, message))
 
     async def receive(self) -> tuple[int, bytes | memoryview]:
         kind, payload = await self.link.receive()
-        before = self.conversation.state
-        self.conversation.received(message_of(kind, payload))
-        await self._after(before)
+        message = message_of(kind, payload)
+        self.conversation.received(message)
+        if self._hold is not None:
+            await self._hold(step_name(self.conversation.role, Dir.RECV, message))
         return kind, payload
-
-    async def _after(self, before: State) -> None:
-        if self._hold is not None and self.conversation.state is not before:
-            await self._hold(self.conversation.last_step)
 
     async def close(self) -> None:
         await self.link.close()

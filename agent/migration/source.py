@@ -70,9 +70,6 @@ from agent.storage.disk_source import StorageSource, copyable_disks
 
 log = logging.getLogger(__name__)
 
-PREPARE_TIMEOUT_S = 60.0
-LOADED_TIMEOUT_S = 60.0
-COMMIT_TIMEOUT_S = 30.0
 ABORT_TIMEOUT_S = 5.0
 ACCEPT_TIMEOUT_S = 10.0
 SOURCE_DONE_TIMEOUT_S = 30.0
@@ -325,7 +322,7 @@ class SourceJob:
         await send_control(self.link, Op.PREPARE, vm=spec.to_json(), job=self.job_id,
                            disk_map=list(self.options.disk_map),
                            disk_format=self.options.disk_format)
-        reply = await self.inbox.expect({Op.PREPARED}, timeout=PREPARE_TIMEOUT_S,
+        reply = await self.inbox.expect({Op.PREPARED}, timeout=self.config.link_timeout_s,
                                         what="preparing the destination")
         self.dest_pid = int(reply.body.get("dest_pid", 0)) or None
         self.dest_widened = [str(n) for n in reply.body.get("widened") or ()]
@@ -428,7 +425,7 @@ class SourceJob:
         self._mark("source_qemu_done")
         self._note_query(await self.qmp.execute("query-migrate"))   # QEMU's final figures
         assert self.inbox is not None
-        await self.inbox.expect({Op.LOADED}, timeout=LOADED_TIMEOUT_S,
+        await self.inbox.expect({Op.LOADED}, timeout=self.config.link_timeout_s,
                                 what="destination loading the device state")
         self._mark("loaded")
         log.info("migration %s: %d iterations, device state (%d bytes) loaded %.0f ms after "
@@ -743,7 +740,7 @@ class SourceJob:
         self._journal(journal.Step.COMMITTING)
         self.phases.advance(Phase.COMMITTING)
         await send_control(self.link, Op.COMMIT)
-        reply = await self.inbox.expect({Op.COMMITTED}, timeout=COMMIT_TIMEOUT_S,
+        reply = await self.inbox.expect({Op.COMMITTED}, timeout=self.config.link_timeout_s,
                                         what="destination resuming the VM")
         self.resume_us = int(reply.body.get("resume_us", 0)) or None
         self._mark("committed")

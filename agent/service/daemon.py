@@ -38,20 +38,34 @@ RESOLVE_MAX_S = 60.0
 
 
 class ChannelLink:
-    """A secure channel seen as a migration Link (message kinds are channel types)."""
+    """A secure channel seen as a migration Link (message kinds are channel types). A
+    message that cannot be sent for `timeout` seconds means the link is lost (a stalled
+    link looks alive to TCP); so does none arriving, where `receive_timeout` (the
+    destination, to which the source talks all the time; the source waits for replies
+    with timeouts of its own)."""
 
-    def __init__(self, channel: channel_mod.Channel) -> None:
+    def __init__(self, channel: channel_mod.Channel, timeout: float | None = None, *,
+                 receive_timeout: bool = False) -> None:
         self.channel = channel
+        self.timeout = timeout or None
+        self.receive_wait = self.timeout if receive_timeout else None
 
     async def send(self, kind: int, payload: bytes | memoryview) -> None:
         try:
-            await self.channel.send(MsgType(kind), payload)
+            await asyncio.wait_for(self.channel.send(MsgType(kind), payload), self.timeout)
+        except TimeoutError:
+            raise PeerError(f"link to {self.channel.peer_name} stalled: nothing could be "
+                            f"sent for {self.timeout:g} s") from None
         except OSError as exc:  # the socket's own errors, e.g. a reset link
             raise PeerError(f"link to {self.channel.peer_name} lost: {exc}") from exc
 
     async def receive(self) -> tuple[int, bytes | memoryview]:
         try:
-            msg_type, payload = await self.channel.receive()
+            msg_type, payload = await asyncio.wait_for(self.channel.receive(),
+                                                       self.receive_wait)
+        except TimeoutError:
+            raise PeerError(f"link to {self.channel.peer_name} stalled: nothing arrived "
+                            f"for {self.receive_wait:g} s") from None
         except OSError as exc:
             raise PeerError(f"link to {self.channel.peer_name} lost: {exc}") from exc
         return int(msg_type), payload
@@ -150,7 +164,9 @@ class Agent:
     async def _serve_peer(self, channel: channel_mod.Channel) -> None:
         """A peer's connection: a migration (PREPARE) or a question about one (STATUS)."""
         peer = channel.peer_name
-        link = CheckedLink(ChannelLink(channel), Conversation(Role.DESTINATION),
+        link = CheckedLink(ChannelLink(channel, self.config.link_timeout_s,
+                                       receive_timeout=True),
+                           Conversation(Role.DESTINATION),
                            faults.hold(self.config.home))
         task = asyncio.current_task()
         assert task is not None
@@ -229,7 +245,7 @@ class Agent:
         host, port = peer.host_port
         channel = await channel_mod.connect(host, port, self.identity, self.trust.current(),
                                             expected_key=peer.public_key)
-        return ChannelLink(channel)
+        return ChannelLink(channel, self.config.link_timeout_s)
 
     # ------------------------------------------------------------------ control ops
 

@@ -32,6 +32,7 @@ class AgentConfig:
     control_group: int | None = None
     networks: dict[str, Network] = field(default_factory=dict)   # [networks.NAME]
     shutdown_grace_s: float = 30.0   # SIGTERM: running jobs may end within this, then roll back
+    link_timeout_s: float = 60.0     # a link on which nothing moves this long is lost
     accept: Accept = field(default_factory=Accept)   # [accept]: the argv rules widened
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -95,17 +96,18 @@ def load_config(home: Path) -> AgentConfig:
             changes["control_group"] = grp.getgrnam(str(data["control_group"])).gr_gid
         except KeyError:
             raise UserError(f"{path}: no group {data['control_group']!r}") from None
-    if "shutdown_grace_s" in data:
-        grace = data["shutdown_grace_s"]
-        if not isinstance(grace, int | float) or isinstance(grace, bool) or grace < 0:
-            raise UserError(f"{path}: shutdown_grace_s must be a number of seconds >= 0")
-        changes["shutdown_grace_s"] = float(grace)
+    for key in ("shutdown_grace_s", "link_timeout_s"):
+        if key in data:
+            seconds = data[key]
+            if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds < 0:
+                raise UserError(f"{path}: {key} must be a number of seconds >= 0")
+            changes[key] = float(seconds)
     if "networks" in data:
         changes["networks"] = parse_networks(data["networks"], str(path))
     if "accept" in data:
         changes["accept"] = Accept.from_table(data["accept"], str(path))
     unknown = set(data) - {"listen", "allow_paths", "qemu_binary", "ram_dir", "control_group",
-                           "networks", "shutdown_grace_s", "accept"}
+                           "networks", "shutdown_grace_s", "link_timeout_s", "accept"}
     if unknown:
         raise UserError(f"{path}: unknown settings {', '.join(sorted(unknown))}")
     return replace(config, **changes)
