@@ -315,7 +315,7 @@ class SourceJob:
                            disk_format=self.options.disk_format)
         reply = await self.inbox.expect({Op.PREPARED}, timeout=PREPARE_TIMEOUT_S,
                                         what="preparing the destination")
-        self.dest_pid = int(reply.body.get("dest_pid", 0)) or None
+        self.dest_pid = reply.int_field("dest_pid") or None
         self._journal(journal.Step.PRECOPY)
         self.config.run_dir.mkdir(parents=True, exist_ok=True)
         self.storage = StorageSource(self.qmp, disks, self.config.run_dir / f"{self.job_id}.nbd",
@@ -721,9 +721,11 @@ class SourceJob:
         await send_control(self.link, Op.COMMIT)
         reply = await self.inbox.expect({Op.COMMITTED}, timeout=COMMIT_TIMEOUT_S,
                                         what="destination resuming the VM")
-        self.resume_us = int(reply.body.get("resume_us", 0)) or None
+        # The destination runs the VM now: a garbled figure in its reply must not make the
+        # outcome unknown.
+        self.resume_us = reply.int_field("resume_us", strict=False) or None
         self._mark("committed")
-        self.dest_pid = int(reply.body.get("dest_pid", 0)) or self.dest_pid
+        self.dest_pid = reply.int_field("dest_pid", strict=False) or self.dest_pid
         with contextlib.suppress(QemuError):
             await self.qmp.quit()
         self.qmp = None
