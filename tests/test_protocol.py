@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from agent.errors import ProtocolError
+from agent.errors import ProtocolError, UserError
 from agent.migration.link import parse_message
 from agent.migration.protocol import MAX_INT_FIELD, Control, Kind, Op, control
+from agent.storage.disk_sink import parse_disk_map
 
 
 def test_roundtrip_and_data_kinds():
@@ -46,3 +47,13 @@ def test_int_field_refuses_what_is_not_a_count(value):
     assert msg.int_field("resume_us", 5, strict=False) == 5
     assert control(Op.COMMITTED, resume_us=1500).int_field("resume_us") == 1500
     assert control(Op.COMMITTED).int_field("dest_pid") == 0
+
+
+@pytest.mark.parametrize("items", [{"/a": "/b"}, "/a=/b", 5, [1], ["/a=/b", None]])
+def test_disk_map_of_the_wrong_type_is_refused(items):
+    """Found by `python -m bench fuzz`: PREPARE's disk_map of another type raised TypeError
+    or AttributeError in the destination."""
+    with pytest.raises(UserError, match="bad disk map"):
+        parse_disk_map(items)
+    assert parse_disk_map(["/a=/b"]) == {"/a": "/b"}
+    assert parse_disk_map(None) == {}
