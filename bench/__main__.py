@@ -12,6 +12,7 @@ SUBCOMMANDS: dict[str, str] = {
     "migrate": "bench.migrate",
     "channel": "bench.channel",
     "disk": "bench.disk",
+    "fuzz": "bench.fuzz",
 }
 
 

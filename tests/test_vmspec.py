@@ -1,6 +1,8 @@
 """The destination's argv check and rewrite: accepted forms, refusals, host paths replaced."""
 
 
+import json
+
 import pytest
 
 from agent.errors import UserError
@@ -182,6 +184,17 @@ def test_spec_json_roundtrip_and_validation():
                           "ram_backend_id": "r"})
     with pytest.raises(UserError, match="invalid VM name"):
         VmSpec(name="../evil", argv=(), ram_size=4096, ram_backend_id="r")
+
+
+@pytest.mark.parametrize("field", ["ram_size", "disk_size"])
+def test_infinite_numbers_are_a_malformed_description(field):
+    """Found by `python -m bench fuzz`: json reads Infinity as a float, int() of it raised
+    OverflowError instead of the description's UserError."""
+    text = ('{"name": "x", "argv": [], "ram_backend_id": "r", "ram_size": %s, "disks": '
+            '[{"index": 0, "path": "/a", "format": "raw", "virtual_size": %s, "node": "n"}]}')
+    data = json.loads(text % (("Infinity", 4096) if field == "ram_size" else (4096, "1e999")))
+    with pytest.raises(UserError, match="malformed"):
+        VmSpec.from_json(data)
 
 
 def test_copied_disks_are_redirected_in_drive_and_blockdev(dest, tmp_path):

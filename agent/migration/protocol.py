@@ -29,6 +29,8 @@ from agent.wire.messages import MsgType
 MAX_CONTROL_BYTES = 1 << 20
 MAX_STREAM_CHUNK = 1 << 20
 """QEMU stream bytes in one QEMU_STREAM message, at most."""
+MAX_INT_FIELD = (1 << 63) - 1
+"""Largest value an integer field of a control message may hold."""
 
 
 class Kind(enum.IntEnum):
@@ -73,9 +75,29 @@ class Control:
         try:
             data = json.loads(bytes(payload))
             op = Op(data.pop("op"))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ProtocolError(f"malformed control message: {exc}") from exc
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            # RecursionError: JSON nested deeper than the parser's recursion limit.
+            raise ProtocolError(f"malformed control message: {exc}") from None
         return cls(op, data)
+
+    def int_field(self, name: str, default: int = 0, *, strict: bool = True) -> int:
+        """The integer `name` of the body (`default` if absent): a JSON integer within
+        0..MAX_INT_FIELD. Anything else is a ProtocolError, or `default` if not `strict`
+        (a figure the job only reports must not fail it)."""
+        value = self.body.get(name, default)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_INT_FIELD:
+            return value
+        if not strict:
+            return default
+        raise ProtocolError(f"{self.op.value} message: {name} is {str(value)[:40]!r}, not an "
+                            f"integer within 0..{MAX_INT_FIELD}")
+
+
+INT_FIELDS: dict[Op, tuple[str, ...]] = {
+    Op.PREPARED: ("dest_pid",),
+    Op.COMMITTED: ("resume_us", "dest_pid"),
+}
+"""The integer fields the jobs read from the peer's replies (with Control.int_field)."""
 
 
 def control(op: Op, **body: Any) -> Control:

@@ -324,8 +324,9 @@ class SourceJob:
                            disk_format=self.options.disk_format)
         reply = await self.inbox.expect({Op.PREPARED}, timeout=self.config.link_timeout_s,
                                         what="preparing the destination")
-        self.dest_pid = int(reply.body.get("dest_pid", 0)) or None
-        self.dest_widened = [str(n) for n in reply.body.get("widened") or ()]
+        self.dest_pid = reply.int_field("dest_pid") or None
+        widened = reply.body.get("widened")
+        self.dest_widened = [str(n) for n in widened] if isinstance(widened, list) else []
         for note in self.dest_widened:
             log.warning("migration %s: the destination accepts by its config: %s",
                         self.job_id, note)
@@ -742,9 +743,11 @@ class SourceJob:
         await send_control(self.link, Op.COMMIT)
         reply = await self.inbox.expect({Op.COMMITTED}, timeout=self.config.link_timeout_s,
                                         what="destination resuming the VM")
-        self.resume_us = int(reply.body.get("resume_us", 0)) or None
+        # The destination runs the VM now: a garbled figure in its reply must not make the
+        # outcome unknown.
+        self.resume_us = reply.int_field("resume_us", strict=False) or None
         self._mark("committed")
-        self.dest_pid = int(reply.body.get("dest_pid", 0)) or self.dest_pid
+        self.dest_pid = reply.int_field("dest_pid", strict=False) or self.dest_pid
         self._journal(journal.Step.COMMITTED)   # from here a restart quits our QEMU
         with contextlib.suppress(QemuError):
             await self.qmp.quit()

@@ -327,7 +327,8 @@ class VmSpec:
             nics = tuple(NicSpec.from_json(n) for n in data.get("nics") or ())
             return cls(name=str(data["name"]), argv=tuple(argv), ram_size=int(data["ram_size"]),
                        ram_backend_id=str(data["ram_backend_id"]), disks=disks, nics=nics)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+            # OverflowError: int() of a JSON Infinity (Python's json reads it as a float).
             raise UserError(f"malformed VM description: {exc}") from exc
 
 

@@ -115,6 +115,9 @@ def overlaps(a: tuple[Span, ...], b: tuple[Span, ...]) -> bool:
 
 def parse_disk_map(items: list[str] | None) -> dict[str, str]:
     """`--disk-map SRC=DST` pairs as a dict (both absolute paths)."""
+    if items is not None and (not isinstance(items, list)
+                              or not all(isinstance(item, str) for item in items)):
+        raise UserError(f"bad disk map {str(items)[:60]!r}: a list of SRC=DST strings")
     mapping: dict[str, str] = {}
     for item in items or ():
         src, sep, dst = item.partition("=")
