@@ -4,6 +4,7 @@ it migrates, arrives with both disks exactly as they were when the source stoppe
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import shutil
@@ -291,6 +292,21 @@ def small_target(agents: AgentPair, root: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(target)], check=False)
 
 
+def fill_up(path: Path, leave: int) -> None:
+    """Take all but `leave` bytes of path's file system (which the destination is writing
+    to at the same time: measure again when it took some in between)."""
+    with open(path, "wb") as f:
+        for _ in range(20):
+            want = shutil.disk_usage(path.parent).free - leave
+            try:
+                os.posix_fallocate(f.fileno(), f.seek(0, os.SEEK_END), max(want, 0))
+                return
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+    raise AssertionError(f"could not fill {path.parent}")
+
+
 def test_destination_disk_full_mid_way_rolls_back(agents, start_guest, root, small_target):
     guest, qcow2, raw, _ = boot_with_disks(start_guest, root)
     before = raw.read_bytes()
@@ -300,14 +316,17 @@ def test_destination_disk_full_mid_way_rolls_back(agents, start_guest, root, sma
     # The space check has passed once the images exist; now the disk fills up, leaving
     # less than the ~12 MiB of data the two disks hold. RAM goes first (~9 MiB at 8 MB/s),
     # so the filler wins the race by a wide margin.
-    deadline = time.monotonic() + 30
-    while not t0.exists():
-        assert time.monotonic() < deadline and proc.poll() is None, agents.logs()
-        time.sleep(0.01)
-    filler = small_target / "filler"
-    with open(filler, "wb") as f:
-        os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(small_target).free - 2 * MIB)
-    out, err = proc.communicate(timeout=120)
+    try:
+        deadline = time.monotonic() + 30
+        while not (t0.exists() and t1.exists()):
+            assert time.monotonic() < deadline and proc.poll() is None, agents.logs()
+            time.sleep(0.01)
+        fill_up(small_target / "filler", leave=2 * MIB)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 1, f"{out}\n{err}\n{agents.logs()}"
     error = json.loads(out)["error"]
     assert "no space left on the destination" in error and str(small_target) in error, error
