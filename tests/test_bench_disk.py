@@ -416,7 +416,9 @@ def test_payload_buffers_are_reused_only_when_nothing_views_them():
 def test_bench_disk_small_run(capsys):
     before = set(os.listdir("/dev/shm"))
     code = bd.main(["--json", "--disk-mib", "64", "--reads", "1"])
-    result = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    assert captured.out, f"no result (exit {code}): {captured.err}"
+    result = json.loads(captured.out)
     assert code == (0 if result["met"] else 1)
     assert result["disk_copy_gbps"] > 0 and result["nbd_read_gbps"] > 0
     run = result["runs"][0]

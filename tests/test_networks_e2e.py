@@ -22,6 +22,7 @@ from agent.guest.build import build_guest, default_cache_dir
 from agent.localpair import AgentPair, NetnsLink, pid_alive, read_guest
 from agent.migration import faults
 from agent.qemu import nics, qmp
+from agent.state import vms
 
 pytestmark = pytest.mark.qemu
 
@@ -118,6 +119,25 @@ def guest_mac(qmp_path: str) -> str:
     return mac
 
 
+def migrated(net: NetPair, *args: str) -> tuple[vms.VmRecord, vms.VmRecord, dict]:
+    """`ferry vm start mig --nic lan` on a, its first pass, `ferry migrate mig ARGS`:
+    (source record, destination record, report)."""
+    assert net.vm_start("mig", "--nic", "lan").returncode == 0
+    source = net.agents.a.vm_record("mig")
+    first_pass(Path(source.ram_path))
+    rc, report, stderr = net.agents.migrate("mig", *args)
+    assert rc == 0, f"{report}\n{stderr}\n{net.agents.logs()}"
+    return source, net.agents.b.vm_record("mig"), report
+
+
+def assert_guest_runs(record: vms.VmRecord) -> None:
+    """The migrated guest makes two more passes over its memory and finds no error."""
+    first = read_guest(record.ram_path)
+    now = wait_for(lambda: (s := read_guest(record.ram_path)).passes >= first.passes + 2
+                   and s, "two passes")
+    assert now.errors == 0
+
+
 def test_nic_follows_the_vm_to_the_destinations_bridge_and_announces_itself(net) -> None:
     started = net.vm_start("mig", "--nic", "lan,model=e1000")
     assert started.returncode == 0, started.stderr
@@ -150,9 +170,7 @@ def test_nic_follows_the_vm_to_the_destinations_bridge_and_announces_itself(net)
     assert frames[0]["type"] == "rarp"
     resumed_at = report["resume_us"] / 1e6
     assert 0 <= frames[0]["time"] - resumed_at < 2.0, (frames, resumed_at)
-    _, now = (read_guest(dest.ram_path), wait_for(
-        lambda: (s := read_guest(dest.ram_path)).passes >= 2 and s, "two passes"))
-    assert now.errors == 0
+    assert_guest_runs(dest)
 
     # The source QEMU quit after the commit: its tap went with it.
     wait_for(lambda: not pid_alive(source.pid), "the source QEMU to quit")
@@ -176,20 +194,13 @@ def test_nic_on_a_network_the_destination_lacks_is_refused_before_anything_start
 
 
 def test_nic_mapped_to_a_none_network_arrives_disconnected(net) -> None:
-    assert net.vm_start("mig", "--nic", "lan").returncode == 0
-    source = net.agents.a.vm_record("mig")
-    first_pass(Path(source.ram_path))
-    rc, report, stderr = net.agents.migrate("mig", "--net-map", "lan=quiet")
-    assert rc == 0, f"{report}\n{stderr}\n{net.agents.logs()}"
-    dest = net.agents.b.vm_record("mig")
+    source, dest, _ = migrated(net, "--net-map", "lan=quiet")
     assert dest.nics[0]["network"] == "quiet" and net.on_bridge(1) == []
     assert guest_mac(dest.qmp_path) == source.nics[0]["mac"]
     # Its tap is on no bridge and down: the guest reaches nothing.
     (tap,) = net.ip_json(1, "link", "show", "dev", dest.nics[0]["ifname"])
     assert "master" not in tap and "UP" not in tap["flags"]
-    _, now = (read_guest(dest.ram_path), wait_for(
-        lambda: (s := read_guest(dest.ram_path)).passes >= 2 and s, "two passes"))
-    assert now.errors == 0
+    assert_guest_runs(dest)
 
 
 def test_destination_tap_is_removed_on_rollback(net, monkeypatch) -> None:
@@ -251,20 +262,13 @@ def test_nic_on_a_macvtap_network_gets_the_guests_mac_and_goes_with_the_vm(net) 
     net.agents.b.stop()
     add_network(net.agents.b.home, "direct", f'macvtap = "{parent}"')
     net.agents.b.start()
-    assert net.vm_start("mig", "--nic", "lan").returncode == 0
-    source = net.agents.a.vm_record("mig")
-    first_pass(Path(source.ram_path))
-    rc, report, stderr = net.agents.migrate("mig", "--net-map", "lan=direct")
-    assert rc == 0, f"{report}\n{stderr}\n{net.agents.logs()}"
-    dest = net.agents.b.vm_record("mig")
+    source, dest, _ = migrated(net, "--net-map", "lan=direct")
     nic = dest.nics[0]
     assert nic["kind"] == "macvtap" and nic["network"] == "direct"
     (link,) = net.ip_json(1, "-d", "link", "show", "dev", nic["ifname"])
     assert link["address"] == source.nics[0]["mac"] and link["link"] == parent
     assert link["linkinfo"]["info_kind"] == "macvtap"
-    _, now = (read_guest(dest.ram_path), wait_for(
-        lambda: (s := read_guest(dest.ram_path)).passes >= 2 and s, "two passes"))
-    assert now.errors == 0
+    assert_guest_runs(dest)
     # A macvtap outlives its descriptor: the agent deletes it when the VM quits.
     quit_vm(dest.qmp_path)
     wait_for(lambda: not pid_alive(dest.pid), "the destination QEMU to quit")
