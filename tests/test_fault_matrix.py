@@ -36,7 +36,7 @@ MIB = 1 << 20
 LINK_TIMEOUT_S = 3          # agents give up on a stalled link after this
 SETTLE_S = 40.0
 GUEST = GuestConfig(ws_pages=500, rate=2000, fill_pages=1024)
-SIDE_MESSAGES = (Op.ABORT, Op.ABORTED, Op.ERROR, Op.STATUS)
+SIDE_MESSAGES = (Op.ABORT, Op.ABORTED, Op.ERROR, Op.STATUS, Op.RESUME, Op.RESUMED, Op.ACK)
 
 
 def matrix_steps() -> list[str]:
@@ -101,10 +101,10 @@ def marker(pair: AgentPair, step: str) -> Path:
     return home / f"hold-{step.replace(':', '-')}"
 
 
-def wait(check, what: str, timeout: float) -> None:
+def wait(check, what: str, timeout: float, context=lambda: "") -> None:
     deadline = time.monotonic() + timeout
     while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}\n{context()}"
         time.sleep(0.02)
 
 
@@ -160,7 +160,8 @@ def test_fault_at_step_leaves_exactly_one_copy(held, start_guest, step, fault) -
     out, err = cli.communicate(timeout=120)
     lines = out.strip().splitlines()
     report = json.loads(lines[-1]) if lines else {}
-    wait(lambda: settled(pair), "every journal entry to be resolved", SETTLE_S)
+    wait(lambda: settled(pair), "every journal entry to be resolved", SETTLE_S,
+         lambda: f"report {report}\n{err}\n{pair.logs()}")
 
     recorded = pair.b.home / "vms" / "mig" / "vm.json"
     record = pair.b.vm_record("mig") if recorded.exists() else None

@@ -24,6 +24,7 @@ from agent.guest import GuestConfig, MailboxState, RunningGuest
 from agent.guest.build import build_guest, default_cache_dir
 from agent.guest.remote import read_mailbox_over_qmp
 from agent.migration import faults
+from agent.migration.resume import RESUME_WINDOW_S
 from agent.qemu import qmp
 from agent.qemu.vm import TCG_RAM_PADDING
 from tests.agents import AgentPair, CuttableProxy, pid_alive, read_guest
@@ -142,8 +143,9 @@ def finish(proc) -> tuple[int, dict, str]:
     return proc.returncode, (json.loads(lines[-1]) if lines else {}), err
 
 
-def assert_destination_clean(agents: AgentPair, dest_pid: int | None) -> None:
-    deadline = time.monotonic() + 10
+def assert_destination_clean(agents: AgentPair, dest_pid: int | None,
+                             timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
     while agents.b.leftovers() or (dest_pid and pid_alive(dest_pid)):
         assert time.monotonic() < deadline, (
             f"destination left {agents.b.leftovers()}, QEMU alive: "
@@ -163,7 +165,7 @@ def test_destination_qemu_killed_during_precopy_rolls_back(agents, start_guest) 
     assert_destination_clean(agents, dest_pid)
 
 
-def test_connection_cut_during_precopy_rolls_back(agents, start_guest) -> None:
+def test_connection_cut_during_precopy_resumes_on_a_new_one(agents, start_guest) -> None:
     proxy = CuttableProxy(agents.b.port)
     try:
         _retarget(agents, proxy.port)
@@ -174,9 +176,32 @@ def test_connection_cut_during_precopy_rolls_back(agents, start_guest) -> None:
         rc, report, stderr = finish(proc)
     finally:
         proxy.close()
+    assert rc == 0, f"{report}\n{stderr}\n{agents.logs()}"
+    # The same job went on: the same destination QEMU, and what it held was not resent.
+    assert report["reconnects"] == 1 and report["dest_pid"] == dest_pid
+    assert report["resume_saved_bytes"] >= PRECOPY_BYTES, report
+    assert report["resent_bytes"] < report["wire_bytes"]
+    record = agents.b.vm_record("mig")
+    _, now = two_more_passes(record.ram_path)
+    assert now.errors == 0, f"guest found {now.errors} bad pages"
+
+
+def test_connection_lost_for_good_during_precopy_rolls_back(agents, start_guest) -> None:
+    proxy = CuttableProxy(agents.b.port)
+    try:
+        _retarget(agents, proxy.port)
+        guest = boot(start_guest)
+        proc = agents.popen_migrate("--qmp", str(guest.qmp_path), *SLOW)
+        dest_pid = wait_for_precopy(agents)
+        proxy.close()          # and nothing listens there any more: reconnects fail
+        rc, report, stderr = finish(proc)
+    finally:
+        proxy.close()
     assert rc == 1 and report.get("status") == "failed", f"{report}\n{stderr}\n{agents.logs()}"
+    assert "not restored after 5 attempts" in report["error"], report["error"]
     assert_source_intact(guest)
-    assert_destination_clean(agents, dest_pid)
+    # The destination waited for the source to come back, then rolled back.
+    assert_destination_clean(agents, dest_pid, timeout=RESUME_WINDOW_S + 10)
 
 
 def _retarget(agents: AgentPair, port: int) -> None:

@@ -38,6 +38,7 @@ class State(enum.StrEnum):
     COMMITTING = "committing"      # COMMIT said: the destination resumes the VM
     DONE = "done"                  # COMMITTED said: the VM runs at the destination
     ABORTING = "aborting"          # ABORT said: the destination removes its copy
+    RESUMING = "resuming"          # a new connection for a job whose link was lost
     ASKED = "asked"                # STATUS asked about an earlier job
     CLOSED = "closed"              # the conversation is over
 
@@ -74,7 +75,18 @@ def _table(role: Role) -> dict[Event, State]:
         (State.ABORTING, inn, Op.ABORTED): State.CLOSED,
         (State.IDLE, out, Op.STATUS): State.ASKED,
         (State.ASKED, inn, Op.STATUS): State.CLOSED,
+        # The link was lost in pre-copy: the source says RESUME on a new connection (its
+        # conversation goes on; the destination's new one starts there) and resends
+        # what the destination's RESUMED says it lacks.
+        (State.TRANSFER if role is Role.SOURCE else State.IDLE, out, Op.RESUME):
+            State.RESUMING,
+        (State.RESUMING, inn, Op.RESUMED): State.TRANSFER,
+        (State.RESUMING, inn, Op.ERROR): State.CLOSED,
     }
+    # The destination acknowledges what it received, so the source can drop its copies;
+    # an ACK may cross the source's RAM_DONE or STREAM_END.
+    for state in (State.TRANSFER, State.DEVICE_STATE, State.LOADING):
+        t[(state, inn, Op.ACK)] = state
     for state in ABORTABLE:
         t[(state, out, Op.ABORT)] = State.ABORTING
         t[(state, inn, Op.ERROR)] = State.CLOSED

@@ -25,8 +25,10 @@ from agent.errors import FerryError, LocalError, PeerError, ProtocolError, QemuE
 from agent.hostnet import attach
 from agent.migration import recovery
 from agent.migration.claims import Claims
+from agent.migration.conversation import CheckedLink, State
 from agent.migration.link import Link, parse_message, send_control
 from agent.migration.protocol import Control, Kind, Op
+from agent.migration.resume import ACK_EVERY_BYTES, RESUME_WINDOW_S
 from agent.qemu import qmp as qmp_mod
 from agent.qemu import vm
 from agent.qemu.destargv import DestinationPaths, DiskTarget, destination_argv
@@ -102,6 +104,24 @@ class DestinationJob:
     committed: bool = False
     pages_applied: int = 0
     outcome: outcomes.Outcome | None = None   # told the source with an ERROR, when known
+    received: int = 1                     # messages received, PREPARE included (RESUMED)
+    _unacked_bytes: int = 0
+    _new_link: asyncio.Future[CheckedLink] | None = None   # a RESUME connection
+    finished: asyncio.Event = field(default_factory=asyncio.Event)
+    resumes: int = 0
+
+    def resume(self, link: CheckedLink) -> bool:
+        """Take over a new connection on which the source said RESUME for this job
+        (the daemon's); False if this job cannot resume now (not in pre-copy)."""
+        conversation = getattr(self.link, "conversation", None)
+        if (self.finished.is_set() or self.incoming is None or conversation is None
+                or conversation.state is not State.TRANSFER
+                or (self._new_link is not None and self._new_link.done())):
+            return False
+        if self._new_link is None:
+            self._new_link = asyncio.get_running_loop().create_future()
+        self._new_link.set_result(link)
+        return True
 
     async def run(self, prepare: Control) -> None:
         """Serve the job PREPARE began until it completes or is rolled back; raises only
@@ -135,6 +155,7 @@ class DestinationJob:
             await self._roll_back(str(exc))
         finally:
             self.claims.release(self.job_id)
+            self.finished.set()
 
     # ------------------------------------------------------------------ prepare
 
@@ -229,11 +250,15 @@ class DestinationJob:
         feeder = asyncio.create_task(self._feed(queue), name="feed-qemu")
         qemu_exit = asyncio.create_task(incoming.process.wait(float("inf")), name="qemu-exit")
         watched = {feeder, qemu_exit}  # either ending early is a failure
+        self._new_link = asyncio.get_running_loop().create_future()
         try:
             while True:
                 receive = asyncio.create_task(self.link.receive())
-                done, _ = await asyncio.wait({receive, *watched},
-                                             return_when=asyncio.FIRST_COMPLETED)
+                waits: set[asyncio.Future[Any]] = {receive, self._new_link, *watched}
+                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                if self._new_link in done or (receive in done and self._lost(receive)):
+                    await self._take_new_link(receive)
+                    continue
                 if receive not in done:
                     receive.cancel()
                     with contextlib.suppress(asyncio.CancelledError, FerryError, ConnectionError):
@@ -251,6 +276,11 @@ class DestinationJob:
                 # (agent.migration.conversation): no batch after RAM_DONE, no COMMIT
                 # before LOADED, ...
                 kind, payload = receive.result()
+                self.received += 1
+                self._unacked_bytes += len(payload)
+                if self._unacked_bytes >= ACK_EVERY_BYTES:
+                    self._unacked_bytes = 0
+                    await send_control(self.link, Op.ACK, received=self.received)
                 if kind == Kind.RAM_BATCH or kind == Kind.QEMU_STREAM:
                     await queue.put((Kind(kind), payload))
                     continue
@@ -285,6 +315,42 @@ class DestinationJob:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError, FerryError):
                         await task
+
+    def _lost(self, receive: asyncio.Task[tuple[int, bytes | memoryview]]) -> bool:
+        """Whether the link failed in pre-copy, where the source may come back (RESUME)."""
+        conversation = getattr(self.link, "conversation", None)
+        return (isinstance(receive.exception(), PeerError) and conversation is not None
+                and conversation.state is State.TRANSFER)
+
+    async def _take_new_link(self, receive: asyncio.Task[tuple[int, bytes | memoryview]]
+                             ) -> None:
+        """Go on with the RESUME connection: now, or once it comes within the window (else
+        the loss stands and the job rolls back). What the old link still had in flight is
+        dropped: the source resends everything after what RESUMED says was received."""
+        assert self._new_link is not None
+        lost = receive.exception() if receive.done() else None
+        if not receive.done():
+            receive.cancel()
+            with contextlib.suppress(asyncio.CancelledError, FerryError, ConnectionError):
+                await receive
+        if not self._new_link.done():
+            log.warning("incoming %s: link lost in pre-copy (%s); waiting %g s for the "
+                        "source to resume", self.job_id, lost, RESUME_WINDOW_S)
+            try:
+                await asyncio.wait_for(asyncio.shield(self._new_link), RESUME_WINDOW_S)
+            except TimeoutError:
+                assert lost is not None
+                raise lost from None
+        new = self._new_link.result()
+        self._new_link = asyncio.get_running_loop().create_future()
+        with contextlib.suppress(FerryError, ConnectionError, OSError):
+            await self.link.close()
+        self.link = new
+        self.resumes += 1
+        self._unacked_bytes = 0
+        await send_control(new, Op.RESUMED, received=self.received)
+        log.warning("incoming %s: resumed on a new connection after %d messages",
+                    self.job_id, self.received)
 
     async def _feed(self, queue: asyncio.Queue[_Item]) -> None:
         """In order: page batches into the RAM file, stream chunks into QEMU, disks

@@ -41,18 +41,20 @@ def active() -> frozenset[Fault]:
     return frozenset(f for f in Fault if f.value in names)
 
 
+_held: set[str] = set()   # steps this agent process has already stopped at
+
+
 def hold(home: Path) -> Callable[[str], Awaitable[None]] | None:
-    """The hold hook for this job's links (None outside tests)."""
+    """The hold hook for this agent's links (None outside tests): it stops at the step
+    once per agent process, whichever link (a resumed one too) gets there."""
     wanted = os.environ.get(HOLD_ENV, "").strip()
     if not wanted:
         return None
-    done = False
 
     async def at(step: str) -> None:
-        nonlocal done
-        if done or step != wanted:
+        if step != wanted or step in _held:
             return
-        done = True
+        _held.add(step)
         marker = home / f"hold-{step.replace(':', '-')}"
         marker.touch()
         while marker.exists():   # the test injects its fault, then removes the file

@@ -14,6 +14,11 @@ Source -> destination                     Destination -> source
   STREAM_END {bytes}                        LOADED {pages} when its QEMU loaded it all
   COMMIT                                    COMMITTED {resume_us, dest_pid}
   ABORT {reason}                            ABORTED {}
+                                            ACK {received} now and then during pre-copy
+On a new connection after the link was lost in pre-copy:
+  RESUME {job}                              RESUMED {received} | ERROR
+On a new connection, about an earlier job:
+  STATUS {job}                              STATUS {job, outcome}
 """
 
 from __future__ import annotations
@@ -56,6 +61,9 @@ class Op(enum.StrEnum):
     ABORTED = "aborted"            # destination rolled back
     ERROR = "error"                # the sender failed; the job cannot continue
     STATUS = "status"              # after a lost link: what happened to job X?
+    RESUME = "resume"              # a new connection for job X, whose link was lost
+    RESUMED = "resumed"            # the destination holds the first N messages: resend the rest
+    ACK = "ack"                    # the destination has received the first N messages
 
 
 @dataclass(frozen=True, slots=True)

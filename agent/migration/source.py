@@ -49,6 +49,7 @@ from agent.migration.convergence import (
 from agent.migration.conversation import CheckedLink, Conversation, Role
 from agent.migration.link import Inbox, Link, RemoteFailure, send_control
 from agent.migration.protocol import MAX_STREAM_CHUNK, Kind, Op
+from agent.migration.resume import ResumableLink
 from agent.migration.states import Phase, PhaseTracker
 from agent.qemu import migrate as qemu_migrate
 from agent.qemu import nics, vm
@@ -182,6 +183,7 @@ class SourceJob:
     stop_us: int | None = None
     resume_us: int | None = None
     nics: tuple[NicSpec, ...] = ()
+    resumable: ResumableLink | None = None
     dest_pid: int | None = None
     dest_widened: list[str] = field(default_factory=list)   # what the peer's [accept] let in
     started: float = field(default_factory=time.monotonic)
@@ -316,8 +318,11 @@ class SourceJob:
         await self._update_downtime_limit()
         await self.qmp.execute("migrate-set-parameters", qemu_migrate.SOURCE_PARAMETERS)
         await self._emit(force=True)
-        self.link = CheckedLink(await self.connect_peer(self.peer),
-                                Conversation(Role.SOURCE), faults.hold(self.config.home))
+        conversation = Conversation(Role.SOURCE)
+        self.link = self.resumable = ResumableLink(
+            CheckedLink(await self.connect_peer(self.peer), conversation,
+                        faults.hold(self.config.home)),
+            conversation, self.job_id, connect=lambda: self.connect_peer(self.peer))
         self.inbox = Inbox(self.link)
         await send_control(self.link, Op.PREPARE, vm=spec.to_json(), job=self.job_id,
                            disk_map=list(self.options.disk_map),
@@ -869,6 +874,10 @@ class SourceJob:
             "throttle": self.throttle_max / 100,
             "switchover_ms": self.switchover,
             "resume_us": self.resume_us,
+            "reconnects": self.resumable.counters.reconnects if self.resumable else 0,
+            "resent_bytes": self.resumable.counters.resent_bytes if self.resumable else 0,
+            "resume_saved_bytes": (self.resumable.counters.saved_bytes
+                                   if self.resumable else 0),
             "nics": [n.to_json() for n in self.nics],
         }
 

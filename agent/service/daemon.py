@@ -109,6 +109,7 @@ class Agent:
     job_tasks: set[asyncio.Task[Any]] = field(default_factory=set)    # control requests
     incoming: set[asyncio.Task[None]] = field(default_factory=set)
     claims: Claims = field(default_factory=Claims)
+    dest_jobs: dict[str, DestinationJob] = field(default_factory=dict)   # by job id
     unresolved: dict[str, journal.Entry] = field(default_factory=dict)   # job -> entry
     resolver: asyncio.Task[None] | None = None
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
@@ -178,17 +179,36 @@ class Agent:
                 job_id = str(first.body.get("job", ""))
                 await send_control(link, Op.STATUS, job=job_id, outcome=self.status_of(job_id))
                 return
+            if first is not None and first.op is Op.RESUME:
+                await self._resume(link, str(first.body.get("job", "")), peer)
+                return
             if first is None or first.op is not Op.PREPARE:
                 await send_control(link, Op.ERROR, message="a migration must begin with "
                                    "PREPARE", error_type="ProtocolError")
                 return
             job = DestinationJob(config=self.config, link=link, peer=peer,
                                  job_id=os.urandom(6).hex(), claims=self.claims)
-            await job.run(first)
+            key = str(first.body.get("job", ""))
+            self.dest_jobs[key] = job
+            try:
+                await job.run(first)
+            finally:
+                if self.dest_jobs.get(key) is job:
+                    del self.dest_jobs[key]
         except (FerryError, ConnectionError, OSError) as exc:
             log.info("peer %s: %s", peer, exc)
         finally:
             self.incoming.discard(task)
+
+    async def _resume(self, link: CheckedLink, job_id: str, peer: str) -> None:
+        """A RESUME connection: hand it to its job, which answers on it; this handler
+        keeps the connection open until the job is done with it."""
+        job = self.dest_jobs.get(job_id)
+        if job is None or job.peer != peer or not job.resume(link):
+            await send_control(link, Op.ERROR, message=f"no migration job {job_id[:40]} "
+                               f"waits for a resume here", error_type="PeerError")
+            return
+        await job.finished.wait()
 
     def status_of(self, job_id: str) -> str:
         """What became of an incoming job here: resumed, removed, pending or unknown."""
