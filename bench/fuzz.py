@@ -576,7 +576,10 @@ BODIES: dict[Op, dict[str, Any]] = {
     Op.ABORT: {"reason": "cancelled"},
     Op.ABORTED: {},
     Op.ERROR: {"message": "destination failed"},
-    Op.STATUS: {"job": "job-1", "state": "committed"},
+    Op.STATUS: {"job": "job-1", "outcome": "resumed"},
+    Op.RESUME: {"job": "0123456789ab"},
+    Op.RESUMED: {"received": 17},
+    Op.ACK: {"received": 4096},
 }
 
 

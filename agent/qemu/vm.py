@@ -402,6 +402,19 @@ def _is_socket(path: Path) -> bool:
         return False
 
 
+def _listening(path: Path) -> bool:
+    """Whether a unix socket accepts connections: QEMU binds it before it listens, and a
+    connect in between is refused."""
+    if not _is_socket(path):
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(os.fspath(path))
+        except OSError:
+            return False
+    return True
+
+
 async def launch(spec: LaunchSpec, *, argv: Sequence[str] | None = None,
                  timeout: float = DEFAULT_LAUNCH_TIMEOUT,
                  pass_fds: Sequence[int] = ()) -> QemuProcess:
@@ -427,7 +440,7 @@ async def launch(spec: LaunchSpec, *, argv: Sequence[str] | None = None,
     proc = QemuProcess(spec=spec, accel=accel, argv=argv, _popen=popen)
     try:
         deadline = time.monotonic() + timeout
-        while not _is_socket(spec.qmp_path):
+        while not _listening(spec.qmp_path):
             if proc.returncode is not None:
                 raise QemuStartError(f"QEMU {spec.name} exited with status {proc.returncode} "
                                      f"while starting: {proc.log_tail() or '(no output)'}")
