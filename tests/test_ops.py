@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.commands import jobs_cmds
-from agent.commands.render import (ProgressView, bar_figures, plain_table, print_table,
-                                   progress_line)
+from agent.commands.render import ProgressView, bar_figures, plain_table, print_table, progress_line
 from agent.errors import UserError
 from agent.service.jobs import History, JobRecord, Limiter, follow
 from agent.state.config import load_config
