@@ -8,10 +8,9 @@ import sys
 from typing import Any
 
 from agent.commands.common import add_home_argument, human_bytes, parse_rate, resolve_home
+from agent.commands.render import ProgressView
 from agent.errors import UserError
 from agent.service.control import ControlClient
-
-PAGE_SIZE = 4096
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -41,6 +40,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--net-map", action="append", metavar="SRC=NETWORK", default=[],
                    help="put the NIC SRC (its netdev id, its bridge here, or its network "
                         "here) on the destination's network NETWORK (repeatable)")
+    p.add_argument("--detach", action="store_true",
+                   help="print the job id and return at once; the agent runs the job on "
+                        "(watch it with `ferry job ID --follow`)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON line")
     p.set_defaults(func=run)
 
@@ -60,24 +62,14 @@ def request_from_args(args: argparse.Namespace) -> dict[str, Any]:
             "disk_format": args.disk_format, "net_map": args.net_map}
 
 
-def progress_line(event: dict[str, Any]) -> str:
-    """One line of live progress."""
-    parts = [f"{event.get('phase', '?'):<13}", f"round {event.get('round', 0)}"]
-    if "pages_left" in event:
-        parts.append(f"{event['pages_left']} pages left")
-    if "dirty_pages_per_s" in event:
-        parts.append(f"dirty {human_bytes(event['dirty_pages_per_s'] * PAGE_SIZE)}/s")
-    parts.append(f"{human_bytes(event.get('throughput_bps', 0))}/s")
-    if "eta_s" in event:
-        parts.append(f"ETA {event['eta_s']:.1f} s")
-    if event.get("throttle"):
-        parts.append(f"throttled {event['throttle']:.0%}")
-    return "  ".join(parts)
-
-
 def report_text(report: dict[str, Any]) -> str:
     """The human-readable report."""
-    lines = [f"migration {report.get('status')}: {report.get('vm')} -> {report.get('peer')}"]
+    if report.get("direction") == "inbound":
+        return (f"incoming migration {report.get('status')}: {report.get('vm')} from "
+                f"{report.get('peer')}\n  job:          {report.get('job')}\n"
+                f"  total:        {report.get('total_ms')} ms")
+    lines = [f"migration {report.get('status')}: {report.get('vm')} -> {report.get('peer')}",
+             f"  job:          {report.get('job')}"]
     if report.get("error"):
         lines.append(f"  error:        {report['error']}")
     lines += [
@@ -100,37 +92,47 @@ def report_text(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def follow_replies(client: ControlClient, view: ProgressView) -> dict[str, Any]:
+    """Show the progress events of a job as they come and return its report; Ctrl-C asks
+    the agent to cancel it (on a `migrate` connection) and keeps reading."""
+    while True:
+        try:
+            # A fresh iterator after each Ctrl-C: the interrupted one is finished.
+            for reply in client.replies():
+                if reply.get("event") in ("progress", "queued"):
+                    view.update(reply)
+                    continue
+                if reply.get("event") == "result":
+                    return reply
+                if reply.get("ok") is False:
+                    raise UserError(reply.get("error", "the agent refused the request"))
+                return reply
+            raise UserError("the agent closed the connection before the report")
+        except KeyboardInterrupt:
+            # Ask the agent to roll back and keep reading: the report says how it ended.
+            view.close()
+            sys.stderr.write("\nferry: cancelling (the source VM keeps running)...\n")
+            client.send({"op": "cancel"})
+
+
 def run(args: argparse.Namespace) -> int:
     request = request_from_args(args)
     home = resolve_home(args)
-    live = sys.stderr.isatty() and not args.json
-    report: dict[str, Any] | None = None
-    with ControlClient(home / "control.sock", timeout=None) as client:
+    if args.detach:
+        request["detach"] = True
+        with ControlClient(home / "control.sock") as client:
+            reply = client.call(request)
+        if args.json:
+            print(json.dumps(reply))
+        else:
+            where = (f", queued at position {reply['position']}"
+                     if reply.get("state") == "queued" else "")
+            print(f"{reply['job']}{where}")
+        return 0
+    with ControlClient(home / "control.sock", timeout=None) as client, \
+            ProgressView(sys.stderr, enabled=not args.json) as view:
         client.send(request)
-        while report is None:
-            try:
-                # A fresh iterator after each Ctrl-C: the interrupted one is finished.
-                for reply in client.replies():
-                    if reply.get("event") == "progress":
-                        if live:
-                            sys.stderr.write("\r\x1b[K" + progress_line(reply))
-                            sys.stderr.flush()
-                        continue
-                    if reply.get("event") == "result":
-                        report = reply
-                        break
-                    if reply.get("ok") is False:
-                        raise UserError(reply.get("error", "the agent refused the migration"))
-                    report = reply
-                    break
-                else:
-                    raise UserError("the agent closed the connection before the report")
-            except KeyboardInterrupt:
-                # Ask the agent to roll back and keep reading: the report says how it ended.
-                sys.stderr.write("\nferry: cancelling (the source VM keeps running)...\n")
-                client.send({"op": "cancel"})
-    if live:
-        sys.stderr.write("\r\x1b[K")
+        report = follow_replies(client, view)
     if args.json:
         print(json.dumps(report))
     else:

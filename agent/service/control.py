@@ -1,11 +1,12 @@
 """The local control socket: JSON lines between the CLI and its agent over a unix socket.
 
 A request is one JSON object with an "op". Simple ops get one reply line
-({"ok": true, ...} or {"ok": false, "error": ...}); long ops (migrate) stream
-{"event": "progress", ...} lines and end with {"event": "result", ...}. While a long op
-runs, the client may send {"op": "cancel"} on the same connection; closing the
-connection cancels it too. Callers are checked with SO_PEERCRED: root, the agent's own
-user, or members of the configured group.
+({"ok": true, ...} or {"ok": false, "error": ...}); long ops (migrate, job with follow)
+stream {"event": "progress" | "queued", ...} lines and end with {"event": "result", ...}.
+While a long op runs, the client may send {"op": "cancel"} on the same connection;
+closing the connection cancels it too (a migrate not detached: the job; a follow: only
+the following). Callers are checked with SO_PEERCRED: root, the agent's own user, or
+members of the configured group. Every op, reply and event: docs/control-api.md.
 """
 
 from __future__ import annotations

@@ -8,10 +8,13 @@ import contextlib
 import logging
 import os
 import signal
+import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent import __version__
 from agent import identity as identity_mod
 from agent.errors import FerryError, PeerError, ProtocolError, TrustError, UserError
 from agent.hostnet import attach
@@ -24,6 +27,7 @@ from agent.migration.link import Link, parse_message, send_control
 from agent.migration.protocol import Op
 from agent.migration.source import MigrationOptions, SourceJob
 from agent.net import channel as channel_mod
+from agent.service import jobs as jobs_mod
 from agent.service import systemd
 from agent.service.control import ControlServer, Reply
 from agent.state import journal, outcomes, vms
@@ -33,6 +37,8 @@ from agent.wire.messages import MsgType
 log = logging.getLogger(__name__)
 
 STATUS_TIMEOUT_S = 10.0
+PEER_PROBE_TIMEOUT_S = 1.0      # `status`: a TCP connect to each trusted peer
+HISTORY_DEFAULT = 20            # `history` without a limit
 RESOLVE_FIRST_S = 1.0
 RESOLVE_MAX_S = 60.0
 
@@ -105,8 +111,9 @@ class Agent:
     config: AgentConfig
     identity: identity_mod.Identity
     trust: LiveTrust
-    jobs: dict[str, SourceJob] = field(default_factory=dict)
-    job_tasks: set[asyncio.Task[Any]] = field(default_factory=set)    # control requests
+    jobs: dict[str, SourceJob] = field(default_factory=dict)          # running outbound
+    job_tasks: set[asyncio.Task[Any]] = field(default_factory=set)    # outbound jobs
+    records: dict[str, jobs_mod.JobRecord] = field(default_factory=dict)  # queued, running
     incoming: set[asyncio.Task[None]] = field(default_factory=set)
     claims: Claims = field(default_factory=Claims)
     dest_jobs: dict[str, DestinationJob] = field(default_factory=dict)   # by job id
@@ -115,6 +122,13 @@ class Agent:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     peer_server: channel_mod.ChannelServer | None = None
     control: ControlServer | None = None
+    history: jobs_mod.History = field(init=False)
+    outbound: jobs_mod.Limiter = field(init=False)
+    started: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.history = jobs_mod.History(self.config.home, self.config.history_limit)
+        self.outbound = jobs_mod.Limiter(self.config.max_outbound)
 
     async def start(self) -> None:
         """Bind both servers; after this the agent is ready."""
@@ -123,7 +137,8 @@ class Agent:
                                                    self._serve_peer)
         self.control = ControlServer(self.config.control_socket, {
             "ping": self._ping, "vm-list": self._vm_list, "migrate": self._migrate,
-            "jobs": self._jobs,
+            "jobs": self._jobs, "status": self._status, "job": self._job,
+            "cancel": self._cancel, "history": self._history, "report": self._report,
         }, group=self.config.control_group)
         await self.control.start()
 
@@ -142,6 +157,8 @@ class Agent:
             self.peer_server.stop_listening()
         if self.resolver is not None:
             self.resolver.cancel()
+        for record in self.outbound.queued():
+            record.cancel.set()               # never started: ends at once, cancelled
         grace = self.config.shutdown_grace_s
         running = {t for t in (*self.job_tasks, *self.incoming) if not t.done()}
         if running:
@@ -186,12 +203,19 @@ class Agent:
                 await send_control(link, Op.ERROR, message="a migration must begin with "
                                    "PREPARE", error_type="ProtocolError")
                 return
+            inbound = [r for r in self.records.values() if r.direction == "inbound"]
+            if len(inbound) >= self.config.max_inbound:
+                await send_control(link, Op.ERROR, error_type="UserError",
+                                   outcome=outcomes.Outcome.REMOVED.value,
+                                   message=f"busy: {len(inbound)} incoming migrations "
+                                           f"running (max_inbound)")
+                return
             job = DestinationJob(config=self.config, link=link, peer=peer,
                                  job_id=os.urandom(6).hex(), claims=self.claims)
             key = str(first.body.get("job", ""))
-            self.dest_jobs[key] = job
+            self.dest_jobs[key] = job     # found by a RESUME connection for this job
             try:
-                await job.run(first)
+                await self._run_inbound(job, first)
             finally:
                 if self.dest_jobs.get(key) is job:
                     del self.dest_jobs[key]
@@ -278,9 +302,135 @@ class Agent:
         return {"ok": True, "vms": [{"name": r.name, "pid": r.pid, "alive": r.alive(),
                                      "qmp": r.qmp_path} for r in vms.list_vms(self.config)]}
 
+    async def _run_inbound(self, job: DestinationJob, prepare: Any) -> None:
+        """Serve an incoming migration, shown in `jobs` while it runs and kept in the
+        history once it ends."""
+        spec = prepare.body.get("vm")
+        name = spec.get("name") if isinstance(spec, dict) else None
+        record = jobs_mod.JobRecord(job_id=str(prepare.body.get("job") or job.job_id),
+                                    direction="inbound", vm=str(name) if name else None,
+                                    peer=job.peer, state="running", phase="receiving",
+                                    running_at=time.time())
+        if record.job_id in self.records:
+            record.job_id = f"{record.job_id}-in"    # a migration between our own homes
+        self.records[record.job_id] = record
+        started = time.monotonic()
+        try:
+            await job.run(prepare)
+        finally:
+            status = "completed" if job.committed else "failed"
+            report = {"event": "result", "status": status,
+                      "phase": "completed" if job.committed else "removed",
+                      "job": record.job_id, "vm": record.vm, "peer": record.peer,
+                      "total_ms": round((time.monotonic() - started) * 1000, 1),
+                      "pages_applied": job.pages_applied}
+            self._finish(record, report)
+
+    def _finish(self, record: jobs_mod.JobRecord, report: Reply) -> None:
+        """A job ended: into the history, then tell whoever follows it."""
+        record.ended_at = time.time()
+        self.history.append(jobs_mod.history_entry(record, report))
+        self.records.pop(record.job_id, None)
+        record.finish(report)
+
+    def _record(self, request: dict[str, Any]) -> jobs_mod.JobRecord | None:
+        """The queued or running job the request names by id (or a unique prefix)."""
+        job_id = str(request.get("id") or request.get("job") or "")
+        if not job_id:
+            raise UserError("name a job: {\"id\": JOB}")
+        if job_id in self.records:
+            return self.records[job_id]
+        found = [r for r in self.records.values() if r.job_id.startswith(job_id)]
+        if len(found) > 1:
+            raise UserError(f"job id {job_id!r} is ambiguous: "
+                            f"{', '.join(sorted(r.job_id for r in found))}")
+        return found[0] if found else None
+
+    def _job_rows(self) -> list[Reply]:
+        order = {"running": 0, "queued": 1}
+        rows = sorted(self.records.values(),
+                      key=lambda r: (order.get(r.state, 2), r.position, r.started_at))
+        return [r.summary() for r in rows]
+
     async def _jobs(self, request: dict[str, Any], send: Any, cancel: asyncio.Event) -> Reply:
-        return {"ok": True, "jobs": [{"job": j.job_id, "phase": j.phases.phase.value,
-                                      "peer": j.peer} for j in self.jobs.values()]}
+        return {"ok": True, "jobs": self._job_rows()}
+
+    async def _status(self, request: dict[str, Any], send: Any,
+                      cancel: asyncio.Event) -> Reply:
+        peers = list(self.trust.current())
+        probes = await asyncio.gather(*(probe_peer(p.host_port) for p in peers))
+        host, _ = self.config.listen
+        vm_list = await self._vm_list(request, send, cancel)
+        return {"ok": True, "version": __version__, "pid": os.getpid(),
+                "uptime_s": round(time.monotonic() - self.started, 1),
+                "listen": f"{host}:{self.port}", "control": str(self.config.control_socket),
+                "home": str(self.config.home), "public_key": self.identity.public_key_b64,
+                "stopping": self.stopping.is_set(),
+                "peers": [{"name": p.name, "address": f"{p.host_port[0]}:{p.host_port[1]}",
+                           **probe} for p, probe in zip(peers, probes, strict=True)],
+                "vms": vm_list["vms"], "jobs": self._job_rows(),
+                "limits": {"max_outbound": self.config.max_outbound,
+                           "max_inbound": self.config.max_inbound,
+                           "history_limit": self.config.history_limit},
+                "history_jobs": len(self.history.entries)}
+
+    async def _job(self, request: dict[str, Any], send: Any, cancel: asyncio.Event) -> Reply:
+        record = self._record(request)
+        if record is None:
+            entry = self.history.find(str(request.get("id") or request.get("job")))
+            if entry is None:
+                raise UserError(f"no job {request.get('id') or request.get('job')!r} here "
+                                f"(running, queued or in the history)")
+            if request.get("follow"):
+                return {"ok": entry.get("status") == "completed", "event": "result", **entry}
+            return {"ok": True, "job": {"job": entry.get("job"), "state": entry.get("status"),
+                                        "direction": entry.get("direction"),
+                                        "vm": entry.get("vm"), "peer": entry.get("peer"),
+                                        "phase": entry.get("phase"),
+                                        "started_at": entry.get("started_at")},
+                    "report": entry}
+        if not request.get("follow"):
+            return {"ok": True, "job": record.summary(), "report": None}
+        report = await jobs_mod.follow(record, send, cancel)
+        if report is None:          # the client went away
+            return {"ok": False, "error": "stopped following"}
+        return {"ok": report.get("status") == "completed", **report}
+
+    async def _cancel(self, request: dict[str, Any], send: Any,
+                      cancel: asyncio.Event) -> Reply:
+        record = self._record(request)
+        if record is None:
+            entry = self.history.find(str(request.get("id") or request.get("job")))
+            if entry is not None:
+                raise UserError(f"job {entry.get('job')} already ended ({entry.get('status')})")
+            raise UserError(f"no job {request.get('id') or request.get('job')!r} here")
+        if record.direction != "outbound":
+            raise UserError(f"job {record.job_id} is an incoming migration: cancel it on its "
+                            f"source, {record.peer}")
+        record.cancel.set()
+        return {"ok": True, "job": record.job_id, "state": record.state,
+                "phase": record.phase}
+
+    async def _history(self, request: dict[str, Any], send: Any,
+                       cancel: asyncio.Event) -> Reply:
+        try:
+            limit = int(request.get("limit") or HISTORY_DEFAULT)
+        except (TypeError, ValueError):
+            raise UserError("history: limit must be a number") from None
+        return {"ok": True, "jobs": self.history.newest(limit),
+                "total": len(self.history.entries), "history_limit": self.history.limit}
+
+    async def _report(self, request: dict[str, Any], send: Any,
+                      cancel: asyncio.Event) -> Reply:
+        record = self._record(request)
+        if record is not None:
+            raise UserError(f"job {record.job_id} is still {record.state}; follow it with "
+                            f"`ferry job {record.job_id} --follow`")
+        entry = self.history.find(str(request.get("id") or request.get("job")))
+        if entry is None:
+            raise UserError(f"no report of job {request.get('id') or request.get('job')!r} "
+                            f"(the history keeps the newest {self.history.limit})")
+        return {"ok": True, "report": entry}
 
     async def _migrate(self, request: dict[str, Any], send: Any,
                        cancel: asyncio.Event) -> Reply:
@@ -298,25 +448,108 @@ class Agent:
             raise UserError("name a VM or give --qmp PATH")
         peer = str(request.get("to") or "")
         self.trusted_peer(peer)  # refuse an unknown peer before touching the VM
-        job = SourceJob(config=self.config, qmp_path=qmp_path, peer=peer, options=options,
-                        connect_peer=self.connect_peer, progress=send, cancel=cancel,
-                        vm_name=str(name) if name else None)
-        self.claims.claim(f"qmp:{qmp_path.resolve()}", job.job_id, f"VM {name or qmp_path}")
-        task = asyncio.current_task()
-        assert task is not None
-        self.jobs[job.job_id] = job
+        job_id = uuid.uuid4().hex[:12]
+        self.claims.claim(f"qmp:{qmp_path.resolve()}", job_id, f"VM {name or qmp_path}")
+        record = jobs_mod.JobRecord(job_id=job_id, direction="outbound",
+                                    vm=str(name) if name else str(qmp_path), peer=peer,
+                                    detached=bool(request.get("detach")))
+        self.records[job_id] = record
+        admitted = self.outbound.enter(record)
+        if admitted.done():
+            record.state = record.phase = "running"
+            record.running_at = time.time()
+        # The job is the agent's own task: a detached one outlives this connection.
+        task = asyncio.create_task(
+            self._run_outbound(record, admitted, qmp_path, str(name) if name else None,
+                               options), name=f"job-{job_id}")
         self.job_tasks.add(task)
+        task.add_done_callback(self.job_tasks.discard)
+        if record.detached:
+            return {"ok": True, "job": job_id, "state": record.state,
+                    "position": record.position}
+        # Attached: the connection's cancel (Ctrl-C, or the CLI going away) cancels the job.
+        linked = asyncio.create_task(_forward_cancel(cancel, record.cancel))
+
+        async def forward(event: Reply) -> None:
+            try:
+                await send(event)
+            except (ConnectionError, OSError):
+                record.cancel.set()     # nobody is listening any more: roll back
+
         try:
-            report = await job.run()
+            report = await jobs_mod.follow(record, forward, asyncio.Event())
         finally:
-            del self.jobs[job.job_id]
-            self.job_tasks.discard(task)
-            self.claims.release(job.job_id)
-        if report["status"] == "unknown":
-            # COMMIT may have reached the peer: ask it (now, and after any restart).
-            self.resolve_later([e for e in journal.entries(self.config)
-                                if e.job == job.job_id])
+            linked.cancel()
+        assert report is not None
         return {"ok": report["status"] == "completed", **report}
+
+    async def _run_outbound(self, record: jobs_mod.JobRecord, admitted: asyncio.Future[None],
+                            qmp_path: Path, name: str | None,
+                            options: MigrationOptions) -> None:
+        report: Reply | None = None
+        try:
+            if not admitted.done():
+                waiter: asyncio.Future[Any] = asyncio.ensure_future(record.cancel.wait())
+                watched: set[asyncio.Future[Any]] = {admitted, waiter}
+                await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+                waiter.cancel()
+                if not admitted.done() or admitted.cancelled():
+                    report = queued_report(record, "cancelled while queued")
+                else:
+                    record.state = record.phase = "running"
+                    record.running_at = time.time()
+            if report is None:
+                async def progress(event: Reply) -> None:
+                    record.publish(event)
+
+                job = SourceJob(config=self.config, qmp_path=qmp_path, peer=record.peer,
+                                options=options, connect_peer=self.connect_peer,
+                                progress=progress, cancel=record.cancel, vm_name=name,
+                                job_id=record.job_id)
+                self.jobs[job.job_id] = job
+                try:
+                    report = await job.run()
+                finally:
+                    del self.jobs[job.job_id]
+                if report["status"] == "unknown":
+                    # COMMIT may have reached the peer: ask it (now, and after any restart).
+                    self.resolve_later([e for e in journal.entries(self.config)
+                                        if e.job == job.job_id])
+        finally:
+            self.outbound.leave(record.job_id)
+            self.claims.release(record.job_id)
+            if report is None:
+                report = queued_report(record, "the agent stopped the job")
+                report["status"] = "failed"
+            self._finish(record, report)
+
+
+async def _forward_cancel(source: asyncio.Event, target: asyncio.Event) -> None:
+    await source.wait()
+    target.set()
+
+
+def queued_report(record: jobs_mod.JobRecord, why: str) -> Reply:
+    """The report of a job that ended before it ran."""
+    return {"event": "result", "status": "cancelled", "phase": "cancelled", "error": why,
+            "job": record.job_id, "vm": record.vm, "peer": record.peer,
+            "total_ms": round((time.time() - record.started_at) * 1000, 1)}
+
+
+async def probe_peer(address: tuple[str, int]) -> Reply:
+    """Whether a TCP connection to a peer's address opens within PEER_PROBE_TIMEOUT_S (no
+    handshake: the peer logs a connection that closed before it)."""
+    started = time.monotonic()
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(*address),
+                                           PEER_PROBE_TIMEOUT_S)
+    except (OSError, TimeoutError) as exc:
+        return {"reachable": False,
+                "error": "timed out" if isinstance(exc, TimeoutError) else str(exc)}
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return {"reachable": True, "connect_ms": round((time.monotonic() - started) * 1000, 1)}
 
 
 def migration_options(request: dict[str, Any]) -> MigrationOptions:

@@ -34,6 +34,9 @@ class AgentConfig:
     shutdown_grace_s: float = 30.0   # SIGTERM: running jobs may end within this, then roll back
     link_timeout_s: float = 60.0     # a link on which nothing moves this long is lost
     accept: Accept = field(default_factory=Accept)   # [accept]: the argv rules widened
+    max_outbound: int = 2            # outbound jobs at once; more wait in a queue
+    max_inbound: int = 2             # incoming migrations at once; more are refused (busy)
+    history_limit: int = 500         # finished jobs' reports kept in HOME/history.jsonl
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -102,12 +105,19 @@ def load_config(home: Path) -> AgentConfig:
             if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds < 0:
                 raise UserError(f"{path}: {key} must be a number of seconds >= 0")
             changes[key] = float(seconds)
+    for key, least in (("max_outbound", 1), ("max_inbound", 0), ("history_limit", 1)):
+        if key in data:
+            count = data[key]
+            if not isinstance(count, int) or isinstance(count, bool) or count < least:
+                raise UserError(f"{path}: {key} must be a whole number >= {least}")
+            changes[key] = count
     if "networks" in data:
         changes["networks"] = parse_networks(data["networks"], str(path))
     if "accept" in data:
         changes["accept"] = Accept.from_table(data["accept"], str(path))
     unknown = set(data) - {"listen", "allow_paths", "qemu_binary", "ram_dir", "control_group",
-                           "networks", "shutdown_grace_s", "link_timeout_s", "accept"}
+                           "networks", "shutdown_grace_s", "link_timeout_s", "accept",
+                           "max_outbound", "max_inbound", "history_limit"}
     if unknown:
         raise UserError(f"{path}: unknown settings {', '.join(sorted(unknown))}")
     return replace(config, **changes)
