@@ -33,9 +33,10 @@ RECONNECT_MAX_S = 4.0
 RESUME_WINDOW_S = 15.0
 """How long a destination waits for the source to come back after losing the link in
 pre-copy (the source's reconnect attempts take about 8 s) before it rolls back."""
-ACK_EVERY_BYTES = 16 << 20
-"""The destination acknowledges after this much more received: the source's copies of
-unacknowledged messages stay near this size (plus what is in flight)."""
+ACK_EVERY_BYTES = 4 << 20
+"""The destination acknowledges after this much more received: what the source keeps of
+unacknowledged messages stays near this size plus what is in flight (its page-batch
+buffers stay out of reuse until then: the pool holds enough of them)."""
 
 
 @dataclass
@@ -56,7 +57,7 @@ class ResumableLink:
     attempts: int = RECONNECT_ATTEMPTS
     counters: ResumeCounters = field(default_factory=ResumeCounters)
     _next: int = 0                                     # number of the next message
-    _kept: collections.deque[tuple[int, int, bytes]] = field(
+    _kept: collections.deque[tuple[int, int, bytes | memoryview]] = field(
         default_factory=collections.deque)             # (number, kind, copy) not acked
     _sent_bytes: int = 0
     _acked_bytes: int = 0
@@ -65,14 +66,25 @@ class ResumableLink:
     def resumable(self) -> bool:
         return self.conversation.state is State.TRANSFER
 
+    def _keepable(self, kind: int, payload: bytes | memoryview) -> bytes | memoryview:
+        """What to keep of a message until it is acknowledged. A page batch's buffer is
+        the source's pool's, which reuses no buffer anything still views: keeping the view
+        is enough. QEMU's stream chunks view the parser's buffer, reused at the next read:
+        those are copied (they are the small part)."""
+        if self.conversation.state is not State.TRANSFER:
+            return payload
+        if kind == Kind.RAM_BATCH:
+            return memoryview(payload)   # a view: the pool's buffer stays out of reuse
+        return bytes(payload)
+
     async def send(self, kind: int, payload: bytes | memoryview) -> None:
         if self._resuming is not None:
             await asyncio.shield(self._resuming)   # not before the resent ones
-        data = bytes(payload) if self.conversation.state is State.TRANSFER else payload
+        data = self._keepable(kind, payload)
         number = self._next
         self._next += 1
         if self.conversation.state is State.TRANSFER:
-            self._kept.append((number, kind, data))   # type: ignore[arg-type]
+            self._kept.append((number, kind, data))
         self._sent_bytes += len(data)
         link = self.link
         try:

@@ -76,8 +76,10 @@ ACCEPT_TIMEOUT_S = 10.0
 SOURCE_DONE_TIMEOUT_S = 30.0
 PROGRESS_INTERVAL_S = 0.25
 WATCH_FOREVER_S = 7 * 24 * 3600.0
-# Page batches encoded ahead of the one being sent: two sets of buffers in turn.
-BATCH_POOL = 24
+# Page-batch buffers kept for reuse: two sets being encoded and sent in turn, and those a
+# ResumableLink keeps (viewed) until the destination acknowledges them (ACK_EVERY_BYTES
+# plus what is in flight).
+BATCH_POOL = 128
 # Stream bytes translated at once, at most (when that much has arrived).
 RECEIVE_TARGET = 2 << 20
 
