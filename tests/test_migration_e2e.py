@@ -165,17 +165,28 @@ def test_destination_qemu_killed_during_precopy_rolls_back(agents, start_guest) 
     assert_destination_clean(agents, dest_pid)
 
 
-def test_connection_cut_during_precopy_resumes_on_a_new_one(agents, start_guest) -> None:
+def migrate_through_proxy(agents: AgentPair, start_guest, fault: str) -> tuple[
+        RunningGuest, int, tuple[int, dict, str]]:
+    """A slow migration through a proxy that, once pre-copy is under way, either cuts
+    its connections ("cut") or also stops listening ("gone"); (guest, destination QEMU
+    pid, finish(...))."""
     proxy = CuttableProxy(agents.b.port)
     try:
         _retarget(agents, proxy.port)
         guest = boot(start_guest)
         proc = agents.popen_migrate("--qmp", str(guest.qmp_path), *SLOW)
         dest_pid = wait_for_precopy(agents)
-        proxy.cut()
-        rc, report, stderr = finish(proc)
+        if fault == "cut":
+            proxy.cut()
+        else:
+            proxy.close()
+        return guest, dest_pid, finish(proc)
     finally:
         proxy.close()
+
+
+def test_connection_cut_during_precopy_resumes_on_a_new_one(agents, start_guest) -> None:
+    _, dest_pid, (rc, report, stderr) = migrate_through_proxy(agents, start_guest, "cut")
     assert rc == 0, f"{report}\n{stderr}\n{agents.logs()}"
     # The same job went on: the same destination QEMU, and what it held was not resent.
     assert report["reconnects"] == 1 and report["dest_pid"] == dest_pid
@@ -187,16 +198,8 @@ def test_connection_cut_during_precopy_resumes_on_a_new_one(agents, start_guest)
 
 
 def test_connection_lost_for_good_during_precopy_rolls_back(agents, start_guest) -> None:
-    proxy = CuttableProxy(agents.b.port)
-    try:
-        _retarget(agents, proxy.port)
-        guest = boot(start_guest)
-        proc = agents.popen_migrate("--qmp", str(guest.qmp_path), *SLOW)
-        dest_pid = wait_for_precopy(agents)
-        proxy.close()          # and nothing listens there any more: reconnects fail
-        rc, report, stderr = finish(proc)
-    finally:
-        proxy.close()
+    # Nothing listens at the proxy's port any more: every reconnect fails.
+    guest, dest_pid, (rc, report, stderr) = migrate_through_proxy(agents, start_guest, "gone")
     assert rc == 1 and report.get("status") == "failed", f"{report}\n{stderr}\n{agents.logs()}"
     assert "not restored after 5 attempts" in report["error"], report["error"]
     assert_source_intact(guest)

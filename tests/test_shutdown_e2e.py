@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -27,36 +27,29 @@ from tests.test_migration_e2e import (
 pytestmark = pytest.mark.qemu
 
 
-def pair_with_grace(grace_s: float) -> AgentPair:
-    root = Path(tempfile.mkdtemp(prefix="fy-"))
-    pair = AgentPair.create(root, allow=(default_cache_dir(),))
-    with open(pair.a.home / "agent.toml", "a") as f:
-        f.write(f"shutdown_grace_s = {grace_s}\n")
-    pair.start()
-    return pair
-
-
 @pytest.fixture
-def patient() -> Iterator[AgentPair]:
-    pair = pair_with_grace(120)
+def agents_with_grace() -> Iterator[Callable[[float], AgentPair]]:
+    """Factory: agents a and b, a with shutdown_grace_s as given; removed at the end."""
+    made: list[AgentPair] = []
+
+    def make(grace_s: float) -> AgentPair:
+        pair = AgentPair.create(Path(tempfile.mkdtemp(prefix="fy-")),
+                                allow=(default_cache_dir(),))
+        made.append(pair)
+        with open(pair.a.home / "agent.toml", "a") as f:
+            f.write(f"shutdown_grace_s = {grace_s}\n")
+        pair.start()
+        return pair
     try:
-        yield pair
+        yield make
     finally:
-        pair.cleanup()
-        shutil.rmtree(pair.root, ignore_errors=True)
+        for pair in made:
+            pair.cleanup()
+            shutil.rmtree(pair.root, ignore_errors=True)
 
 
-@pytest.fixture
-def hasty() -> Iterator[AgentPair]:
-    pair = pair_with_grace(0.5)
-    try:
-        yield pair
-    finally:
-        pair.cleanup()
-        shutil.rmtree(pair.root, ignore_errors=True)
-
-
-def test_sigterm_lets_a_running_migration_finish(patient, start_guest) -> None:
+def test_sigterm_lets_a_running_migration_finish(agents_with_grace, start_guest) -> None:
+    patient = agents_with_grace(120)
     guest = boot(start_guest)
     proc = patient.popen_migrate("--qmp", str(guest.qmp_path), *SLOW)
     wait_for_precopy(patient)
@@ -70,7 +63,8 @@ def test_sigterm_lets_a_running_migration_finish(patient, start_guest) -> None:
     assert now.errors == 0
 
 
-def test_sigterm_rolls_back_what_outlives_the_grace(hasty, start_guest) -> None:
+def test_sigterm_rolls_back_what_outlives_the_grace(agents_with_grace, start_guest) -> None:
+    hasty = agents_with_grace(0.5)
     guest = boot(start_guest)
     proc = hasty.popen_migrate("--qmp", str(guest.qmp_path), "--bandwidth", "4M")
     dest_pid = wait_for_precopy(hasty)
