@@ -384,19 +384,44 @@ HOST_RESOURCE_ATTACKS = {
                       "-device", "e1000,netdev=n0"),
                      "-netdev 'user,id=n0,guestfwd=tcp:10.0.2.100:1234-cmd:/bin/true' is refused",
                      "guestfwd connects the guest to a host service or program"),
+    # Close variants: the same file reached by other spellings.
+    "romfile-dotdot": (("-device", "e1000,romfile={up}{out}/rom.bin"),
+                       "romfile '{up}{out}/rom.bin' is outside the destination's allowed"),
+    "romfile-symlink": (("-device", "e1000,romfile={link}"),
+                        "romfile '{link}' is outside the destination's allowed paths"),
+    "romfile-escaped-comma": (("-device", "e1000,romfile={out}/a,,b.rom"),
+                              "romfile '{out}/a,b.rom' is outside the destination's allowed"),
+    "json-device": (("-device", '{{"driver": "e1000", "romfile": "{out}/rom.bin"}}'),
+                    "romfile '{out}/rom.bin' is outside the destination's allowed paths"),
 }
 
 
 @pytest.mark.parametrize("attack", sorted(HOST_RESOURCE_ATTACKS))
 def test_argv_naming_a_destination_host_resource_is_refused(agents, start_guest, tmp_path,
                                                             attack) -> None:
-    (tmp_path / "rom.bin").write_bytes(b"\x55\xaa" + bytes(510))
-    args, *messages = (tuple(a.replace("{out}", str(tmp_path)) for a in part)
-                       if isinstance(part, tuple) else part.replace("{out}", str(tmp_path))
+    rom = tmp_path / "rom.bin"
+    rom.write_bytes(b"\x55\xaa" + bytes(510))
+    shutil.copy(rom, tmp_path / "a,b.rom")
+    # A symlink inside an allowed root (the guest cache) to the file outside them.
+    cache = default_cache_dir()
+    link = cache / f"hostile-{os.getpid()}-{attack}.rom"
+    link.unlink(missing_ok=True)
+    link.symlink_to(rom)
+    up = str(cache) + "/.." * len(cache.parts)        # from an allowed root up to /
+    places = {"{out}": str(tmp_path), "{up}": up, "{link}": str(link)}
+
+    def fill(text: str) -> str:
+        for key, value in places.items():
+            text = text.replace(key, value)
+        return text.replace("{{", "{").replace("}}", "}")
+    args, *messages = (tuple(fill(a) for a in part) if isinstance(part, tuple) else fill(part)
                        for part in HOST_RESOURCE_ATTACKS[attack])
-    guest = start_guest(config=GuestConfig(ws_pages=100), ram_size=64 * MIB + PAD, name="mig",
-                        extra_args=args)
-    rc, report, stderr = agents.migrate("--qmp", str(guest.qmp_path))
+    try:
+        guest = start_guest(config=GuestConfig(ws_pages=100), ram_size=64 * MIB + PAD,
+                            name="mig", extra_args=args)
+        rc, report, stderr = agents.migrate("--qmp", str(guest.qmp_path))
+    finally:
+        link.unlink()
     assert rc == 1 and report["status"] == "failed", f"{report}\n{stderr}"
     for message in messages:
         assert message in report["error"], report["error"]
