@@ -26,7 +26,7 @@ from agent.hostnet import attach
 from agent.migration import recovery
 from agent.migration.claims import Claims
 from agent.migration.conversation import CheckedLink, State
-from agent.migration.link import Link, parse_message, send_control
+from agent.migration.link import parse_message, send_control
 from agent.migration.protocol import Control, Kind, Op
 from agent.migration.resume import ACK_EVERY_BYTES, RESUME_WINDOW_S
 from agent.qemu import qmp as qmp_mod
@@ -94,7 +94,7 @@ class DestinationJob:
     """One incoming migration, driven by the messages of one link."""
 
     config: AgentConfig
-    link: Link
+    link: CheckedLink              # every message checked by the conversation's table
     peer: str
     job_id: str
     claims: Claims = field(default_factory=Claims)
@@ -108,14 +108,12 @@ class DestinationJob:
     _unacked_bytes: int = 0
     _new_link: asyncio.Future[CheckedLink] | None = None   # a RESUME connection
     finished: asyncio.Event = field(default_factory=asyncio.Event)
-    resumes: int = 0
 
     def resume(self, link: CheckedLink) -> bool:
         """Take over a new connection on which the source said RESUME for this job
         (the daemon's); False if this job cannot resume now (not in pre-copy)."""
-        conversation = getattr(self.link, "conversation", None)
-        if (self.finished.is_set() or self.incoming is None or conversation is None
-                or conversation.state is not State.TRANSFER
+        if (self.finished.is_set() or self.incoming is None
+                or self.link.conversation.state is not State.TRANSFER
                 or (self._new_link is not None and self._new_link.done())):
             return False
         if self._new_link is None:
@@ -150,12 +148,18 @@ class DestinationJob:
             with contextlib.suppress(FerryError, ConnectionError):
                 await send_control(self.link, Op.ERROR, message=str(exc),
                                    error_type=type(exc).__name__,
-                                   outcome=(self.outcome or outcomes.Outcome.REMOVED).value
-                                   if not self.committed or self.outcome else None)
+                                   outcome=self._outcome_for_source())
             await self._roll_back(str(exc))
         finally:
             self.claims.release(self.job_id)
             self.finished.set()
+
+    def _outcome_for_source(self) -> str | None:
+        """What an ERROR tells the source of our copy: removed before COMMIT (it is about
+        to be), what _commit_failed found after it, else nothing (the source asks)."""
+        if self.outcome is not None:
+            return self.outcome.value
+        return None if self.committed else outcomes.Outcome.REMOVED.value
 
     # ------------------------------------------------------------------ prepare
 
@@ -318,9 +322,8 @@ class DestinationJob:
 
     def _lost(self, receive: asyncio.Task[tuple[int, bytes | memoryview]]) -> bool:
         """Whether the link failed in pre-copy, where the source may come back (RESUME)."""
-        conversation = getattr(self.link, "conversation", None)
-        return (isinstance(receive.exception(), PeerError) and conversation is not None
-                and conversation.state is State.TRANSFER)
+        return (isinstance(receive.exception(), PeerError)
+                and self.link.conversation.state is State.TRANSFER)
 
     async def _take_new_link(self, receive: asyncio.Task[tuple[int, bytes | memoryview]]
                              ) -> None:
@@ -346,7 +349,6 @@ class DestinationJob:
         with contextlib.suppress(FerryError, ConnectionError, OSError):
             await self.link.close()
         self.link = new
-        self.resumes += 1
         self._unacked_bytes = 0
         await send_control(new, Op.RESUMED, received=self.received)
         log.warning("incoming %s: resumed on a new connection after %d messages",
@@ -428,17 +430,22 @@ class DestinationJob:
         keeps a committed VM: it may have run."""
         incoming = self.incoming
         assert incoming is not None and incoming.process is not None
-        entry = self._entry(incoming, journal.Step.COMMIT_RECEIVED)
         if incoming.process.returncode is None:
             log.error("incoming %s: resuming the VM failed (%s); keeping it", self.job_id, exc)
+            if incoming.qmp is not None:   # QEMU serves one QMP client: recovery's own
+                with contextlib.suppress(QemuError):
+                    await incoming.qmp.disconnect()
+                incoming.qmp = None
+            entry = self._entry(incoming, journal.Step.COMMIT_RECEIVED)
             log.warning("incoming %s: %s", self.job_id,
                         await recovery.keep_committed(self.config, entry))
+            incoming.close_ram()
             incoming.process.detach()
         else:
             log.error("incoming %s: the QEMU died before it resumed: %s", self.job_id, exc)
             await incoming.remove()
-            recovery.remove_incoming(self.config, entry)
             self.outcome = outcomes.Outcome.REMOVED
+            outcomes.record(self.config, self.job_id, self.outcome, incoming.spec.name)
         journal.remove(self.config, self.job_id)
 
     async def _announce(self, q: qmp_mod.Qmp) -> None:

@@ -60,7 +60,6 @@ class ResumableLink:
     _kept: collections.deque[tuple[int, int, bytes | memoryview]] = field(
         default_factory=collections.deque)             # (number, kind, copy) not acked
     _sent_bytes: int = 0
-    _acked_bytes: int = 0
     _resuming: asyncio.Future[None] | None = None
 
     def resumable(self) -> bool:
@@ -116,7 +115,7 @@ class ResumableLink:
 
     def _acknowledged(self, received: int) -> None:
         while self._kept and self._kept[0][0] < received:
-            self._acked_bytes += len(self._kept.popleft()[2])
+            self._kept.popleft()
 
     async def _recover(self, failed: CheckedLink, exc: PeerError) -> None:
         """Reconnect once for everyone who saw this link fail; raise if it cannot be."""
