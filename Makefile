@@ -23,7 +23,7 @@ $(STAMP_VENV): $(STAMP_HOST) pyproject.toml
 	@[ -x $(PY) ] || { echo "ferry setup: creating virtualenv $(VENV)"; $(PYTHON) -m venv $(VENV); }
 	@echo "ferry setup: installing Python dependencies into $(VENV)"
 	@$(PIP) --upgrade pip setuptools wheel "Cython>=3.0" >$(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
-	@$(PIP) --no-build-isolation -e '.[test]' >$(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
+	@$(PIP) --no-build-isolation -e '.[test,plots]' >$(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
 	@touch $@
 
 $(STAMP_BUILD): $(STAMP_VENV) $(NATIVE_SOURCES)
