@@ -5,9 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from agent.errors import UserError
-from agent.qemu.vmspec import parse_size
-
 
 def add_home_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--home", type=Path, default=None,
@@ -19,20 +16,6 @@ def resolve_home(args: argparse.Namespace) -> Path:
     """The --home given, or this user's default agent home."""
     from agent.identity import default_home
     return (args.home or default_home()).absolute()
-
-
-def parse_rate(text: str) -> int:
-    """Bytes per second from RATE such as 100M, 1G, 500M/s or 800Mbit."""
-    value = text.strip().lower().removesuffix("/s")
-    bits = value.endswith("bit")
-    value = value.removesuffix("bit").removesuffix("b") if bits else value.removesuffix("b")
-    try:
-        amount = parse_size(value)
-    except UserError:
-        raise UserError(f"bad rate {text!r}: use e.g. 100M (bytes/s), 1G or 800Mbit") from None
-    if amount <= 0:
-        raise UserError(f"bad rate {text!r}: must be positive")
-    return amount // 8 if bits else amount
 
 
 def human_bytes(n: float) -> str:

@@ -7,10 +7,11 @@ import json
 import sys
 from typing import Any
 
-from agent.commands.common import add_home_argument, human_bytes, parse_rate, resolve_home
+from agent.commands.common import add_home_argument, human_bytes, resolve_home
 from agent.commands.render import ProgressView
 from agent.errors import UserError
 from agent.service.control import ControlClient
+from agent.units import parse_rate
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -12,6 +12,7 @@ from agent.errors import UserError
 from agent.hostnet.networks import Network, parse_networks
 from agent.identity import parse_address
 from agent.qemu.hostrules import Accept
+from agent.units import parse_rate
 
 CONFIG_FILE = "agent.toml"
 DEFAULT_PORT = 7370
@@ -37,6 +38,9 @@ class AgentConfig:
     max_outbound: int = 2            # outbound jobs at once; more wait in a queue
     max_inbound: int = 2             # incoming migrations at once; more are refused (busy)
     history_limit: int = 500         # finished jobs' reports kept in HOME/history.jsonl
+    bandwidth: int | None = None     # bytes/s on the wire for all outbound jobs together
+    metrics_listen: tuple[str, int] | None = None   # Prometheus endpoint; off when None
+    health_window_s: float = 3.0     # after resume, how long the guest's pace is watched
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -99,7 +103,11 @@ def load_config(home: Path) -> AgentConfig:
             changes["control_group"] = grp.getgrnam(str(data["control_group"])).gr_gid
         except KeyError:
             raise UserError(f"{path}: no group {data['control_group']!r}") from None
-    for key in ("shutdown_grace_s", "link_timeout_s"):
+    if "bandwidth" in data:
+        changes["bandwidth"] = parse_rate(str(data["bandwidth"]))
+    if "metrics_listen" in data:
+        changes["metrics_listen"] = parse_address(str(data["metrics_listen"]))
+    for key in ("shutdown_grace_s", "link_timeout_s", "health_window_s"):
         if key in data:
             seconds = data[key]
             if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds < 0:
@@ -117,7 +125,8 @@ def load_config(home: Path) -> AgentConfig:
         changes["accept"] = Accept.from_table(data["accept"], str(path))
     unknown = set(data) - {"listen", "allow_paths", "qemu_binary", "ram_dir", "control_group",
                            "networks", "shutdown_grace_s", "link_timeout_s", "accept",
-                           "max_outbound", "max_inbound", "history_limit"}
+                           "max_outbound", "max_inbound", "history_limit", "bandwidth",
+                           "metrics_listen", "health_window_s"}
     if unknown:
         raise UserError(f"{path}: unknown settings {', '.join(sorted(unknown))}")
     return replace(config, **changes)
