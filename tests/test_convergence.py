@@ -135,6 +135,35 @@ def test_pacer_keeps_a_steady_rate_with_small_bursts():
     assert wait == pytest.approx(0.1, abs=0.01)         # then 1 MB costs 0.1 s at 10 MB/s
 
 
+def test_pacer_without_a_cap_never_waits():
+    pacer = Pacer(None)
+    assert pacer.take(1 << 30) == 0.0
+
+
+def test_pacer_rate_changes_while_in_debt():
+    pacer = Pacer(10 * MB)
+    pacer.take(1 << 20)
+    assert pacer.take(10 * MB) == pytest.approx(1.0, abs=0.02)     # 10 MB owed at 10 MB/s
+    pacer.set_rate(100 * MB)                                        # raised: repaid 10x faster
+    assert pacer.take(0) == pytest.approx(0.1, abs=0.02)
+    pacer.set_rate(None)                                            # lifted: no wait at all
+    assert pacer.take(100 * MB) == 0.0
+    pacer.set_rate(10 * MB)                                         # capped again: a fresh burst
+    assert pacer.take(1 << 20) == 0.0
+    assert pacer.take(MB) == pytest.approx(0.1, abs=0.01)
+    with pytest.raises(ValueError, match="positive"):
+        pacer.set_rate(0)
+
+
+def test_jobs_sharing_a_pacer_share_its_rate():
+    agent_cap = Pacer(10 * MB)
+    agent_cap.take(1 << 20)                  # the burst is spent
+    first = agent_cap.take(MB)               # one job's megabyte...
+    second = agent_cap.take(MB)              # ...and another's queue behind it
+    assert first == pytest.approx(0.1, abs=0.01)
+    assert second == pytest.approx(0.2, abs=0.01)
+
+
 def test_downtime_target_starts_low_and_reaches_the_limit():
     assert downtime_target_s(0.3, 0) == pytest.approx(0.03)
     assert downtime_target_s(0.3, 1) == pytest.approx(0.03)

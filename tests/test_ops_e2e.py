@@ -104,7 +104,8 @@ def test_status_jobs_history_over_the_socket_and_the_cli(make_agents) -> None:
     assert status["peers"] == [{"name": "hostb", "address": agents.b.address,
                                 "reachable": True,
                                 "connect_ms": status["peers"][0]["connect_ms"]}]
-    assert status["limits"] == {"max_outbound": 2, "max_inbound": 2, "history_limit": 500}
+    assert status["limits"] == {"max_outbound": 2, "max_inbound": 2, "history_limit": 500,
+                                "bandwidth": None}
     assert status["jobs"] == [] and status["vms"] == []
     # The CLI says the same, as JSON and as plain lines (stdout is a pipe here).
     assert ferry_json(home, "status")["peers"][0]["reachable"] is True
@@ -222,9 +223,65 @@ def test_inbound_over_max_inbound_is_refused_busy(make_agents, start_guest) -> N
     incoming = wait_for(lambda: call(agents.b.home, {"op": "jobs"})["jobs"],
                         "b to show the incoming job")
     assert incoming[0]["job"] == first and incoming[0]["direction"] == "inbound"
+    # The incoming job shows live progress on its agent too.
+    def arriving() -> dict[str, Any] | None:
+        jobs = call(agents.b.home, {"op": "jobs"})["jobs"]
+        progress = jobs[0].get("progress") if jobs else None
+        return progress if progress and progress.get("wire_bytes") else None
+
+    progress = wait_for(arriving, "b's progress")
+    assert progress["phase"] == "transfer" and progress["elapsed_s"] > 0
+    assert "transfer" in ferry(agents.b.home, "jobs").stdout
     rc, report, stderr = agents.migrate("--qmp", str(second_guest.qmp_path))
     assert rc == 1 and report["status"] == "failed", f"{report}\n{stderr}"
     assert "busy: 1 incoming migrations running (max_inbound)" in report["error"]
     assert second_guest.process.returncode is None
     call(home, {"op": "cancel", "id": first})
     wait_for(lambda: not call(home, {"op": "jobs"})["jobs"], "the first job to end")
+
+
+def wire_rate(home: Path, job_id: str, seconds: float = 1.5, settle: float = 1.0) -> float:
+    """The job's wire rate in bytes/s over `seconds`, from two of its progress events,
+    `settle` seconds from now (a new cap begins with a burst of up to 1 MiB)."""
+    def progress() -> tuple[float, int]:
+        event = (job_state(home, job_id) or {}).get("progress") or {}
+        return float(event.get("elapsed_s", 0)), int(event.get("wire_bytes", 0))
+
+    now = wait_for(lambda: (lambda p: p if p[1] else None)(progress()), "wire bytes")
+    first = wait_for(lambda: (lambda p: p if p[0] >= now[0] + settle else None)(progress()),
+                     f"{settle} s of the job")
+    last = wait_for(lambda: (lambda p: p if p[0] >= first[0] + seconds else None)(progress()),
+                    f"{seconds} s more of the job")
+    return (last[1] - first[1]) / (last[0] - first[0])
+
+
+@pytest.mark.qemu
+def test_bandwidth_caps_of_the_agent_and_the_job_change_while_it_runs(make_agents,
+                                                                      start_guest) -> None:
+    agents = make_agents(a_toml='bandwidth = "2M"\n')
+    home = agents.a.home
+    # 64 MiB of content sent uncompressed: at these caps the job outlives the measurements.
+    guest = start_guest(config=GuestConfig(ws_pages=256, rate=200, fill_pages=16384),
+                        ram_size=128 * MIB + TCG_RAM_PADDING, name="bw")
+    guest.wait_until(lambda s: s.passes >= 1, timeout=60, what="the first pass")
+    assert call(home, {"op": "status"})["limits"]["bandwidth"] == 2 * MIB
+    job_id = ferry_json(home, "migrate", "--qmp", str(guest.qmp_path), "--to", "hostb",
+                        "--compress", "off", "--detach")["job"]
+    assert 1.0 * MIB < wire_rate(home, job_id) < 2.6 * MIB, "the agent's cap from agent.toml"
+    assert "8.0 MiB/s, for every outbound job" in ferry(home, "limit", "--bandwidth",
+                                                       "8M").stdout
+    assert 5.0 * MIB < wire_rate(home, job_id) < 9.5 * MIB, "the agent's cap, raised live"
+    assert ferry_json(home, "limit", job_id[:6], "--bandwidth", "1M") == {
+        "ok": True, "job": job_id, "bandwidth": MIB, "agent_bandwidth": 8 * MIB}
+    assert 0.5 * MIB < wire_rate(home, job_id) < 1.4 * MIB, "the job's cap, under the agent's"
+    assert (job_state(home, job_id) or {})["progress"]["bandwidth_cap_bps"] == MIB
+    bad = ferry(home, "limit", "--bandwidth", "fast", check=False)
+    assert bad.returncode == 1 and "bad rate 'fast'" in bad.stderr
+    ferry(home, "limit", job_id, "--bandwidth", "none")
+    ferry(home, "limit", "--bandwidth", "none")
+    done = ferry(home, "job", job_id, "--follow", "--json", check=False)
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert done.returncode == 0 and report["status"] == "completed", agents.logs()
+    assert call(home, {"op": "status"})["limits"]["bandwidth"] is None
+    gone = ferry(home, "limit", job_id, "--bandwidth", "1M", check=False)
+    assert gone.returncode == 1 and "no outbound job" in gone.stderr

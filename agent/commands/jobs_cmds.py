@@ -1,4 +1,4 @@
-"""`ferry status`, `jobs`, `job`, `cancel`, `history`, `report`: watch and steer the
+"""`ferry status`, `jobs`, `job`, `cancel`, `limit`, `history`, `report`: watch and steer the
 local agent's jobs (each a client of one control op: docs/control-api.md)."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from agent.commands.common import add_home_argument, human_bytes, resolve_home
 from agent.commands.migrate import follow_replies, report_text
 from agent.commands.render import ProgressView, ago, print_table, progress_line, when
 from agent.service.control import ControlClient
+from agent.units import parse_rate
 
 
 def _command(subparsers: argparse._SubParsersAction, name: str, help_text: str,
@@ -36,6 +37,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = _command(subparsers, "cancel", "cancel a running or queued job (the VM stays here)",
                  run_cancel)
     p.add_argument("id", help="job id (or a unique prefix)")
+    p = _command(subparsers, "limit", "change a bandwidth cap now: the agent's, shared by "
+                 "every outbound job, or one job's", run_limit)
+    p.add_argument("id", nargs="?", help="job id (or a unique prefix); none: the agent's cap")
+    p.add_argument("--bandwidth", required=True, metavar="RATE",
+                   help="bytes per second on the wire, e.g. 100M, 1G or 800Mbit; "
+                        "'none' lifts the cap")
     p = _command(subparsers, "history", "finished jobs, newest first", run_history)
     p.add_argument("--limit", type=int, default=20, metavar="N",
                    help="show at most N jobs (default 20)")
@@ -97,8 +104,8 @@ def run_status(args: argparse.Namespace) -> int:
     print(f"  listen   {reply['listen']}\n  control  {reply['control']}\n"
           f"  key      {reply['public_key']}")
     print(f"  limits   max_outbound {limits.get('max_outbound')}, max_inbound "
-          f"{limits.get('max_inbound')}, history {reply.get('history_jobs')} of "
-          f"{limits.get('history_limit')} jobs")
+          f"{limits.get('max_inbound')}, bandwidth {_rate(limits.get('bandwidth'))}, "
+          f"history {reply.get('history_jobs')} of {limits.get('history_limit')} jobs")
     peers = [[p["name"], p["address"],
               f"yes ({p['connect_ms']} ms)" if p.get("reachable") else f"no: {p.get('error')}"]
              for p in reply.get("peers", [])]
@@ -154,6 +161,27 @@ def run_cancel(args: argparse.Namespace) -> int:
     else:
         print(f"cancelling {reply['job']} ({reply['state']}, {reply['phase']}); "
               f"`ferry job {reply['job']} --follow` shows how it ends")
+    return 0
+
+
+def _rate(rate: int | None) -> str:
+    return "no cap" if rate is None else f"{human_bytes(rate)}/s"
+
+
+def run_limit(args: argparse.Namespace) -> int:
+    text = args.bandwidth.strip().lower()
+    rate = None if text in ("none", "off", "0") else parse_rate(args.bandwidth)
+    request: dict[str, Any] = {"op": "limit", "bandwidth": rate}
+    if args.id:
+        request["id"] = args.id
+    reply = _call(args, request)
+    if args.json:
+        _print_json(reply)
+    elif reply.get("job"):
+        print(f"job {reply['job']}: bandwidth {_rate(reply['bandwidth'])} "
+              f"(the agent's: {_rate(reply['agent_bandwidth'])})")
+    else:
+        print(f"agent bandwidth {_rate(reply['bandwidth'])}, for every outbound job")
     return 0
 
 

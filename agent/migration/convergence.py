@@ -177,24 +177,47 @@ def _ewma(old: float, new: float) -> float:
 
 
 class Pacer:
-    """--bandwidth as a token bucket: a steady rate with bursts of at most BURST_S of it.
+    """A bandwidth cap as a token bucket: a steady rate with bursts of at most BURST_S of it.
+    A rate of None means no cap; the rate may change while jobs run (`ferry limit`).
 
     Steady matters: QEMU measures its bandwidth on the socket the agent reads at this
     pace, and plans the switchover with it; credit saved while the job was preparing
-    would let a burst through that QEMU takes for the link's rate.
+    would let a burst through that QEMU takes for the link's rate. Several jobs may share
+    one pacer (the agent's cap): each spends from the same bucket.
     """
 
-    def __init__(self, rate: int) -> None:
-        self.rate = rate
-        self.burst = max(rate * BURST_S, MIN_BURST_BYTES)
-        self._tokens = self.burst
+    def __init__(self, rate: int | None = None) -> None:
+        self.rate: int | None = None
+        self._tokens = 0.0
         self._at = time.monotonic()
+        self.set_rate(rate)
+
+    @property
+    def burst(self) -> float:
+        return max((self.rate or 0) * BURST_S, MIN_BURST_BYTES)
+
+    def set_rate(self, rate: int | None) -> None:
+        """A new cap from now on (None: none). Credit earned at the old rate stays earned;
+        a debt is repaid at the new rate."""
+        if rate is not None and rate <= 0:
+            raise ValueError(f"a bandwidth cap must be positive, not {rate}")
+        self._refill()
+        if self.rate is None:
+            self._tokens = max((rate or 0) * BURST_S, MIN_BURST_BYTES)
+        self.rate = rate
+        self._tokens = min(self._tokens, self.burst)
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        if self.rate is not None:
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
 
     def take(self, nbytes: int) -> float:
         """Spend nbytes; the seconds to wait before sending more."""
-        now = time.monotonic()
-        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
-        self._at = now
+        if self.rate is None:
+            return 0.0
+        self._refill()
         self._tokens -= nbytes
         return -self._tokens / self.rate if self._tokens < 0 else 0.0
 

@@ -105,6 +105,7 @@ class DestinationJob:
     pages_applied: int = 0
     outcome: outcomes.Outcome | None = None   # told the source with an ERROR, when known
     received: int = 1                     # messages received, PREPARE included (RESUMED)
+    received_bytes: int = 0               # their payloads: what `ferry jobs` shows here
     _unacked_bytes: int = 0
     _new_link: asyncio.Future[CheckedLink] | None = None   # a RESUME connection
     finished: asyncio.Event = field(default_factory=asyncio.Event)
@@ -281,6 +282,7 @@ class DestinationJob:
                 # before LOADED, ...
                 kind, payload = receive.result()
                 self.received += 1
+                self.received_bytes += len(payload)
                 self._unacked_bytes += len(payload)
                 if self._unacked_bytes >= ACK_EVERY_BYTES:
                     self._unacked_bytes = 0

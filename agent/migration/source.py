@@ -135,6 +135,7 @@ class Counters:
     forward_bytes: int = 0       # QEMU's stream bytes sent on (device state included)
     device_state_bytes: int = 0  # of those, after RAM's last section
     disk_wire_bytes: int = 0
+    sent_bytes: int = 0          # handed to the link so far (encoding runs ahead of it)
 
     def add(self, batch: codec.EncodedBatch, records: int) -> None:
         self.pages_sent += records
@@ -205,7 +206,11 @@ class SourceJob:
     _last_progress: float = 0.0
     _last_query: dict[str, Any] = field(default_factory=dict)
     faults: frozenset[faults.Fault] = field(default_factory=faults.active)
-    _pacer: Pacer | None = None
+    # The wire caps: the job's own (--bandwidth, `ferry limit JOB`) and the agent's, which
+    # every outbound job shares (`bandwidth` in agent.toml, `ferry limit`); both may change
+    # while the job runs.
+    pacer: Pacer | None = None
+    agent_pacer: Pacer | None = None
     _dropped_page: int | None = None
     _sent_hashes: bytearray = field(default_factory=bytearray)   # what the destination holds
 
@@ -307,8 +312,6 @@ class SourceJob:
         if migration in qemu_migrate.ACTIVE_STATUSES:
             raise UserError(f"VM {spec.name} is already migrating (QEMU migration {migration})")
         self._compression = CompressionPolicy(self.options.compress)
-        if self.options.bandwidth is not None:
-            self._pacer = Pacer(self.options.bandwidth)
         self._sent_hashes = bytearray(codec.zero_block_hash(PAGE_SIZE) * spec.npages)
         self.encoder = codec.BatchEncoder(
             None, PAGE_SIZE, self._sent_hashes,
@@ -614,12 +617,24 @@ class SourceJob:
         if self.inbox is not None:
             self.inbox.check()
         await self.link.send(kind, payload)
+        self.counters.sent_bytes += len(payload)
         await self._pace(len(payload))
 
     async def _pace(self, nbytes: int) -> None:
-        """Sleep as needed to keep the wire rate under --bandwidth."""
-        if self._pacer is not None:
-            await asyncio.sleep(self._pacer.take(nbytes))
+        """Sleep as needed to keep the wire rate under the job's and the agent's caps."""
+        wait = max(pacer.take(nbytes) for pacer in self._pacers())
+        if wait > 0:
+            await asyncio.sleep(wait)
+
+    def _pacers(self) -> tuple[Pacer, ...]:
+        if self.pacer is None:
+            self.pacer = Pacer(self.options.bandwidth)
+        return (self.pacer,) if self.agent_pacer is None else (self.pacer, self.agent_pacer)
+
+    def bandwidth_cap(self) -> int | None:
+        """The rate the job may send at now: the lower of its caps (None: uncapped)."""
+        rates = [p.rate for p in self._pacers() if p.rate is not None]
+        return min(rates) if rates else None
 
     # ------------------------------------------------------------------ QEMU's side
 
@@ -818,8 +833,8 @@ class SourceJob:
             "event": "progress", "phase": self.phases.phase.value,
             "round": self.iterations,
             "elapsed_s": round(elapsed, 3), "pages_sent": c.pages_sent,
-            "wire_bytes": c.total_wire_bytes,
-            "throughput_bps": round(c.total_wire_bytes / elapsed) if elapsed > 0 else 0,
+            "wire_bytes": c.sent_bytes,
+            "throughput_bps": round(c.sent_bytes / elapsed) if elapsed > 0 else 0,
         }
         if "remaining" in ram:
             remaining = int(ram["remaining"])
@@ -834,6 +849,9 @@ class SourceJob:
                 event["eta_s"] = round(eta, 2)
         if self.throttle_pct:
             event["throttle"] = self.throttle_pct / 100
+        cap = self.bandwidth_cap()
+        if cap is not None:
+            event["bandwidth_cap_bps"] = cap
         with contextlib.suppress(Exception):
             await self.progress(event)
 

@@ -20,7 +20,7 @@ from agent.errors import FerryError, PeerError, ProtocolError, TrustError, UserE
 from agent.hostnet import attach
 from agent.migration import faults, recovery
 from agent.migration.claims import Claims
-from agent.migration.convergence import CompressSetting, TimeoutAction
+from agent.migration.convergence import CompressSetting, Pacer, TimeoutAction
 from agent.migration.conversation import CheckedLink, Conversation, Role
 from agent.migration.destination import DestinationJob
 from agent.migration.link import Link, parse_message, send_control
@@ -41,6 +41,7 @@ PEER_PROBE_TIMEOUT_S = 1.0      # `status`: a TCP connect to each trusted peer
 HISTORY_DEFAULT = 20            # `history` without a limit
 RESOLVE_FIRST_S = 1.0
 RESOLVE_MAX_S = 60.0
+INBOUND_PROGRESS_S = 0.5        # how often an incoming job's progress is published
 
 
 class ChannelLink:
@@ -124,11 +125,14 @@ class Agent:
     control: ControlServer | None = None
     history: jobs_mod.History = field(init=False)
     outbound: jobs_mod.Limiter = field(init=False)
+    bandwidth: Pacer = field(init=False)        # the agent's cap, shared by outbound jobs
+    pacers: dict[str, Pacer] = field(default_factory=dict)   # each outbound job's own cap
     started: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
         self.history = jobs_mod.History(self.config.home, self.config.history_limit)
         self.outbound = jobs_mod.Limiter(self.config.max_outbound)
+        self.bandwidth = Pacer(self.config.bandwidth)
 
     async def start(self) -> None:
         """Bind both servers; after this the agent is ready."""
@@ -139,6 +143,7 @@ class Agent:
             "ping": self._ping, "vm-list": self._vm_list, "migrate": self._migrate,
             "jobs": self._jobs, "status": self._status, "job": self._job,
             "cancel": self._cancel, "history": self._history, "report": self._report,
+            "limit": self._limit,
         }, group=self.config.control_group)
         await self.control.start()
 
@@ -315,9 +320,11 @@ class Agent:
             record.job_id = f"{record.job_id}-in"    # a migration between our own homes
         self.records[record.job_id] = record
         started = time.monotonic()
+        watcher = asyncio.create_task(_watch_inbound(job, record, started))
         try:
             await job.run(prepare)
         finally:
+            watcher.cancel()
             status = "completed" if job.committed else "failed"
             report = {"event": "result", "status": status,
                       "phase": "completed" if job.committed else "removed",
@@ -371,7 +378,8 @@ class Agent:
                 "vms": vm_list["vms"], "jobs": self._job_rows(),
                 "limits": {"max_outbound": self.config.max_outbound,
                            "max_inbound": self.config.max_inbound,
-                           "history_limit": self.config.history_limit},
+                           "history_limit": self.config.history_limit,
+                           "bandwidth": self.bandwidth.rate},
                 "history_jobs": len(self.history.entries)}
 
     async def _job(self, request: dict[str, Any], send: Any, cancel: asyncio.Event) -> Reply:
@@ -410,6 +418,31 @@ class Agent:
         record.cancel.set()
         return {"ok": True, "job": record.job_id, "state": record.state,
                 "phase": record.phase}
+
+    async def _limit(self, request: dict[str, Any], send: Any,
+                     cancel: asyncio.Event) -> Reply:
+        """Change a bandwidth cap now: the agent's (shared by every outbound job) or, with
+        a job id, one outbound job's; running jobs send at the new rate at once."""
+        if "bandwidth" not in request:
+            raise UserError('limit: give "bandwidth" (bytes per second, or null for no cap)')
+        rate = request["bandwidth"]
+        if rate is not None and (not isinstance(rate, int) or isinstance(rate, bool)
+                                 or rate <= 0):
+            raise UserError(f"limit: bandwidth must be a positive whole number of bytes "
+                            f"per second or null, not {rate!r}")
+        if request.get("id") or request.get("job"):
+            record = self._record(request)
+            if record is None or record.job_id not in self.pacers:
+                raise UserError(f"no outbound job {request.get('id') or request.get('job')!r} "
+                                f"queued or running here")
+            self.pacers[record.job_id].set_rate(rate)
+            log.info("job %s: bandwidth cap %s", record.job_id, _rate_text(rate))
+            return {"ok": True, "job": record.job_id, "bandwidth": rate,
+                    "agent_bandwidth": self.bandwidth.rate}
+        self.bandwidth.set_rate(rate)
+        log.info("agent bandwidth cap %s (%d outbound job(s) running)", _rate_text(rate),
+                 len(self.jobs))
+        return {"ok": True, "job": None, "bandwidth": rate, "agent_bandwidth": rate}
 
     async def _history(self, request: dict[str, Any], send: Any,
                        cancel: asyncio.Event) -> Reply:
@@ -454,6 +487,7 @@ class Agent:
                                     vm=str(name) if name else str(qmp_path), peer=peer,
                                     detached=bool(request.get("detach")))
         self.records[job_id] = record
+        self.pacers[job_id] = Pacer(options.bandwidth)
         admitted = self.outbound.enter(record)
         if admitted.done():
             record.state = record.phase = "running"
@@ -505,7 +539,8 @@ class Agent:
                 job = SourceJob(config=self.config, qmp_path=qmp_path, peer=record.peer,
                                 options=options, connect_peer=self.connect_peer,
                                 progress=progress, cancel=record.cancel, vm_name=name,
-                                job_id=record.job_id)
+                                job_id=record.job_id, pacer=self.pacers[record.job_id],
+                                agent_pacer=self.bandwidth)
                 self.jobs[job.job_id] = job
                 try:
                     report = await job.run()
@@ -517,11 +552,28 @@ class Agent:
                                         if e.job == job.job_id])
         finally:
             self.outbound.leave(record.job_id)
+            self.pacers.pop(record.job_id, None)
             self.claims.release(record.job_id)
             if report is None:
                 report = queued_report(record, "the agent stopped the job")
                 report["status"] = "failed"
             self._finish(record, report)
+
+
+async def _watch_inbound(job: DestinationJob, record: jobs_mod.JobRecord,
+                         started: float) -> None:
+    """Publish an incoming job's progress as the source's is: what has arrived so far."""
+    while True:
+        await asyncio.sleep(INBOUND_PROGRESS_S)
+        elapsed = time.monotonic() - started
+        record.publish({"event": "progress", "phase": job.link.conversation.state.value,
+                        "elapsed_s": round(elapsed, 3), "pages_applied": job.pages_applied,
+                        "wire_bytes": job.received_bytes,
+                        "throughput_bps": round(job.received_bytes / elapsed)})
+
+
+def _rate_text(rate: int | None) -> str:
+    return "none" if rate is None else f"{rate} B/s"
 
 
 async def _forward_cancel(source: asyncio.Event, target: asyncio.Event) -> None:
