@@ -205,11 +205,15 @@ def test_cancel_by_id_rolls_back_a_detached_job(make_agents, start_guest) -> Non
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert done.returncode == 1 and report["status"] == "cancelled", agents.logs()
     assert ferry_json(home, "report", job_id)["status"] == "cancelled"
+    assert report["error_reason"] is None                # cancelled is not a failure
     before = guest.mailbox()
     after = guest.wait_until(lambda s: s.heartbeat > before.heartbeat + 20, timeout=10,
                              what="the source guest to run on")
     assert after.errors == 0
     wait_for(lambda: agents.b.leftovers() == [], "the destination to remove its copy")
+    incoming = wait_for(lambda: call(agents.b.home, {"op": "history"})["jobs"],
+                        "b's report of the job")
+    assert incoming[0]["status"] == "failed" and incoming[0]["error_reason"] == "aborted"
 
 
 @pytest.mark.qemu
@@ -225,6 +229,7 @@ def test_inbound_over_max_inbound_is_refused_busy(make_agents, start_guest) -> N
     rc, report, stderr = agents.migrate("--qmp", str(second_guest.qmp_path))
     assert rc == 1 and report["status"] == "failed", f"{report}\n{stderr}"
     assert "busy: 1 incoming migrations running (max_inbound)" in report["error"]
+    assert report["error_reason"] == "destination"     # the metrics' reason label
     assert second_guest.process.returncode is None
     call(home, {"op": "cancel", "id": first})
     wait_for(lambda: not call(home, {"op": "jobs"})["jobs"], "the first job to end")
