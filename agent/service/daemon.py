@@ -339,7 +339,7 @@ class Agent:
             self._finish(record, report)
 
     def _finish(self, record: jobs_mod.JobRecord, report: Reply) -> None:
-        """A job ended: into the history, then tell whoever follows it."""
+        """A job ended: into the history and the metrics, then tell whoever follows it."""
         record.ended_at = time.time()
         self.history.append(jobs_mod.history_entry(record, report))
         self.metrics.job_finished(record, report)
