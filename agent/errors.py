@@ -1,38 +1,59 @@
 """The one error tree of ferry: every failure is a FerryError saying whose fault it was."""
 
 from enum import IntEnum
+from typing import ClassVar
 
 
 class FerryError(Exception):
-    """Root of every error ferry raises on purpose."""
+    """Root of every error ferry raises on purpose.
+
+    `failure_reason` is the failed job's reason in the report (`error_reason`) and the
+    metrics' `reason` label: one of a small closed set, one per family of the tree, so
+    a label never carries an error's text."""
+
+    failure_reason: ClassVar[str] = "other"
 
 
 class UserError(FerryError):
     """The caller asked for something impossible or malformed (bad path, bad option)."""
 
+    failure_reason = "user"
+
 
 class LocalError(FerryError):
     """Something on this host failed (file system, resources, our own bug)."""
+
+    failure_reason = "local"
 
 
 class PeerError(FerryError):
     """The remote agent misbehaved, refused, or vanished."""
 
+    failure_reason = "peer"
+
 
 class ProtocolError(PeerError):
     """Bytes from the peer broke the wire protocol; the connection must end."""
+
+    failure_reason = "protocol"
 
 
 class TrustError(PeerError):
     """The peer's identity is not in the trusted list (or ours is not in theirs)."""
 
+    failure_reason = "trust"
+
 
 class QemuError(FerryError):
     """QEMU refused a command, died, or could not be reached over QMP."""
 
+    failure_reason = "qemu"
+
 
 class VmNotMigratableError(UserError):
     """The VM is not set up so that ferry can migrate it (e.g. RAM not a shared file)."""
+
+    failure_reason = "not_migratable"
 
 
 class BatchError(ProtocolError):
@@ -67,6 +88,17 @@ class QemuStartError(QemuError):
 
 class GuestBuildError(LocalError):
     """The test guest could not be assembled or linked (binutils missing or failing)."""
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The closed-set reason a job failed with `exc` (anything not ferry's: "other")."""
+    return exc.failure_reason if isinstance(exc, FerryError) else "other"
+
+
+# Every reason a failed job can have: the error families' own, a job the agent stopped
+# (shutdown), an incoming job its source rolled back (aborted), and "other".
+FAILURE_REASONS = ("user", "not_migratable", "timeout", "local", "peer", "protocol", "trust",
+                   "destination", "qemu", "shutdown", "aborted", "other")
 
 
 # --- The secure channel (agent/wire, agent/net): every way a link to a peer can fail. ---

@@ -206,8 +206,9 @@ def _read_identity(path: Path) -> Identity:
 # ---- trusted peers ----
 
 
-def parse_address(text: str) -> tuple[str, int]:
-    """(host, port) of "HOST:PORT" or "[IPv6]:PORT"; anything else is the user's error."""
+def parse_address(text: str, *, any_port: bool = False) -> tuple[str, int]:
+    """(host, port) of "HOST:PORT" or "[IPv6]:PORT"; anything else is the user's error.
+    With `any_port`, port 0 (any free port, for a server) is allowed."""
     match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\[\]\s]+):(\d{1,5})", text)
     if not match:
         raise UserError(f"address must be HOST:PORT (or [IPv6]:PORT), got {text!r}")
@@ -215,8 +216,9 @@ def parse_address(text: str) -> tuple[str, int]:
     port = int(match.group(2) or match.group(4))
     if match.group(3) is not None and not HOST.fullmatch(host):
         raise UserError(f"not a host name or address: {host!r}")
-    if not 1 <= port <= 65535:
-        raise UserError(f"port must be within 1..65535, got {port}")
+    least = 0 if any_port else 1
+    if not least <= port <= 65535:
+        raise UserError(f"port must be within {least}..65535, got {port}")
     return host, port
 
 

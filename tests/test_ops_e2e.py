@@ -27,6 +27,7 @@ from tests.agents import AgentPair
 
 MIB = 1 << 20
 SLOW = "3M"       # --bandwidth that keeps a small guest's migration going for seconds
+CRAWL = "256K"    # ... for a minute: until the test cancels it or lifts the cap
 
 
 @pytest.fixture
@@ -159,8 +160,9 @@ def test_max_outbound_queues_the_second_job_until_the_first_ends(make_agents,
     agents = make_agents(a_toml="max_outbound = 1\n")
     first_guest, second_guest = small_guest(start_guest, "q1"), small_guest(start_guest, "q2")
     home = agents.a.home
+    # The first job crawls until the second is seen queued, then its cap is lifted.
     first = ferry_json(home, "migrate", "--qmp", str(first_guest.qmp_path), "--to", "hostb",
-                       "--bandwidth", SLOW, "--detach")
+                       "--bandwidth", CRAWL, "--detach")
     assert first["ok"] and first["state"] == "running"
     second = ferry_json(home, "migrate", "--qmp", str(second_guest.qmp_path), "--to",
                         "hostb", "--detach")
@@ -176,11 +178,14 @@ def test_max_outbound_queues_the_second_job_until_the_first_ends(make_agents,
                                  "--follow", "--home", str(home)],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
+        assert follower.stdout is not None
+        said = follower.stdout.readline()
+        assert said.startswith("queued") and "position 1" in said, said
+        ferry(home, "limit", first["job"], "--bandwidth", "none")
         out, err = follower.communicate(timeout=150)
     finally:
         follower.kill()
     assert follower.returncode == 0, f"{out}\n{err}\n{agents.logs()}"
-    assert out.splitlines()[0].startswith("queued") and "position 1" in out
     assert "migration completed: q2 -> hostb" in out
     history = {e["job"]: e for e in call(home, {"op": "history"})["jobs"]}
     assert history[first["job"]]["status"] == "completed"
@@ -195,7 +200,7 @@ def test_cancel_by_id_rolls_back_a_detached_job(make_agents, start_guest) -> Non
     guest = small_guest(start_guest, "cx")
     home = agents.a.home
     job_id = ferry_json(home, "migrate", "--qmp", str(guest.qmp_path), "--to", "hostb",
-                        "--bandwidth", SLOW, "--detach")["job"]
+                        "--bandwidth", CRAWL, "--detach")["job"]
     # The CLI that asked is gone; the job runs on. Wait until it sends pages.
     wait_for(lambda: (job_state(home, job_id) or {}).get("progress", {}).get("pages_sent"),
              "the detached job to send pages")
@@ -206,11 +211,15 @@ def test_cancel_by_id_rolls_back_a_detached_job(make_agents, start_guest) -> Non
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert done.returncode == 1 and report["status"] == "cancelled", agents.logs()
     assert ferry_json(home, "report", job_id)["status"] == "cancelled"
+    assert report["error_reason"] is None                # cancelled is not a failure
     before = guest.mailbox()
     after = guest.wait_until(lambda s: s.heartbeat > before.heartbeat + 20, timeout=10,
                              what="the source guest to run on")
     assert after.errors == 0
     wait_for(lambda: agents.b.leftovers() == [], "the destination to remove its copy")
+    incoming = wait_for(lambda: call(agents.b.home, {"op": "history"})["jobs"],
+                        "b's report of the job")
+    assert incoming[0]["status"] == "failed" and incoming[0]["error_reason"] == "aborted"
 
 
 @pytest.mark.qemu
@@ -219,7 +228,7 @@ def test_inbound_over_max_inbound_is_refused_busy(make_agents, start_guest) -> N
     first_guest, second_guest = small_guest(start_guest, "b1"), small_guest(start_guest, "b2")
     home = agents.a.home
     first = ferry_json(home, "migrate", "--qmp", str(first_guest.qmp_path), "--to", "hostb",
-                       "--bandwidth", SLOW, "--detach")["job"]
+                       "--bandwidth", CRAWL, "--detach")["job"]
     incoming = wait_for(lambda: call(agents.b.home, {"op": "jobs"})["jobs"],
                         "b to show the incoming job")
     assert incoming[0]["job"] == first and incoming[0]["direction"] == "inbound"
@@ -235,6 +244,7 @@ def test_inbound_over_max_inbound_is_refused_busy(make_agents, start_guest) -> N
     rc, report, stderr = agents.migrate("--qmp", str(second_guest.qmp_path))
     assert rc == 1 and report["status"] == "failed", f"{report}\n{stderr}"
     assert "busy: 1 incoming migrations running (max_inbound)" in report["error"]
+    assert report["error_reason"] == "destination"     # the metrics' reason label
     assert second_guest.process.returncode is None
     call(home, {"op": "cancel", "id": first})
     wait_for(lambda: not call(home, {"op": "jobs"})["jobs"], "the first job to end")

@@ -9,7 +9,7 @@ from agent.commands.common import add_home_argument, resolve_home
 from agent.identity import parse_address
 from agent.net.channel import run as run_on_uvloop
 from agent.service.daemon import run_agent
-from agent.state.config import load_config
+from agent.state.config import load_config, parse_metrics_listen
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -24,6 +24,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--qemu", metavar="BINARY", help="QEMU binary (default qemu-system-x86_64)")
     p.add_argument("--ram-dir", type=Path, metavar="DIR",
                    help="where incoming VMs' RAM files go (default /dev/shm)")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any "
+                        "free port; default off, or metrics_listen in agent.toml)")
     p.set_defaults(func=run)
 
 
@@ -33,7 +36,9 @@ def run(args: argparse.Namespace) -> int:
         listen=parse_address(args.listen) if args.listen else None,
         allow_paths=(config.allow_paths + tuple(p.absolute() for p in args.allow_path)
                      if args.allow_path else None),
-        qemu_binary=args.qemu, ram_dir=args.ram_dir)
+        qemu_binary=args.qemu, ram_dir=args.ram_dir,
+        metrics_listen=parse_metrics_listen(args.metrics, "--metrics") if args.metrics
+        else None)
     config.qemu_path()  # fail now, not at the first migration
     run_on_uvloop(run_agent(config))
     return 0

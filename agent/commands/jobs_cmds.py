@@ -101,7 +101,9 @@ def run_status(args: argparse.Namespace) -> int:
     limits = reply.get("limits", {})
     print(f"ferry agent {reply['version']}  pid {reply['pid']}  up {reply['uptime_s']:.0f} s"
           f"{'  (stopping)' if reply.get('stopping') else ''}")
+    metrics = reply.get("metrics")
     print(f"  listen   {reply['listen']}\n  control  {reply['control']}\n"
+          f"  metrics  {f'http://{metrics}/metrics' if metrics else 'off'}\n"
           f"  key      {reply['public_key']}")
     print(f"  limits   max_outbound {limits.get('max_outbound')}, max_inbound "
           f"{limits.get('max_inbound')}, bandwidth {_rate(limits.get('bandwidth'))}, "

@@ -21,7 +21,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.batch import codec
-from agent.errors import FerryError, LocalError, PeerError, ProtocolError, QemuError, UserError
+from agent.errors import (
+    FerryError,
+    LocalError,
+    PeerError,
+    ProtocolError,
+    QemuError,
+    UserError,
+    failure_reason,
+)
 from agent.hostnet import attach
 from agent.migration import recovery
 from agent.migration.claims import Claims
@@ -104,6 +112,7 @@ class DestinationJob:
     committed: bool = False
     pages_applied: int = 0
     outcome: outcomes.Outcome | None = None   # told the source with an ERROR, when known
+    error_reason: str | None = None       # why it failed (errors.failure_reason)
     received: int = 1                     # messages received, PREPARE included (RESUMED)
     received_bytes: int = 0               # their payloads: what `ferry jobs` shows here
     _unacked_bytes: int = 0
@@ -134,6 +143,7 @@ class DestinationJob:
             await self._prepare(prepare.body)
             await self._serve()
         except asyncio.CancelledError:
+            self.error_reason = "shutdown"
             await self._roll_back("the agent is shutting down")
             raise
         except Exception as exc:
@@ -146,6 +156,7 @@ class DestinationJob:
                 log.exception("incoming migration %s from %s: unexpected error", self.job_id,
                               self.peer)
                 exc = LocalError(f"destination internal error: {exc!r}")
+            self.error_reason = failure_reason(exc)
             with contextlib.suppress(FerryError, ConnectionError):
                 await send_control(self.link, Op.ERROR, message=str(exc),
                                    error_type=type(exc).__name__,
@@ -307,6 +318,7 @@ class DestinationJob:
                 elif msg.op is Op.ABORT:
                     log.info("incoming %s: source aborted: %s", self.job_id,
                              msg.body.get("reason", "no reason given"))
+                    self.error_reason = "aborted"
                     await self._roll_back("aborted by the source")
                     with contextlib.suppress(FerryError, ConnectionError):
                         await send_control(self.link, Op.ABORTED)

@@ -25,6 +25,8 @@ class RemoteFailure(PeerError):
     """The other agent reported that its side of the job failed; `outcome` is what it did
     with its copy when it says (removed: the source may resume)."""
 
+    failure_reason = "destination"
+
     def __init__(self, message: str, outcome: str | None = None) -> None:
         super().__init__(message)
         self.outcome = outcome

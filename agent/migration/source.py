@@ -34,7 +34,14 @@ from typing import Any
 from agent.batch import codec
 from agent.batch.format import HASH_SIZE
 from agent.buffers import BufferPool
-from agent.errors import FerryError, LocalError, QemuError, UserError, VmNotMigratableError
+from agent.errors import (
+    FerryError,
+    LocalError,
+    QemuError,
+    UserError,
+    VmNotMigratableError,
+    failure_reason,
+)
 from agent.migration import faults
 from agent.migration.convergence import (
     Compression,
@@ -86,6 +93,8 @@ RECEIVE_TARGET = 2 << 20
 
 class ConvergenceTimeout(UserError):
     """Pre-copy ran out of its time budget without converging (timeout action: abort)."""
+
+    failure_reason = "timeout"
 
 
 Progress = Callable[[dict[str, Any]], Awaitable[None]]
@@ -221,6 +230,7 @@ class SourceJob:
         body = asyncio.create_task(self._migrate(), name=f"migrate-{self.job_id}")
         cancel_wait: asyncio.Task[object] = asyncio.create_task(self.cancel.wait())
         error: str | None = None
+        reason: str | None = None
         try:
             while True:
                 done, _ = await asyncio.wait({body, cancel_wait},
@@ -242,7 +252,7 @@ class SourceJob:
                 log.exception("migration %s: unexpected error", self.job_id)
                 exc = LocalError(f"internal error: {exc!r}")
             exc = await self._explain(exc)
-            error = str(exc)
+            error, reason = str(exc), failure_reason(exc)
             log.error("migration %s of %s failed: %s", self.job_id, self.qmp_path, exc)
             log.debug("traceback", exc_info=True)
             if self.phases.may_roll_back:
@@ -261,7 +271,7 @@ class SourceJob:
             await self._release()
             if self.phases.phase is not Phase.UNKNOWN:
                 journal.remove(self.config, self.job_id)
-        return self.report(error)
+        return self.report(error, reason)
 
     async def _explain(self, exc: FerryError) -> FerryError:
         """The root cause of a failure: the peer's own report, or QEMU's error when its
@@ -855,8 +865,9 @@ class SourceJob:
         with contextlib.suppress(Exception):
             await self.progress(event)
 
-    def report(self, error: str | None) -> dict[str, Any]:
-        """The final report (the JSON object `ferry migrate --json` prints last)."""
+    def report(self, error: str | None, reason: str | None = None) -> dict[str, Any]:
+        """The final report (the JSON object `ferry migrate --json` prints last); `reason`
+        is the error's closed-set family (errors.failure_reason)."""
         phase = self.phases.phase
         status = {Phase.COMPLETED: "completed", Phase.CANCELLED: "cancelled",
                   Phase.UNKNOWN: "unknown"}.get(phase, "failed")
@@ -866,6 +877,7 @@ class SourceJob:
         return {
             "event": "result", "status": status, "phase": phase.value,
             "error": error if status != "completed" else None,
+            "error_reason": reason if status != "completed" else None,
             "job": self.job_id, "vm": self.vm_name or (self.info.name if self.info else None),
             "peer": self.peer,
             "total_ms": round((time.monotonic() - self.started) * 1000, 1),

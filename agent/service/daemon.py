@@ -28,6 +28,7 @@ from agent.migration.protocol import Op
 from agent.migration.source import MigrationOptions, SourceJob
 from agent.net import channel as channel_mod
 from agent.service import jobs as jobs_mod
+from agent.service import metrics as metrics_mod
 from agent.service import systemd
 from agent.service.control import ControlServer, Reply
 from agent.state import journal, outcomes, vms
@@ -123,19 +124,27 @@ class Agent:
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     peer_server: channel_mod.ChannelServer | None = None
     control: ControlServer | None = None
+    metrics_server: metrics_mod.MetricsServer | None = None
     history: jobs_mod.History = field(init=False)
     outbound: jobs_mod.Limiter = field(init=False)
     bandwidth: Pacer = field(init=False)        # the agent's cap, shared by outbound jobs
     pacers: dict[str, Pacer] = field(default_factory=dict)   # each outbound job's own cap
+    metrics: metrics_mod.AgentMetrics = field(init=False)
     started: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
         self.history = jobs_mod.History(self.config.home, self.config.history_limit)
         self.outbound = jobs_mod.Limiter(self.config.max_outbound)
         self.bandwidth = Pacer(self.config.bandwidth)
+        self.metrics = metrics_mod.AgentMetrics(lambda: self.records.values())
 
     async def start(self) -> None:
-        """Bind both servers; after this the agent is ready."""
+        """Bind the servers (metrics first: a bad metrics_listen refuses the start before
+        anything else listens); after this the agent is ready."""
+        if self.config.metrics_listen is not None:
+            server = metrics_mod.MetricsServer(self.metrics)
+            await server.start(*self.config.metrics_listen)
+            self.metrics_server = server
         host, port = self.config.listen
         self.peer_server = await channel_mod.serve(host, port, self.identity, self.trust,
                                                    self._serve_peer)
@@ -181,6 +190,8 @@ class Agent:
             await self.control.close()
         if self.peer_server is not None:
             await self.peer_server.close()
+        if self.metrics_server is not None:   # last: the grace period can be watched
+            await self.metrics_server.close()
 
     # ------------------------------------------------------------------ peers
 
@@ -330,13 +341,15 @@ class Agent:
                       "phase": "completed" if job.committed else "removed",
                       "job": record.job_id, "vm": record.vm, "peer": record.peer,
                       "total_ms": round((time.monotonic() - started) * 1000, 1),
-                      "pages_applied": job.pages_applied}
+                      "pages_applied": job.pages_applied,
+                      "error_reason": None if job.committed else job.error_reason or "other"}
             self._finish(record, report)
 
     def _finish(self, record: jobs_mod.JobRecord, report: Reply) -> None:
-        """A job ended: into the history, then tell whoever follows it."""
+        """A job ended: into the history and the metrics, then tell whoever follows it."""
         record.ended_at = time.time()
         self.history.append(jobs_mod.history_entry(record, report))
+        self.metrics.job_finished(record, report)
         self.records.pop(record.job_id, None)
         record.finish(report)
 
@@ -371,6 +384,7 @@ class Agent:
         return {"ok": True, "version": __version__, "pid": os.getpid(),
                 "uptime_s": round(time.monotonic() - self.started, 1),
                 "listen": f"{host}:{self.port}", "control": str(self.config.control_socket),
+                "metrics": self.metrics_server.address if self.metrics_server else None,
                 "home": str(self.config.home), "public_key": self.identity.public_key_b64,
                 "stopping": self.stopping.is_set(),
                 "peers": [{"name": p.name, "address": f"{p.host_port[0]}:{p.host_port[1]}",
@@ -556,7 +570,7 @@ class Agent:
             self.claims.release(record.job_id)
             if report is None:
                 report = queued_report(record, "the agent stopped the job")
-                report["status"] = "failed"
+                report.update(status="failed", error_reason="shutdown")
             self._finish(record, report)
 
 
@@ -584,6 +598,7 @@ async def _forward_cancel(source: asyncio.Event, target: asyncio.Event) -> None:
 def queued_report(record: jobs_mod.JobRecord, why: str) -> Reply:
     """The report of a job that ended before it ran."""
     return {"event": "result", "status": "cancelled", "phase": "cancelled", "error": why,
+            "error_reason": None,
             "job": record.job_id, "vm": record.vm, "peer": record.peer,
             "total_ms": round((time.time() - record.started_at) * 1000, 1)}
 
@@ -641,8 +656,10 @@ async def run_agent(config: AgentConfig, *, ready: asyncio.Event | None = None) 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.stopping.set)
     host, _ = config.listen
-    print(f"ferry agent: listening on {host}:{agent.port}, control {config.control_socket}, "
-          f"key {identity.public_key_b64}", flush=True)
+    metrics = (f", metrics http://{agent.metrics_server.address}/metrics"
+               if agent.metrics_server else "")
+    print(f"ferry agent: listening on {host}:{agent.port}, control {config.control_socket}"
+          f"{metrics}, key {identity.public_key_b64}", flush=True)
     systemd.notify("READY=1")
     if ready is not None:
         ready.set()

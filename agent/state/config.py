@@ -78,6 +78,14 @@ class AgentConfig:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
+def parse_metrics_listen(text: str, where: str) -> tuple[str, int]:
+    """The Prometheus endpoint's HOST:PORT (port 0: any free one); errors name `where`."""
+    try:
+        return parse_address(text, any_port=True)
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
+
+
 def load_config(home: Path) -> AgentConfig:
     """Defaults, then `agent.toml` in home if it exists."""
     config = AgentConfig(home=home)
@@ -106,7 +114,8 @@ def load_config(home: Path) -> AgentConfig:
     if "bandwidth" in data:
         changes["bandwidth"] = parse_rate(str(data["bandwidth"]))
     if "metrics_listen" in data:
-        changes["metrics_listen"] = parse_address(str(data["metrics_listen"]))
+        changes["metrics_listen"] = parse_metrics_listen(str(data["metrics_listen"]),
+                                                         f"{path}: metrics_listen")
     for key in ("shutdown_grace_s", "link_timeout_s", "health_window_s"):
         if key in data:
             seconds = data[key]
