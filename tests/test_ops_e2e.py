@@ -239,8 +239,9 @@ def test_inbound_over_max_inbound_is_refused_busy(make_agents, start_guest) -> N
         return progress if progress and progress.get("wire_bytes") else None
 
     progress = wait_for(arriving, "b's progress")
-    assert progress["phase"] == "transfer" and progress["elapsed_s"] > 0
-    assert "transfer" in ferry(agents.b.home, "jobs").stdout
+    assert progress["phase"] == "receiving" and progress["step"] == "transfer"
+    assert progress["elapsed_s"] > 0 and progress["throughput_bps"] > 0
+    assert "receiving" in ferry(agents.b.home, "jobs").stdout
     rc, report, stderr = agents.migrate("--qmp", str(second_guest.qmp_path))
     assert rc == 1 and report["status"] == "failed", f"{report}\n{stderr}"
     assert "busy: 1 incoming migrations running (max_inbound)" in report["error"]

@@ -580,7 +580,8 @@ async def _watch_inbound(job: DestinationJob, record: jobs_mod.JobRecord,
     while True:
         await asyncio.sleep(INBOUND_PROGRESS_S)
         elapsed = time.monotonic() - started
-        record.publish({"event": "progress", "phase": job.link.conversation.state.value,
+        record.publish({"event": "progress", "phase": "receiving",
+                        "step": job.link.conversation.state.value,
                         "elapsed_s": round(elapsed, 3), "pages_applied": job.pages_applied,
                         "wire_bytes": job.received_bytes,
                         "throughput_bps": round(job.received_bytes / elapsed)})
