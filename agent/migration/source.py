@@ -793,7 +793,7 @@ class SourceJob:
         its health window plus a margin. The VM has moved: whatever happens here the job
         stays completed, and a reply that does not come leaves the health unknown."""
         assert self.sampler is not None and self.inbox is not None
-        await self.sampler.stop()   # the source QEMU has quit: nothing more to sample here
+        self.sampler.finish()       # the source QEMU has quit: nothing more to sample here
         before, throttled = pace_before(self.sampler.series)
         window = self._dest_window_s
         if window <= 0:

@@ -151,6 +151,15 @@ class Sampler:
         self.series.add(row)
         return row
 
+    def finish(self) -> None:
+        """Stop sampling at the end of what is measured, with a last sample of the part
+        of an interval since the previous one (unless too short to measure CPU time)."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+            if time.monotonic() - self._last >= self.interval_s / 10:
+                self.tick()
+
     def start(self) -> None:
         if self._task is None:
             self._last = time.monotonic()
