@@ -802,9 +802,16 @@ class SourceJob:
                                         "the resume (its health_window_s is 0)")
             return
         waited = time.monotonic()
+        expect = asyncio.create_task(self.inbox.expect(
+            {Op.HEALTH}, timeout=window + HEALTH_MARGIN_S,
+            what="the destination watching the guest"))
+        cancelled = asyncio.create_task(self.cancel.wait())
         try:
-            reply = await self.inbox.expect({Op.HEALTH}, timeout=window + HEALTH_MARGIN_S,
-                                            what="the destination watching the guest")
+            # A cancel (or the agent stopping) ends the wait: the VM has moved already.
+            await asyncio.wait({expect, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+            if not expect.done():
+                raise LocalError("the job was cancelled before the destination's reply")
+            reply = expect.result()
             after = _number(reply.body.get("pace"))
             self._dest_samples = _destination_samples(reply.body.get("samples"))
             self.health = health(before, after, window_s=window, before_throttled=throttled)
@@ -814,6 +821,10 @@ class SourceJob:
             self.health = health(before, None, window_s=window, before_throttled=throttled,
                                  reason=f"no health reply from the destination: {exc}")
         finally:
+            for task in (expect, cancelled):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, FerryError):
+                    await task
             self.health_wait_ms = round((time.monotonic() - waited) * 1000, 1)
         log.info("migration %s: guest pace after the resume %s", self.job_id,
                  self.health.get("verdict"))
