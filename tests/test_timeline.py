@@ -21,12 +21,15 @@ from agent.errors import UserError
 from agent.migration.timeline import (
     DESTINATION_FIELDS,
     HEALTH_TOLERANCE,
+    MAX_SAMPLES,
     SOURCE_FIELDS,
     Sampler,
     Series,
+    destination_rows,
     health,
     health_line,
     pace_before,
+    peer_number,
 )
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -172,6 +175,18 @@ def test_the_sampler_turns_counters_into_rates_and_reads_cpu() -> None:
     assert second["agent_cpu"] >= second["vcpu_pace"] - 0.02
     report = sampler.to_json()
     assert report["fields"] == list(SOURCE_FIELDS) and len(report["samples"]) == 2
+
+
+def test_the_destinations_samples_are_taken_as_far_as_well_formed() -> None:
+    good = [[-1.5, 0.0, 0.2, 0.01], [0.5, 0.98, 1.0, 0.02]]
+    assert destination_rows(good) == good
+    junk = [[1.0, -2, float("nan"), "x"], [True, 1, 1, 1], [1e9, 1, 1, 1], [1.0, 1],
+            "row", None]
+    assert destination_rows(junk) == [[1.0, None, None, None]]
+    assert destination_rows({"not": "a list"}) == []
+    assert len(destination_rows([[float(i), 1, 1, 1] for i in range(5000)])) == MAX_SAMPLES
+    assert [peer_number(v) for v in (0.5, 2, -1, True, "1", float("inf"), None)] == [
+        0.5, 2.0, None, None, None, None, None]
 
 
 # ---------------------------------------------------------------------------- health

@@ -55,11 +55,12 @@ from agent.migration.timeline import (
     DESTINATION_FIELDS,
     HEALTH_MARGIN_S,
     MAX_HEALTH_WINDOW_S,
-    MAX_SAMPLES,
     SOURCE_FIELDS,
     Sampler,
+    destination_rows,
     health,
     pace_before,
+    peer_number,
 )
 from agent.qemu import migrate as qemu_migrate
 from agent.qemu import nics, vm
@@ -812,8 +813,8 @@ class SourceJob:
             if not expect.done():
                 raise LocalError("the job was cancelled before the destination's reply")
             reply = expect.result()
-            after = _number(reply.body.get("pace"))
-            self._dest_samples = _destination_samples(reply.body.get("samples"))
+            after = peer_number(reply.body.get("pace"))
+            self._dest_samples = destination_rows(reply.body.get("samples"))
             self.health = health(before, after, window_s=window, before_throttled=throttled)
         except (FerryError, ConnectionError, OSError) as exc:
             log.warning("migration %s: no health reply from %s: %s", self.job_id, self.peer,
@@ -978,27 +979,6 @@ class SourceJob:
             "health_wait_ms": self.health_wait_ms,
             "timeline": self.timeline(),
         }
-
-
-def _number(value: object) -> float | None:
-    """A finite, non-negative JSON number from the peer, else None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if 0 <= value < float("inf") else None
-
-
-def _destination_samples(samples: object) -> list[list[Any]]:
-    """The destination's samples (rows of DESTINATION_FIELDS, t after the resume) as far
-    as they are well formed: only figures for the report, never a reason to fail."""
-    if not isinstance(samples, list):
-        return []
-    rows = []
-    for row in samples[-MAX_SAMPLES:]:
-        if isinstance(row, list) and len(row) == len(DESTINATION_FIELDS):
-            t, *rates = row
-            if isinstance(t, (int, float)) and not isinstance(t, bool) and abs(t) < 1e7:
-                rows.append([float(t), *(_number(r) for r in rates)])
-    return rows
 
 
 async def _first_failure(main: asyncio.Task[None], helpers: list[asyncio.Task[None]]) -> None:

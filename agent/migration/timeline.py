@@ -196,6 +196,28 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
 
+def peer_number(value: object) -> float | None:
+    """A finite, non-negative number from the peer's message, else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if 0 <= value < float("inf") else None
+
+
+def destination_rows(samples: object) -> list[Row]:
+    """The destination's samples from its HEALTH (rows of DESTINATION_FIELDS), as far as
+    they are well formed, at most MAX_SAMPLES: figures for the report only, never a
+    reason to fail (t may be negative: before the resume)."""
+    if not isinstance(samples, list):
+        return []
+    rows: list[Row] = []
+    for row in samples[-MAX_SAMPLES:]:
+        if isinstance(row, list) and len(row) == len(DESTINATION_FIELDS):
+            t, *rates = row
+            if isinstance(t, (int, float)) and not isinstance(t, bool) and abs(t) < 1e7:
+                rows.append([float(t), *(peer_number(r) for r in rates)])
+    return rows
+
+
 # ---------------------------------------------------------------------------- health
 
 def pace_before(series: Series) -> tuple[float | None, bool]:
