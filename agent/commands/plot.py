@@ -35,6 +35,14 @@ def _scaled(values: list[Any], unit: float) -> list[float]:
     return [v / unit if isinstance(v, (int, float)) else float("nan") for v in values]
 
 
+def _step_start(times: list[Any], interval_s: float) -> list[Any]:
+    """Times with the first sample's interval start put before them: a rate sample covers
+    the interval before its time, so the first one is drawn from there."""
+    if not times or not isinstance(times[0], (int, float)):
+        return times
+    return [max(0.0, times[0] - interval_s), *times]
+
+
 def draw_timeline(report: dict[str, Any], path: Path) -> None:
     """Draw report's timeline into a PNG of WIDTH_PX x HEIGHT_PX at path."""
     timeline = report.get("timeline")
@@ -47,7 +55,13 @@ def draw_timeline(report: dict[str, Any], path: Path) -> None:
         raise UserError(f"drawing a timeline needs matplotlib: {PLOTS_EXTRA}") from None
     src = _columns(timeline)
     dst = _columns(timeline.get("destination"))
-    t, dt = src.get("t", []), dst.get("t", [])
+    interval = float(timeline.get("interval_s") or 1.0)
+    t0, dt0 = src.get("t", []), dst.get("t", [])
+    # Rates are drawn as steps back to each interval's start: the first value twice.
+    t, dt = _step_start(t0, interval), _step_start(dt0, 1.0)
+    levels = src   # remaining bytes: a level at each sample's time, drawn as a line
+    src = {k: v[:1] + v for k, v in src.items()}
+    dst = {k: v[:1] + v for k, v in dst.items()}
     fig = Figure(figsize=(WIDTH_PX / DPI, HEIGHT_PX / DPI), dpi=DPI)
     axes = fig.subplots(4, 1, sharex=True)
     fig.suptitle(f"ferry job {report.get('job')}: {report.get('vm')} -> {report.get('peer')} "
@@ -57,7 +71,7 @@ def draw_timeline(report: dict[str, Any], path: Path) -> None:
     wire.plot(t, _scaled(src.get("wire_bps", []), MIB), color="tab:blue", label="wire",
               drawstyle=STEPS)
     wire.set_ylabel("wire MiB/s")
-    remaining.plot(t, _scaled(src.get("remaining_bytes", []), MIB), color="tab:orange",
+    remaining.plot(t0, _scaled(levels.get("remaining_bytes", []), MIB), color="tab:orange",
                    label="remaining")
     remaining.set_ylabel("remaining MiB")
     handles = wire.get_legend_handles_labels()[0] + remaining.get_legend_handles_labels()[0]
