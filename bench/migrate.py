@@ -911,6 +911,10 @@ def ferry_row(case: Case, note: Callable[[str], None], rate: str | None = None,
             stack.callback(pair.cleanup)
             adopted = stack.enter_context(subreaper())
             kernel = build_guest(config)
+            # No health window: the guest's seconds at the destination after the resume
+            # would count as the destination QEMU's CPU of the migration.
+            with open(pair.b.home / "agent.toml", "a") as f:
+                f.write("health_window_s = 0\n")
             pair.start()
             note(f"ferry {FERRY_MODE}: booting a {case.label} guest ({ram} RAM)")
             started = subprocess.run(

@@ -72,12 +72,21 @@ def test_abort_is_legal_until_committing(cut: int) -> None:
     (11, Role.SOURCE, Op.ABORT),             # after COMMIT
     (2, Role.DESTINATION, Op.COMMITTED),
     (2, Role.DESTINATION, Op.LOADED),        # before STREAM_END
+    (9, Role.DESTINATION, Op.HEALTH),        # before the guest resumed
+    (11, Role.DESTINATION, Op.HEALTH),       # after COMMIT, before COMMITTED
 ])
 def test_out_of_order_messages_are_refused_by_the_receiver(prefix, speaker, message) -> None:
     src, dst = play(MIGRATION[:prefix])
     receiver = dst if speaker is Role.SOURCE else src
     with pytest.raises(ProtocolError, match="may not receive"):
         receiver.received(message)
+
+
+def test_health_after_committed_ends_the_conversation() -> None:
+    src, dst = play(MIGRATION + [(Role.DESTINATION, Op.HEALTH)])
+    assert src.state is dst.state is State.CLOSED
+    with pytest.raises(ProtocolError, match="may not receive health"):
+        src.received(Op.HEALTH)              # once only
 
 
 def test_status_is_a_conversation_of_its_own() -> None:

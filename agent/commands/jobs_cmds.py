@@ -7,10 +7,12 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from agent.commands.common import add_home_argument, human_bytes, resolve_home
 from agent.commands.migrate import follow_replies, report_text
+from agent.commands.plot import draw_timeline
 from agent.commands.render import ProgressView, ago, print_table, progress_line, when
 from agent.service.control import ControlClient
 from agent.units import parse_rate
@@ -48,6 +50,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="show at most N jobs (default 20)")
     p = _command(subparsers, "report", "the report of a finished job", run_report)
     p.add_argument("id", help="job id (or a unique prefix)")
+    p.add_argument("--png", type=Path, metavar="FILE",
+                   help="also draw the job's timeline into FILE (PNG, 1200x800; needs "
+                        "matplotlib: pip install 'ferry[plots]')")
 
 
 def _call(args: argparse.Namespace, request: dict[str, Any]) -> dict[str, Any]:
@@ -200,8 +205,12 @@ def run_history(args: argparse.Namespace) -> int:
 
 def run_report(args: argparse.Namespace) -> int:
     reply = _call(args, {"op": "report", "id": args.id})
+    if args.png is not None:
+        draw_timeline(reply["report"], args.png)
     if args.json:
         _print_json(reply["report"])
     else:
         print(report_text(reply["report"]))
+        if args.png is not None:
+            print(f"  timeline:     {args.png}")
     return 0

@@ -10,6 +10,7 @@ from typing import Any
 from agent.commands.common import add_home_argument, human_bytes, resolve_home
 from agent.commands.render import ProgressView
 from agent.errors import UserError
+from agent.migration.timeline import health_line
 from agent.service.control import ControlClient
 from agent.units import parse_rate
 
@@ -90,6 +91,8 @@ def report_text(report: dict[str, Any]) -> str:
                      f"{human_bytes(disk['wire_bytes'])} sent")
     if report.get("dest_pid"):
         lines.append(f"  destination:  QEMU pid {report['dest_pid']}")
+    if report.get("status") == "completed" and "health" in report:
+        lines.append(f"  guest pace after resume: {health_line(report['health'])}")
     return "\n".join(lines)
 
 

@@ -72,6 +72,9 @@ def _table(role: Role) -> dict[Event, State]:
         (State.LOADING, inn, Op.LOADED): State.LOADED,
         (State.LOADED, out, Op.COMMIT): State.COMMITTING,
         (State.COMMITTING, inn, Op.COMMITTED): State.DONE,
+        # The VM runs at the destination; it watches the guest a few seconds and says how
+        # it runs (agent.migration.timeline). Nothing after it.
+        (State.DONE, inn, Op.HEALTH): State.CLOSED,
         (State.ABORTING, inn, Op.ABORTED): State.CLOSED,
         (State.IDLE, out, Op.STATUS): State.ASKED,
         (State.ASKED, inn, Op.STATUS): State.CLOSED,

@@ -17,6 +17,7 @@ import logging
 import mmap
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,8 @@ from agent.migration.conversation import CheckedLink, State
 from agent.migration.link import parse_message, send_control
 from agent.migration.protocol import Control, Kind, Op
 from agent.migration.resume import ACK_EVERY_BYTES, RESUME_WINDOW_S
+from agent.migration.timeline import DESTINATION_FIELDS, Sampler
+from agent.procfs import CpuMeter
 from agent.qemu import qmp as qmp_mod
 from agent.qemu import vm
 from agent.qemu.destargv import DestinationPaths, DiskTarget, destination_argv
@@ -118,6 +121,10 @@ class DestinationJob:
     _unacked_bytes: int = 0
     _new_link: asyncio.Future[CheckedLink] | None = None   # a RESUME connection
     finished: asyncio.Event = field(default_factory=asyncio.Event)
+    sampler: Sampler | None = None        # this agent and its QEMU, from QEMU's start
+    _vcpus: list[int] = field(default_factory=list)
+    resumed_at: float | None = None       # monotonic, when the RESUME event came
+    _pace_after: CpuMeter | None = None   # the guest's vCPUs from the resume on
 
     def resume(self, link: CheckedLink) -> bool:
         """Take over a new connection on which the source said RESUME for this job
@@ -142,6 +149,8 @@ class DestinationJob:
             self.claims.claim(f"job:{job}", job, f"job id {job}")
             await self._prepare(prepare.body)
             await self._serve()
+            if self.committed:
+                await self._report_health()
         except asyncio.CancelledError:
             self.error_reason = "shutdown"
             await self._roll_back("the agent is shutting down")
@@ -163,6 +172,8 @@ class DestinationJob:
                                    outcome=self._outcome_for_source())
             await self._roll_back(str(exc))
         finally:
+            if self.sampler is not None:
+                await self.sampler.stop()
             self.claims.release(self.job_id)
             self.finished.set()
 
@@ -224,6 +235,10 @@ class DestinationJob:
         await incoming.qmp.execute("migrate-set-capabilities", destination_capabilities())
         await incoming.qmp.execute("migrate-incoming", {"uri": f"unix:{paths.incoming_path}"})
         await incoming.storage.open(incoming.qmp)
+        self._vcpus = await vm.vcpu_threads(incoming.qmp, incoming.process.pid)
+        self.sampler = Sampler(DESTINATION_FIELDS)
+        self.sampler.watch_qemu(incoming.process.pid, self._vcpus)
+        self.sampler.start()
         log.info("incoming %s from %s: QEMU pid %d waits for pages", spec.name, self.peer,
                  incoming.process.pid)
         await send_control(self.link, Op.PREPARED, dest_pid=incoming.process.pid,
@@ -417,6 +432,8 @@ class DestinationJob:
         except FerryError as exc:
             await self._commit_failed(exc)
             raise
+        self.resumed_at = time.monotonic()
+        self._pace_after = CpuMeter(incoming.process.pid, self._vcpus)
         if incoming.spec.nics:
             await self._announce(incoming.qmp)
         nic_records = incoming.nics.records() if incoming.nics else []
@@ -435,8 +452,31 @@ class DestinationJob:
                  incoming.process.pid)
         with contextlib.suppress(FerryError, ConnectionError):
             await send_control(self.link, Op.COMMITTED, resume_us=resume.timestamp_us,
-                               dest_pid=incoming.process.pid)
+                               dest_pid=incoming.process.pid,
+                               health_window_s=self.config.health_window_s)
         incoming.process.detach(on_exit=lambda: attach.remove_recorded(nic_records))
+
+    async def _report_health(self) -> None:
+        """Watch the resumed guest for the health window, then tell the source its pace
+        (HEALTH) with this side's samples, t in seconds after the resume. Best effort: the
+        VM is ours and runs whatever the link does."""
+        window = self.config.health_window_s
+        if window <= 0 or self.resumed_at is None or self._pace_after is None:
+            return
+        await asyncio.sleep(max(0.0, self.resumed_at + window - time.monotonic()))
+        pace = self._pace_after.read().threads
+        samples: list[list[object]] = []
+        if self.sampler is not None:
+            await self.sampler.stop()
+            shift = self.resumed_at - self.sampler.started
+            samples = [[round(row[0] - shift, 3), *row[1:]]
+                       for row in self.sampler.series.snapshot()]
+        log.info("incoming %s: guest pace %s vCPU-s/s in the %g s after the resume",
+                 self.job_id, None if pace is None else round(pace, 3), window)
+        with contextlib.suppress(FerryError, ConnectionError, OSError):
+            await send_control(self.link, Op.HEALTH, window_s=window,
+                               pace=None if pace is None else round(pace, 3),
+                               samples=samples)
 
     async def _commit_failed(self, exc: FerryError) -> None:
         """`cont` did not take. A QEMU that died never ran the guest here: its copy goes

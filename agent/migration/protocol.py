@@ -12,7 +12,9 @@ Source -> destination                     Destination -> source
   RAM_DONE {pages}: RAM and disks complete
   QEMU_STREAM* (device state)
   STREAM_END {bytes}                        LOADED {pages} when its QEMU loaded it all
-  COMMIT                                    COMMITTED {resume_us, dest_pid}
+  COMMIT                                    COMMITTED {resume_us, dest_pid, health_window_s}
+                                            HEALTH {pace, window_s, samples} after the
+                                              health window (none when it is 0)
   ABORT {reason}                            ABORTED {}
                                             ACK {received} now and then during pre-copy
 On a new connection after the link was lost in pre-copy:
@@ -64,6 +66,7 @@ class Op(enum.StrEnum):
     RESUME = "resume"              # a new connection for job X, whose link was lost
     RESUMED = "resumed"            # the destination holds the first N messages: resend the rest
     ACK = "ack"                    # the destination has received the first N messages
+    HEALTH = "health"              # the guest's pace at the destination after the resume
 
 
 @dataclass(frozen=True, slots=True)

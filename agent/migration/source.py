@@ -58,6 +58,17 @@ from agent.migration.link import Inbox, Link, RemoteFailure, send_control
 from agent.migration.protocol import MAX_STREAM_CHUNK, Kind, Op
 from agent.migration.resume import ResumableLink
 from agent.migration.states import Phase, PhaseTracker
+from agent.migration.timeline import (
+    DESTINATION_FIELDS,
+    HEALTH_MARGIN_S,
+    MAX_HEALTH_WINDOW_S,
+    SOURCE_FIELDS,
+    Sampler,
+    destination_rows,
+    health,
+    pace_before,
+    peer_number,
+)
 from agent.qemu import migrate as qemu_migrate
 from agent.qemu import nics, vm
 from agent.qemu import qmp as qmp_mod
@@ -222,11 +233,20 @@ class SourceJob:
     agent_pacer: Pacer | None = None
     _dropped_page: int | None = None
     _sent_hashes: bytearray = field(default_factory=bytearray)   # what the destination holds
+    sampler: Sampler | None = None
+    health: dict[str, Any] | None = None  # the guest's pace after the resume vs before
+    health_wait_ms: float | None = None   # how long the source waited for it
+    _ended: float | None = None           # monotonic time the job completed (the resume)
+    _dest_window_s: float = 0.0           # the destination's health window (COMMITTED)
+    _dest_samples: list[list[Any]] = field(default_factory=list)
 
     # ------------------------------------------------------------------ driver
 
     async def run(self) -> dict[str, Any]:
         """Run the job to its end and return the report; raises only CancelledError."""
+        self.sampler = Sampler(SOURCE_FIELDS, self._sample_figures, started=self.started,
+                               rates={"wire_bps": "wire_bytes"})
+        self.sampler.start()
         body = asyncio.create_task(self._migrate(), name=f"migrate-{self.job_id}")
         cancel_wait: asyncio.Task[object] = asyncio.create_task(self.cancel.wait())
         error: str | None = None
@@ -268,6 +288,7 @@ class SourceJob:
                               self.peer)
         finally:
             cancel_wait.cancel()
+            await self.sampler.stop()
             await self._release()
             if self.phases.phase is not Phase.UNKNOWN:
                 journal.remove(self.config, self.job_id)
@@ -294,13 +315,17 @@ class SourceJob:
         await self._transfer()
         await self._commit()
         self.phases.advance(Phase.COMPLETED)
+        self._ended = time.monotonic()
         await self._emit(force=True)
+        await self._await_health()
 
     # ------------------------------------------------------------------ prepare
 
     async def _prepare(self) -> None:
         self.qmp = await qmp_mod.connect(self.qmp_path)
         self.info = info = await vm.describe_vm(self.qmp_path, qmp=self.qmp)
+        if self.sampler is not None:
+            self.sampler.watch_qemu(info.pid, await vm.vcpu_threads(self.qmp, info.pid))
         if vm.tcg_dirty_log_unsafe(info.ram_size, info.accel, info.qemu_version):
             raise VmNotMigratableError(
                 f"VM {info.name} runs under TCG on QEMU "
@@ -780,11 +805,55 @@ class SourceJob:
         self.resume_us = reply.int_field("resume_us", strict=False) or None
         self._mark("committed")
         self.dest_pid = reply.int_field("dest_pid", strict=False) or self.dest_pid
+        window = reply.body.get("health_window_s")
+        if isinstance(window, (int, float)) and not isinstance(window, bool) and window > 0:
+            self._dest_window_s = min(float(window), MAX_HEALTH_WINDOW_S)
         self._journal(journal.Step.COMMITTED)   # from here a restart quits our QEMU
         with contextlib.suppress(QemuError):
             await self.qmp.quit()
         self.qmp = None
         self._forget_source_vm()
+
+    async def _await_health(self) -> None:
+        """The destination's HEALTH (the guest's pace after the resume), waited for at most
+        its health window plus a margin. The VM has moved: whatever happens here the job
+        stays completed, and a reply that does not come leaves the health unknown."""
+        assert self.sampler is not None and self.inbox is not None
+        self.sampler.finish()       # the source QEMU has quit: nothing more to sample here
+        before, throttled = pace_before(self.sampler.series)
+        window = self._dest_window_s
+        if window <= 0:
+            self.health = health(before, None, window_s=0.0, before_throttled=throttled,
+                                 reason="the destination does not watch the guest after "
+                                        "the resume (its health_window_s is 0)")
+            return
+        waited = time.monotonic()
+        expect = asyncio.create_task(self.inbox.expect(
+            {Op.HEALTH}, timeout=window + HEALTH_MARGIN_S,
+            what="the destination watching the guest"))
+        cancelled = asyncio.create_task(self.cancel.wait())
+        try:
+            # A cancel (or the agent stopping) ends the wait: the VM has moved already.
+            await asyncio.wait({expect, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+            if not expect.done():
+                raise LocalError("the job was cancelled before the destination's reply")
+            reply = expect.result()
+            after = peer_number(reply.body.get("pace"))
+            self._dest_samples = destination_rows(reply.body.get("samples"))
+            self.health = health(before, after, window_s=window, before_throttled=throttled)
+        except (FerryError, ConnectionError, OSError) as exc:
+            log.warning("migration %s: no health reply from %s: %s", self.job_id, self.peer,
+                        exc)
+            self.health = health(before, None, window_s=window, before_throttled=throttled,
+                                 reason=f"no health reply from the destination: {exc}")
+        finally:
+            for task in (expect, cancelled):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, FerryError):
+                    await task
+            self.health_wait_ms = round((time.monotonic() - waited) * 1000, 1)
+        log.info("migration %s: guest pace after the resume %s", self.job_id,
+                 self.health.get("verdict"))
 
     def _forget_source_vm(self) -> None:
         """The VM left this host: drop its record and what ferry made for it."""
@@ -829,6 +898,30 @@ class SourceJob:
             self.migrate_socket.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ reporting
+
+    def _sample_figures(self) -> dict[str, Any]:
+        """The job's own figures for the timeline (agent.migration.timeline)."""
+        ram = self._last_query.get("ram", {})
+        remaining = ram.get("remaining")
+        dirty = ram.get("dirty-pages-rate")
+        return {"phase": self.phases.phase.value, "wire_bytes": self.counters.total_wire_bytes,
+                "remaining_bytes": int(remaining) if remaining is not None else None,
+                "dirty_bps": round(float(dirty) * PAGE_SIZE) if dirty is not None else None,
+                "throttle": self.throttle_pct / 100}
+
+    def timeline(self) -> dict[str, Any] | None:
+        """The report's timeline: the source's samples, the downtime window (STOP and
+        RESUME, seconds after the job began) and the destination's samples on the same
+        axis."""
+        if self.sampler is None:
+            return None
+        wall = self.sampler.wall_started
+        stop_s = round(self.stop_us / 1e6 - wall, 3) if self.stop_us else None
+        resume_s = round(self.resume_us / 1e6 - wall, 3) if self.resume_us else None
+        destination = [[round(resume_s + row[0], 3), *row[1:]] for row in self._dest_samples
+                       ] if resume_s is not None else []
+        return {**self.sampler.to_json(), "marks": {"stop_s": stop_s, "resume_s": resume_s},
+                "destination": {"fields": list(DESTINATION_FIELDS), "samples": destination}}
 
     async def _emit(self, *, force: bool = False) -> None:
         """Send a progress event (at most every PROGRESS_INTERVAL_S unless forced)."""
@@ -880,7 +973,8 @@ class SourceJob:
             "error_reason": reason if status != "completed" else None,
             "job": self.job_id, "vm": self.vm_name or (self.info.name if self.info else None),
             "peer": self.peer,
-            "total_ms": round((time.monotonic() - self.started) * 1000, 1),
+            # Until the guest resumed at the destination (the health wait is apart).
+            "total_ms": round(((self._ended or time.monotonic()) - self.started) * 1000, 1),
             "downtime_ms": round(downtime_ms, 1) if downtime_ms is not None else None,
             "rounds": self.iterations,
             "sections": self.sections,
@@ -911,6 +1005,9 @@ class SourceJob:
             "resume_saved_bytes": (self.resumable.counters.saved_bytes
                                    if self.resumable else 0),
             "nics": [n.to_json() for n in self.nics],
+            "health": self.health,
+            "health_wait_ms": self.health_wait_ms,
+            "timeline": self.timeline(),
         }
 
 

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent import procfs
 from agent.errors import QemuError, QemuStartError, UserError, VmNotMigratableError
 from agent.qemu import qmp as qmp_mod
 from agent.qemu.vmspec import PLAIN_RAM_BLOCK, RAM_BACKEND_TYPES
@@ -254,6 +255,18 @@ async def _describe(q: qmp_mod.Qmp, path: str, pid: int, argv: tuple[str, ...]) 
                   ram_backend_id=backend_id, ram_backend_type=backend_type,
                   ram_path=ram_path, accel=accel, qemu_version=q.qemu_version)
 
+
+
+async def vcpu_threads(q: qmp_mod.Qmp, pid: int) -> list[int]:
+    """Thread ids of a QEMU's vCPUs (query-cpus-fast), or those /proc names as vCPU
+    threads when QMP does not tell; [] if neither does (its pace is then unknown)."""
+    try:
+        cpus = await q.execute("query-cpus-fast")
+    except QemuError:
+        cpus = []
+    tids = [int(c["thread-id"]) for c in cpus if isinstance(c, dict)
+            and isinstance(c.get("thread-id"), int) and c["thread-id"] > 0]
+    return sorted(tids) if tids else procfs.named_vcpu_threads(pid)
 
 # ---------------------------------------------------------------------------- launching
 

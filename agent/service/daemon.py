@@ -340,7 +340,9 @@ class Agent:
             report = {"event": "result", "status": status,
                       "phase": "completed" if job.committed else "removed",
                       "job": record.job_id, "vm": record.vm, "peer": record.peer,
-                      "total_ms": round((time.monotonic() - started) * 1000, 1),
+                      # to the resume here (the health window after it is the source's)
+                      "total_ms": round(((job.resumed_at or time.monotonic()) - started)
+                                        * 1000, 1),
                       "pages_applied": job.pages_applied,
                       "error_reason": None if job.committed else job.error_reason or "other"}
             self._finish(record, report)
