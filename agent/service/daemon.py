@@ -29,7 +29,7 @@ from agent.migration.source import MigrationOptions, SourceJob
 from agent.net import channel as channel_mod
 from agent.service import jobs as jobs_mod
 from agent.service import systemd
-from agent.service.control import ControlServer, Reply
+from agent.service.control import ControlServer, Handler, Reply
 from agent.state import journal, outcomes, vms
 from agent.state.config import AgentConfig
 from agent.wire.messages import MsgType
@@ -41,6 +41,9 @@ PEER_PROBE_TIMEOUT_S = 1.0      # `status`: a TCP connect to each trusted peer
 HISTORY_DEFAULT = 20            # `history` without a limit
 RESOLVE_FIRST_S = 1.0
 RESOLVE_MAX_S = 60.0
+# The control ops that change nothing, which [access] readers may use (`job` with follow
+# too: a follower's cancel only stops its following). Every other op needs an operator.
+READ_ONLY_OPS = frozenset({"ping", "status", "vm-list", "jobs", "job", "history", "report"})
 
 
 class ChannelLink:
@@ -135,12 +138,16 @@ class Agent:
         host, port = self.config.listen
         self.peer_server = await channel_mod.serve(host, port, self.identity, self.trust,
                                                    self._serve_peer)
-        self.control = ControlServer(self.config.control_socket, {
-            "ping": self._ping, "vm-list": self._vm_list, "migrate": self._migrate,
-            "jobs": self._jobs, "status": self._status, "job": self._job,
-            "cancel": self._cancel, "history": self._history, "report": self._report,
-        }, group=self.config.control_group)
+        self.control = ControlServer(self.config.control_socket, self.control_handlers(),
+                                     group=self.config.control_group,
+                                     access=self.config.access, read_only=READ_ONLY_OPS)
         await self.control.start()
+
+    def control_handlers(self) -> dict[str, Handler]:
+        """Every control op; the ones a reader may use are READ_ONLY_OPS."""
+        return {"ping": self._ping, "vm-list": self._vm_list, "migrate": self._migrate,
+                "jobs": self._jobs, "status": self._status, "job": self._job,
+                "cancel": self._cancel, "history": self._history, "report": self._report}
 
     @property
     def port(self) -> int:
