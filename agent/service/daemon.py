@@ -599,6 +599,10 @@ async def run_agent(config: AgentConfig, *, ready: asyncio.Event | None = None) 
     print(f"ferry agent: listening on {host}:{agent.port}, control {config.control_socket}, "
           f"key {identity.public_key_b64}", flush=True)
     systemd.notify("READY=1")
+    interval = systemd.watchdog_interval()
+    # Fed through the shutdown too: running jobs may take shutdown_grace_s to end.
+    watchdog = (asyncio.create_task(systemd.keep_watchdog_fed(interval), name="watchdog")
+                if interval is not None else None)
     if ready is not None:
         ready.set()
     try:
@@ -607,5 +611,9 @@ async def run_agent(config: AgentConfig, *, ready: asyncio.Event | None = None) 
         systemd.notify("STOPPING=1")
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        with contextlib.suppress(FerryError):
-            await agent.close()
+        try:
+            with contextlib.suppress(FerryError):
+                await agent.close()
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
