@@ -149,6 +149,13 @@ def test_strangers_readers_and_operators_on_a_running_job(users: Users, make_age
     assert followed[-1]["event"] == "result" and followed[-1]["status"] == "cancelled"
 
     log = agents.a.log()
+    # journald-friendly: one line per event naming the job and its VM, no traceback for
+    # an expected end (a cancel).
+    assert f"migration {job_id} of {guest.qmp_path} to hostb: started" in log
+    label = f"migration {job_id} of acl to hostb"     # named once QEMU described it
+    for event in ("rolling back (cancelled by the user)", "cancelled"):
+        assert f"{label}: {event}" in log, log
+    assert "Traceback" not in log
     assert (f"control: refused uid {uid[users.stranger]} ({users.stranger}): no role in "
             f"[access]") in log
     for op in ("cancel", "migrate"):

@@ -335,6 +335,8 @@ class Agent:
 
     def _finish(self, record: jobs_mod.JobRecord, report: Reply) -> None:
         """A job ended: into the history, then tell whoever follows it."""
+        log.info("%s: %s%s", job_label(record, report.get("vm")), report.get("status"),
+                 f" ({report['error']})" if report.get("error") else "")
         record.ended_at = time.time()
         self.history.append(jobs_mod.history_entry(record, report))
         self.records.pop(record.job_id, None)
@@ -465,6 +467,10 @@ class Agent:
         if admitted.done():
             record.state = record.phase = "running"
             record.running_at = time.time()
+            log.info("%s: started", job_label(record))
+        else:
+            log.info("%s: queued at %d (max_outbound %d)", job_label(record), record.position,
+                     self.config.max_outbound)
         # The job is the agent's own task: a detached one outlives this connection.
         task = asyncio.create_task(
             self._run_outbound(record, admitted, qmp_path, str(name) if name else None,
@@ -505,6 +511,7 @@ class Agent:
                 else:
                     record.state = record.phase = "running"
                     record.running_at = time.time()
+                    log.info("%s: started after waiting in the queue", job_label(record))
             if report is None:
                 async def progress(event: Reply) -> None:
                     record.publish(event)
@@ -529,6 +536,15 @@ class Agent:
                 report = queued_report(record, "the agent stopped the job")
                 report["status"] = "failed"
             self._finish(record, report)
+
+
+def job_label(record: jobs_mod.JobRecord, vm_name: str | None = None) -> str:
+    """A job as its log lines name it (as the migration's own lines do); vm_name once the
+    job knows it (a VM given by its QMP socket is named when described)."""
+    vm_name = vm_name or record.vm or "?"
+    if record.direction == "outbound":
+        return f"migration {record.job_id} of {vm_name} to {record.peer}"
+    return f"incoming {record.job_id} of {vm_name} from {record.peer}"
 
 
 async def _forward_cancel(source: asyncio.Event, target: asyncio.Event) -> None:
