@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,10 +35,10 @@ def root() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def agent_in(root: Path, **kwargs: object) -> AgentProcess:
+def agent_in(root: Path, **kwargs: Any) -> AgentProcess:
     ram = root / "ram"
     ram.mkdir(exist_ok=True)
-    agent = AgentProcess("a", root / "a", free_port(), ram, **kwargs)  # type: ignore[arg-type]
+    agent = AgentProcess("a", root / "a", free_port(), ram, **kwargs)
     identity.ensure_home(agent.home)
     return agent
 
