@@ -40,10 +40,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class JournalFormatter(logging.Formatter):
+    """Lines for journald: a syslog priority prefix (<3> error ... <7> debug) so the journal
+    keeps each line's level, and no time (the journal stamps lines itself)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{syslog_priority(record.levelno)}>{super().format(record)}"
+
+
+def syslog_priority(level: int) -> int:
+    if level >= logging.ERROR:
+        return 3
+    if level >= logging.WARNING:
+        return 4
+    return 6 if level >= logging.INFO else 7
+
+
 def setup_logging(verbosity: int) -> None:
-    """One line per message on stderr; -v and -vv lower the threshold."""
+    """One line per message on stderr; -v and -vv lower the threshold. On the journal
+    (run by systemd) each line carries its syslog priority instead of a level name."""
+    from agent.service.systemd import stderr_is_journal
     level = logging.WARNING - 10 * min(verbosity, 2)
-    logging.basicConfig(level=level, format="ferry: %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    if stderr_is_journal():
+        handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("ferry: %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -74,7 +97,9 @@ def guarded(prog: str, body: Callable[[], int]) -> int:
         return body()
     except FerryError as exc:
         log.debug("command failed", exc_info=True)
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        from agent.service.systemd import stderr_is_journal
+        priority = "<3>" if stderr_is_journal() else ""    # e.g. a bad agent.toml at start
+        print(f"{priority}{prog}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

@@ -200,6 +200,8 @@ class AgentProcess:
     log_path: Path | None = None
     host: str = LOOPBACK                  # the address it listens on for peers
     prefix: tuple[str, ...] = ()          # runs it elsewhere, e.g. `ip netns exec NS`
+    args: tuple[str, ...] = ()            # more `ferry agent` flags, e.g. --config FILE
+    env: dict[str, str] = field(default_factory=dict)   # added to the environment
 
     @property
     def config(self) -> AgentConfig:
@@ -215,9 +217,11 @@ class AgentProcess:
                 str(self.home), "--listen", self.address, "--ram-dir", str(self.ram_dir)]
         for path in self.allow:
             argv += ["--allow-path", str(path)]
+        argv += self.args
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
+                                         stdin=subprocess.DEVNULL,
+                                         env={**os.environ, **self.env})
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             try:

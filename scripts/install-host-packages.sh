@@ -4,6 +4,8 @@
 set -euo pipefail
 
 PACKAGES=(qemu-system-x86 qemu-system-common qemu-utils libxxhash-dev gcc make binutils iproute2)
+# The tests: systemd-analyze verify of the unit, throwaway users for the control socket.
+PACKAGES+=(systemd passwd)
 
 # A python3 from Debian needs venv and headers as packages; another python3 (pyenv) brings its own.
 if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then PACKAGES+=(python3-venv); fi

@@ -220,7 +220,8 @@ def test_metrics_listen_in_agent_toml_allows_port_0_and_names_itself_when_bad(
     assert load_config(tmp_path).metrics_listen == ("127.0.0.1", 0)
     assert load_config(tmp_path / "none").metrics_listen is None   # off by default
     (tmp_path / "agent.toml").write_text('metrics_listen = "9100"\n')
-    with pytest.raises(UserError, match=r"agent.toml: metrics_listen: address must be HOST"):
+    with pytest.raises(UserError,
+                       match=r"agent.toml: metrics_listen must be HOST:PORT or \[IPv6\]:PORT"):
         load_config(tmp_path)
 
 

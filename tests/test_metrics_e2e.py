@@ -192,9 +192,9 @@ def test_a_bad_metrics_address_is_refused_at_start_with_its_name() -> None:
         home.mkdir()
         toml = home / "agent.toml"
         toml.write_text('metrics_listen = "9100"\n')
-        assert f"{toml}: metrics_listen: address must be HOST:PORT" in start_refused(home)
+        assert f"{toml}: metrics_listen must be HOST:PORT" in start_refused(home)
         toml.write_text('metrics_listen = "127.0.0.1:70000"\n')
-        assert "metrics_listen: port must be within 0..65535" in start_refused(home)
+        assert "metrics_listen must have a port within 0..65535" in start_refused(home)
         toml.unlink()
         assert "--metrics: address must be HOST:PORT" in start_refused(home, "--metrics",
                                                                          "localhost")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from agent.commands.common import add_home_argument, resolve_home
+from agent.commands.common import add_config_argument, add_home_argument, load_agent_config
 from agent.identity import parse_address
 from agent.net.channel import run as run_on_uvloop
 from agent.service.daemon import run_agent
-from agent.state.config import load_config, parse_metrics_listen
+from agent.state.config import parse_metrics_listen
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -17,6 +17,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                               description="Serve peers on HOST:PORT and the local CLI on a "
                                           "unix socket inside the home directory.")
     add_home_argument(p)
+    add_config_argument(p)
     p.add_argument("--listen", metavar="HOST:PORT",
                    help="address for peer agents (default 127.0.0.1:7370, or agent.toml)")
     p.add_argument("--allow-path", action="append", type=Path, default=[], metavar="DIR",
@@ -31,7 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = load_config(resolve_home(args))
+    config = load_agent_config(args)   # flags given beat the file
     config = config.with_overrides(
         listen=parse_address(args.listen) if args.listen else None,
         allow_paths=(config.allow_paths + tuple(p.absolute() for p in args.allow_path)

@@ -4,12 +4,28 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from agent.state.config import AgentConfig
 
 
 def add_home_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--home", type=Path, default=None,
                         help="agent home directory (default: /var/lib/ferry for root, "
                              "else ~/.local/state/ferry)")
+
+
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=None, metavar="FILE",
+                        help="agent settings, TOML (default HOME/agent.toml if it exists; "
+                             "docs/config.md)")
+
+
+def load_agent_config(args: argparse.Namespace) -> AgentConfig:
+    """The agent's settings: defaults, then --config FILE or HOME/agent.toml."""
+    from agent.state.config import load_config
+    return load_config(resolve_home(args), args.config)
 
 
 def resolve_home(args: argparse.Namespace) -> Path:

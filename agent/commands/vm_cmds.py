@@ -5,14 +5,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from agent.commands.common import add_home_argument, human_bytes, resolve_home
+from agent.commands.common import (
+    add_config_argument,
+    add_home_argument,
+    human_bytes,
+    load_agent_config,
+)
 from agent.errors import UserError
 from agent.hostnet import attach
 from agent.qemu import nics as guest_nics
 from agent.qemu import vm
 from agent.qemu.vmspec import PAGE_SIZE, parse_size
 from agent.state import vms
-from agent.state.config import load_config
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -31,16 +35,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                             "agent.toml); model default virtio-net-pci, MAC made up "
                             "(52:54:00:...) unless given; repeatable")
     add_home_argument(start)
+    add_config_argument(start)
     start.epilog = ("Extra QEMU arguments follow --, e.g.  "
                     "ferry vm start web01 --memory 1G -- -kernel guest.elf")
     start.set_defaults(func=run_start, takes_passthrough=True)
     listing = sub.add_parser("list", help="list the VMs this agent knows")
     add_home_argument(listing)
+    add_config_argument(listing)
     listing.set_defaults(func=run_list)
 
 
 def run_start(args: argparse.Namespace) -> int:
-    config = load_config(resolve_home(args))
+    config = load_agent_config(args)
     size = parse_size(args.memory, default_suffix="m")
     if size <= 0 or size % PAGE_SIZE:
         raise UserError(f"--memory {args.memory}: must be a positive multiple of 4 KiB")
@@ -87,7 +93,7 @@ def run_start(args: argparse.Namespace) -> int:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    config = load_config(resolve_home(args))
+    config = load_agent_config(args)
     records = vms.list_vms(config)
     if not records:
         print(f"no VMs in {config.vms_dir}")

@@ -118,6 +118,7 @@ class DestinationJob:
     error_reason: str | None = None       # why it failed (errors.failure_reason)
     received: int = 1                     # messages received, PREPARE included (RESUMED)
     received_bytes: int = 0               # their payloads: what `ferry jobs` shows here
+    vm_name: str | None = None            # from PREPARE, for the log
     _unacked_bytes: int = 0
     _new_link: asyncio.Future[CheckedLink] | None = None   # a RESUME connection
     finished: asyncio.Event = field(default_factory=asyncio.Event)
@@ -125,6 +126,11 @@ class DestinationJob:
     _vcpus: list[int] = field(default_factory=list)
     resumed_at: float | None = None       # monotonic, when the RESUME event came
     _pace_after: CpuMeter | None = None   # the guest's vCPUs from the resume on
+
+    @property
+    def label(self) -> str:
+        """What each log line of this job starts with: its id, its VM and its peer."""
+        return f"incoming {self.job_id} of {self.vm_name or '?'} from {self.peer}"
 
     def resume(self, link: CheckedLink) -> bool:
         """Take over a new connection on which the source said RESUME for this job
@@ -157,13 +163,10 @@ class DestinationJob:
             raise
         except Exception as exc:
             if isinstance(exc, FerryError):
-                log.error("incoming migration %s from %s failed: %s", self.job_id, self.peer,
-                          exc)
-                log.debug("traceback", exc_info=True)
+                log.error("%s failed: %s", self.label, exc)   # expected: no traceback
             else:
                 # A bug, or an untranslated library error: the copy is removed all the same.
-                log.exception("incoming migration %s from %s: unexpected error", self.job_id,
-                              self.peer)
+                log.exception("%s: unexpected error", self.label)
                 exc = LocalError(f"destination internal error: {exc!r}")
             self.error_reason = failure_reason(exc)
             with contextlib.suppress(FerryError, ConnectionError):
@@ -188,6 +191,7 @@ class DestinationJob:
 
     async def _prepare(self, body: dict[str, Any]) -> None:
         spec = VmSpec.from_json(body.get("vm") or {})
+        self.vm_name = spec.name
         vm_dir = self.config.vms_dir / spec.name
         self.claims.claim(f"vm:{spec.name}", self.job_id, f"VM name {spec.name}")
         if vms.is_running(self.config, spec.name):
@@ -208,7 +212,7 @@ class DestinationJob:
         await asyncio.to_thread(self._argv, spec, paths, targets, nics.placeholders(),
                                 widened)
         for note in widened:
-            log.warning("incoming %s from %s: %s (agent.toml)", spec.name, self.peer, note)
+            log.warning("%s: %s (agent.toml)", self.label, note)
         self._check_ram_space(spec.ram_size)
         incoming = self.incoming = IncomingVm(spec=spec, paths=paths, nics=nics)
         incoming.storage = StorageSink(spec.disks, targets, paths.vm_dir / "nbd.sock")
@@ -239,8 +243,7 @@ class DestinationJob:
         self.sampler = Sampler(DESTINATION_FIELDS)
         self.sampler.watch_qemu(incoming.process.pid, self._vcpus)
         self.sampler.start()
-        log.info("incoming %s from %s: QEMU pid %d waits for pages", spec.name, self.peer,
-                 incoming.process.pid)
+        log.info("%s: QEMU pid %d waits for pages", self.label, incoming.process.pid)
         await send_control(self.link, Op.PREPARED, dest_pid=incoming.process.pid,
                            npages=spec.npages, widened=widened)
 
@@ -331,7 +334,7 @@ class DestinationJob:
                     await self._commit()
                     return
                 elif msg.op is Op.ABORT:
-                    log.info("incoming %s: source aborted: %s", self.job_id,
+                    log.info("%s: source aborted: %s", self.label,
                              msg.body.get("reason", "no reason given"))
                     self.error_reason = "aborted"
                     await self._roll_back("aborted by the source")
@@ -366,8 +369,8 @@ class DestinationJob:
             with contextlib.suppress(asyncio.CancelledError, FerryError, ConnectionError):
                 await receive
         if not self._new_link.done():
-            log.warning("incoming %s: link lost in pre-copy (%s); waiting %g s for the "
-                        "source to resume", self.job_id, lost, RESUME_WINDOW_S)
+            log.warning("%s: link lost in pre-copy (%s); waiting %g s for the "
+                        "source to resume", self.label, lost, RESUME_WINDOW_S)
             try:
                 await asyncio.wait_for(asyncio.shield(self._new_link), RESUME_WINDOW_S)
             except TimeoutError:
@@ -380,8 +383,8 @@ class DestinationJob:
         self.link = new
         self._unacked_bytes = 0
         await send_control(new, Op.RESUMED, received=self.received)
-        log.warning("incoming %s: resumed on a new connection after %d messages",
-                    self.job_id, self.received)
+        log.warning("%s: resumed on a new connection after %d messages",
+                    self.label, self.received)
 
     async def _feed(self, queue: asyncio.Queue[_Item]) -> None:
         """In order: page batches into the RAM file, stream chunks into QEMU, disks
@@ -448,8 +451,7 @@ class DestinationJob:
         with contextlib.suppress(QemuError):
             await incoming.qmp.disconnect()
         incoming.qmp = None
-        log.info("incoming %s: %s resumed here as pid %d", self.job_id, incoming.spec.name,
-                 incoming.process.pid)
+        log.info("%s: resumed here as pid %d", self.label, incoming.process.pid)
         with contextlib.suppress(FerryError, ConnectionError):
             await send_control(self.link, Op.COMMITTED, resume_us=resume.timestamp_us,
                                dest_pid=incoming.process.pid,
@@ -485,18 +487,18 @@ class DestinationJob:
         incoming = self.incoming
         assert incoming is not None and incoming.process is not None
         if incoming.process.returncode is None:
-            log.error("incoming %s: resuming the VM failed (%s); keeping it", self.job_id, exc)
+            log.error("%s: resuming the VM failed (%s); keeping it", self.label, exc)
             if incoming.qmp is not None:   # QEMU serves one QMP client: recovery's own
                 with contextlib.suppress(QemuError):
                     await incoming.qmp.disconnect()
                 incoming.qmp = None
             entry = self._entry(incoming, journal.Step.COMMIT_RECEIVED)
-            log.warning("incoming %s: %s", self.job_id,
+            log.warning("%s: %s", self.label,
                         await recovery.keep_committed(self.config, entry))
             incoming.close_ram()
             incoming.process.detach()
         else:
-            log.error("incoming %s: the QEMU died before it resumed: %s", self.job_id, exc)
+            log.error("%s: the QEMU died before it resumed: %s", self.label, exc)
             await incoming.remove()
             self.outcome = outcomes.Outcome.REMOVED
             outcomes.record(self.config, self.job_id, self.outcome, incoming.spec.name)
@@ -510,12 +512,12 @@ class DestinationJob:
         try:
             await q.execute("announce-self", ANNOUNCE)
         except QemuError as exc:
-            log.warning("incoming %s: announce-self failed: %s", self.job_id, exc)
+            log.warning("%s: announce-self failed: %s", self.label, exc)
 
     async def _roll_back(self, why: str) -> None:
         if self.committed or self.incoming is None:
             return
-        log.info("incoming %s: removing destination VM (%s)", self.job_id, why)
+        log.info("%s: removing destination VM (%s)", self.label, why)
         if self.state_writer is not None:
             self.state_writer.close()
         await self.incoming.remove()

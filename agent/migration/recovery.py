@@ -68,7 +68,8 @@ async def resolve(config: AgentConfig, entry: Entry, ask: AskStatus) -> str | No
     try:
         answer = await ask(entry.peer, entry.job)
     except (FerryError, OSError) as exc:
-        log.info("job %s: %s cannot be asked yet: %s", entry.job, entry.peer, exc)
+        log.info("job %s (vm %s): %s cannot be asked yet: %s", entry.job, entry.vm, entry.peer,
+                 exc)
         return None
     if answer == outcomes.Outcome.RESUMED:
         line = await quit_source(config, entry)
@@ -147,8 +148,8 @@ async def quit_source(config: AgentConfig, entry: Entry) -> str:
         async with qmp_mod.connect(entry.qmp_path) as q:
             status = (await q.execute("query-status")).get("status")
             if status == "running":   # never: it would be a second copy. Say so loudly.
-                log.error("job %s: the source VM runs although %s took it over; stopping it",
-                          entry.job, entry.peer)
+                log.error("job %s (vm %s): the source VM runs although %s took it over; "
+                          "stopping it", entry.job, entry.vm, entry.peer)
             await q.quit()
             line = f"source QEMU quit (was {status})"
     if entry.vm:

@@ -56,6 +56,7 @@ class ResumableLink:
     connect: Callable[[], Awaitable[Link]]
     attempts: int = RECONNECT_ATTEMPTS
     counters: ResumeCounters = field(default_factory=ResumeCounters)
+    label: str = ""                                    # the job's, for the log
     _next: int = 0                                     # number of the next message
     _kept: collections.deque[tuple[int, int, bytes | memoryview]] = field(
         default_factory=collections.deque)             # (number, kind, copy) not acked
@@ -141,8 +142,8 @@ class ResumableLink:
         with contextlib.suppress(FerryError, OSError):
             await self.link.close()
         for attempt in range(1, self.attempts + 1):
-            log.warning("migration %s: link lost in pre-copy (%s); reconnecting (%d/%d)",
-                        self.job_id, last, attempt, self.attempts)
+            log.warning("%s: link lost in pre-copy (%s); reconnecting (%d/%d)",
+                        self.label or f"migration {self.job_id}", last, attempt, self.attempts)
             await asyncio.sleep(delay)
             delay = min(delay * 2, RECONNECT_MAX_S)
             try:
@@ -169,8 +170,8 @@ class ResumableLink:
                 continue
             self.link = link
             self.counters.reconnects += 1
-            log.warning("migration %s: resumed on a new connection (%d messages resent)",
-                        self.job_id, len(self._kept))
+            log.warning("%s: resumed on a new connection (%d messages resent)",
+                        self.label or f"migration {self.job_id}", len(self._kept))
             return
         raise PeerError(f"link to the destination lost in pre-copy and not restored after "
                         f"{self.attempts} attempts: {last}")

@@ -269,12 +269,11 @@ class SourceJob:
         except Exception as exc:
             if not isinstance(exc, FerryError):
                 # A bug, or an error some library let through untranslated: still roll back.
-                log.exception("migration %s: unexpected error", self.job_id)
+                log.exception("%s: unexpected error", self.label)
                 exc = LocalError(f"internal error: {exc!r}")
             exc = await self._explain(exc)
             error, reason = str(exc), failure_reason(exc)
-            log.error("migration %s of %s failed: %s", self.job_id, self.qmp_path, exc)
-            log.debug("traceback", exc_info=True)
+            log.error("%s failed: %s", self.label, exc)   # expected: one line, no traceback
             if self.phases.may_roll_back:
                 await self._roll_back(Phase.FAILED, error)
             elif self.phases.phase is Phase.COMMITTING:
@@ -283,8 +282,8 @@ class SourceJob:
                     # The destination says its copy is gone (it never ran the guest).
                     await self._roll_back(Phase.FAILED, error)
                 else:
-                    log.error("migration %s: COMMIT may have reached %s; the source stays "
-                              "stopped until %s tells (asking)", self.job_id, self.peer,
+                    log.error("%s: COMMIT may have reached %s; the source stays "
+                              "stopped until %s tells (asking)", self.label, self.peer,
                               self.peer)
         finally:
             cancel_wait.cancel()
@@ -362,7 +361,8 @@ class SourceJob:
         self.link = self.resumable = ResumableLink(
             CheckedLink(await self.connect_peer(self.peer), conversation,
                         faults.hold(self.config.home)),
-            conversation, self.job_id, connect=lambda: self.connect_peer(self.peer))
+            conversation, self.job_id, connect=lambda: self.connect_peer(self.peer),
+            label=self.label)
         self.inbox = Inbox(self.link)
         await send_control(self.link, Op.PREPARE, vm=spec.to_json(), job=self.job_id,
                            disk_map=list(self.options.disk_map),
@@ -373,15 +373,15 @@ class SourceJob:
         widened = reply.body.get("widened")
         self.dest_widened = [str(n) for n in widened] if isinstance(widened, list) else []
         for note in self.dest_widened:
-            log.warning("migration %s: the destination accepts by its config: %s",
-                        self.job_id, note)
+            log.warning("%s: the destination accepts by its config: %s",
+                        self.label, note)
         self._journal(journal.Step.PRECOPY)
         self.config.run_dir.mkdir(parents=True, exist_ok=True)
         self.storage = StorageSource(self.qmp, disks, self.config.run_dir / f"{self.job_id}.nbd",
                                      self.job_id, dedup=self.options.dedup,
                                      compress_level=self._disk_compress_level())
         await self.storage.start()  # bitmaps record writes from here on
-        log.info("migration %s: destination ready after %.0f ms (QEMU pid %s)", self.job_id,
+        log.info("%s: destination ready after %.0f ms (QEMU pid %s)", self.label,
                  (time.monotonic() - self.started) * 1000, self.dest_pid)
 
     async def _describe_nics(self, info: vm.VmInfo) -> tuple[NicSpec, ...]:
@@ -474,8 +474,8 @@ class SourceJob:
         await self.inbox.expect({Op.LOADED}, timeout=self.config.link_timeout_s,
                                 what="destination loading the device state")
         self._mark("loaded")
-        log.info("migration %s: %d iterations, device state (%d bytes) loaded %.0f ms after "
-                 "stop", self.job_id, self.iterations, self.counters.device_state_bytes,
+        log.info("%s: %d iterations, device state (%d bytes) loaded %.0f ms after "
+                 "stop", self.label, self.iterations, self.counters.device_state_bytes,
                  self.switchover.get("loaded", -1))
 
     def _listen(self) -> socket.socket:
@@ -616,7 +616,7 @@ class SourceJob:
             if (offset != ZERO_PAGE_OFFSET and index >= faults.DROP_PAGE_FROM
                     and codec.block_hash(pages.data[offset:offset + PAGE_SIZE]) != held):
                 self._dropped_page = index
-                log.warning("migration %s: injected fault: page %d not sent", self.job_id,
+                log.warning("%s: injected fault: page %d not sent", self.label,
                             index)
                 keep = [i for i in range(len(pages)) if i != k]
                 return dataclasses.replace(
@@ -702,7 +702,7 @@ class SourceJob:
             self.throttle_max = max(self.throttle_max, self.throttle_pct)
             if self.throttle_pct and self.phases.phase is Phase.PRECOPY:
                 self.phases.advance(Phase.THROTTLING)
-                log.info("migration %s: QEMU throttles the guest (%d%%)", self.job_id,
+                log.info("%s: QEMU throttles the guest (%d%%)", self.label,
                          self.throttle_pct)
             await self._check_budget()
             await self._emit()
@@ -736,8 +736,8 @@ class SourceJob:
                 f"{int(ram.get('dirty-pages-rate', 0)) * PAGE_SIZE >> 20} MiB/s); raise "
                 f"--timeout or --bandwidth, or use --timeout-action force to accept a "
                 f"longer downtime")
-        log.warning("migration %s: pre-copy did not converge within %g s; switching over "
-                    "with no downtime limit (--timeout-action force)", self.job_id,
+        log.warning("%s: pre-copy did not converge within %g s; switching over "
+                    "with no downtime limit (--timeout-action force)", self.label,
                     self.options.timeout_s)
         self._forced = True
         await self._update_downtime_limit()
@@ -865,7 +865,7 @@ class SourceJob:
     async def _roll_back(self, outcome: Phase, why: str) -> None:
         """Source keeps running; destination removes its copy. Best effort on each step."""
         self.phases.advance(Phase.ROLLING_BACK)
-        log.info("migration %s: rolling back (%s)", self.job_id, why)
+        log.info("%s: rolling back (%s)", self.label, why)
         if self.link is not None:
             with contextlib.suppress(FerryError, ConnectionError, OSError):
                 await send_control(self.link, Op.ABORT, reason=why)
@@ -880,7 +880,7 @@ class SourceJob:
                 if status != "running":
                     await self.qmp.execute("cont")
             except QemuError as exc:
-                log.error("migration %s: could not resume the source VM: %s", self.job_id, exc)
+                log.error("%s: could not resume the source VM: %s", self.label, exc)
         self.phases.advance(outcome)
 
     async def _release(self) -> None:
@@ -957,6 +957,12 @@ class SourceJob:
             event["bandwidth_cap_bps"] = cap
         with contextlib.suppress(Exception):
             await self.progress(event)
+
+    @property
+    def label(self) -> str:
+        """What each log line of this job starts with: its id, its VM and its peer."""
+        vm_name = self.vm_name or (self.info.name if self.info else None) or self.qmp_path
+        return f"migration {self.job_id} of {vm_name} to {self.peer}"
 
     def report(self, error: str | None, reason: str | None = None) -> dict[str, Any]:
         """The final report (the JSON object `ferry migrate --json` prints last); `reason`

@@ -5,8 +5,10 @@ A request is one JSON object with an "op". Simple ops get one reply line
 stream {"event": "progress" | "queued", ...} lines and end with {"event": "result", ...}.
 While a long op runs, the client may send {"op": "cancel"} on the same connection;
 closing the connection cancels it too (a migrate not detached: the job; a follow: only
-the following). Callers are checked with SO_PEERCRED: root, the agent's own user, or
-members of the configured group. Every op, reply and event: docs/control-api.md.
+the following). Each caller is checked with SO_PEERCRED against `[access]`
+(agent/state/access.py): one with no role is refused before its request is read, a reader
+asking for an op not read-only is refused with code "forbidden". Every op, reply and
+event: docs/control-api.md.
 """
 
 from __future__ import annotations
@@ -23,11 +25,17 @@ from typing import Any
 
 from agent.errors import FerryError, LocalError, UserError
 from agent.qemu.vm import peer_credentials
+from agent.state import access as access_mod
+from agent.state.access import Access, Caller, Role
 
 log = logging.getLogger(__name__)
 
 MAX_LINE = 1 << 20
+DRAIN_TIMEOUT_S = 2.0     # a refused client's unread request, read before closing
 SOCKET_MODE = 0o660
+# With a control group: its members may pass through the home to the socket, not list it.
+HOME_MODE_WITH_GROUP = 0o710
+FORBIDDEN = "forbidden"
 
 Reply = dict[str, Any]
 # A handler gets the request and a `send` for streaming events; it returns the final reply.
@@ -39,32 +47,34 @@ class AgentUnreachableError(UserError):
     """No agent answers on the control socket."""
 
 
-def caller_allowed(uid: int, gid: int, allowed_gid: int | None) -> bool:
-    """Root, the agent's own user, or a member of the control group may drive the agent."""
-    if uid in (0, os.getuid()):
-        return True
-    if allowed_gid is None:
-        return False
-    if gid == allowed_gid:
-        return True
-    try:
-        import grp
-        import pwd
-        name = pwd.getpwuid(uid).pw_name
-        return name in grp.getgrgid(allowed_gid).gr_mem
-    except KeyError:
-        return False
+def forbidden(caller: Caller, op: str | None) -> Reply:
+    """The refusal a caller gets: with no role (op None), or a reader asking for op."""
+    if op is None:
+        error = f"user {caller} may not use this agent ([access] in agent.toml)"
+    else:
+        error = (f"user {caller} may only read: {op} needs an operator ([access] in "
+                 f"agent.toml)")
+    return {"ok": False, "error": error, "code": FORBIDDEN}
 
 
 class ControlServer:
     """Serves the control socket, dispatching each request to a handler by its op."""
 
     def __init__(self, path: Path, handlers: dict[str, Handler], *,
-                 group: int | None = None) -> None:
+                 group: int | None = None, access: Access | None = None,
+                 read_only: frozenset[str] = frozenset(),
+                 directory: access_mod.Directory = access_mod.SYSTEM) -> None:
         self.path = path
         self.handlers = handlers
         self.group = group
+        self.access = access or Access()
+        self.read_only = read_only        # ops a reader may use; any other needs an operator
+        self.directory = directory
         self._server: asyncio.AbstractServer | None = None
+
+    def role_of(self, uid: int, gid: int) -> tuple[Caller, Role]:
+        caller = access_mod.identify(uid, gid, self.directory)
+        return caller, self.access.role(caller, agent_uid=os.getuid(), control_gid=self.group)
 
     async def start(self) -> None:
         if self.path.exists() or self.path.is_symlink():
@@ -78,6 +88,9 @@ class ControlServer:
         os.chmod(self.path, SOCKET_MODE)
         if self.group is not None:
             os.chown(self.path, -1, self.group)
+            # The home is 0700: the group could not reach the socket inside it.
+            os.chown(self.path.parent, -1, self.group)
+            os.chmod(self.path.parent, HOME_MODE_WITH_GROUP)
 
     def stop_listening(self) -> None:
         """Take no new requests; the ones being served go on (a migration's report)."""
@@ -96,13 +109,17 @@ class ControlServer:
         try:
             sock = writer.get_extra_info("socket")
             _, uid, gid = peer_credentials(sock)
-            if not caller_allowed(uid, gid, self.group):
-                await _write(writer, {"ok": False, "error": f"uid {uid} may not use this agent"})
+            caller, role = self.role_of(uid, gid)
+            if role is Role.NONE:
+                log.warning("control: refused uid %d (%s): no role in [access]", caller.uid,
+                            caller.name or "no account")
+                await _write(writer, forbidden(caller, None))
+                await _drain_input(reader, writer)
                 return
             line = await reader.readline()
             if not line:
                 return
-            await self._dispatch(line, reader, writer)
+            await self._dispatch(line, reader, writer, caller, role)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -111,7 +128,7 @@ class ControlServer:
                 await writer.wait_closed()
 
     async def _dispatch(self, line: bytes, reader: asyncio.StreamReader,
-                        writer: asyncio.StreamWriter) -> None:
+                        writer: asyncio.StreamWriter, caller: Caller, role: Role) -> None:
         try:
             request = json.loads(line)
             if not isinstance(request, dict):
@@ -122,6 +139,12 @@ class ControlServer:
         except ValueError as exc:
             await _write(writer, {"ok": False, "error": f"bad request: {exc}"})
             return
+        op = str(request["op"])
+        if role < Role.OPERATOR and op not in self.read_only:
+            log.warning("control: refused op %s to uid %d (%s): a reader", op, caller.uid,
+                        caller.name or "no account")
+            await _write(writer, forbidden(caller, op))
+            return
         cancel = asyncio.Event()
         watcher = asyncio.create_task(_watch_for_cancel(reader, cancel))
 
@@ -131,7 +154,7 @@ class ControlServer:
         try:
             reply = await handler(request, send, cancel)
         except FerryError as exc:
-            log.debug("control op %s failed", request.get("op"), exc_info=True)
+            log.debug("control op %s failed: %s", request.get("op"), exc)
             reply = {"ok": False, "error": str(exc)}
         finally:
             watcher.cancel()
@@ -152,6 +175,17 @@ async def _watch_for_cancel(reader: asyncio.StreamReader, cancel: asyncio.Event)
             if json.loads(line).get("op") == "cancel":
                 cancel.set()
                 return
+
+
+async def _drain_input(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """End our side and read what the client sent until it closes (a while at most):
+    closing with its request unread would reset the connection, and the client could lose
+    the reply it was sent."""
+    writer.write_eof()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(DRAIN_TIMEOUT_S):
+            while await reader.read(MAX_LINE):
+                pass
 
 
 async def _write(writer: asyncio.StreamWriter, obj: Reply) -> None:

@@ -30,7 +30,7 @@ from agent.net import channel as channel_mod
 from agent.service import jobs as jobs_mod
 from agent.service import metrics as metrics_mod
 from agent.service import systemd
-from agent.service.control import ControlServer, Reply
+from agent.service.control import ControlServer, Handler, Reply
 from agent.state import journal, outcomes, vms
 from agent.state.config import AgentConfig
 from agent.wire.messages import MsgType
@@ -43,6 +43,9 @@ HISTORY_DEFAULT = 20            # `history` without a limit
 RESOLVE_FIRST_S = 1.0
 RESOLVE_MAX_S = 60.0
 INBOUND_PROGRESS_S = 0.5        # how often an incoming job's progress is published
+# The control ops that change nothing, which [access] readers may use (`job` with follow
+# too: a follower's cancel only stops its following). Every other op needs an operator.
+READ_ONLY_OPS = frozenset({"ping", "status", "vm-list", "jobs", "job", "history", "report"})
 
 
 class ChannelLink:
@@ -148,13 +151,17 @@ class Agent:
         host, port = self.config.listen
         self.peer_server = await channel_mod.serve(host, port, self.identity, self.trust,
                                                    self._serve_peer)
-        self.control = ControlServer(self.config.control_socket, {
-            "ping": self._ping, "vm-list": self._vm_list, "migrate": self._migrate,
-            "jobs": self._jobs, "status": self._status, "job": self._job,
-            "cancel": self._cancel, "history": self._history, "report": self._report,
-            "limit": self._limit,
-        }, group=self.config.control_group)
+        self.control = ControlServer(self.config.control_socket, self.control_handlers(),
+                                     group=self.config.control_group,
+                                     access=self.config.access, read_only=READ_ONLY_OPS)
         await self.control.start()
+
+    def control_handlers(self) -> dict[str, Handler]:
+        """Every control op; the ones a reader may use are READ_ONLY_OPS."""
+        return {"ping": self._ping, "vm-list": self._vm_list, "migrate": self._migrate,
+                "jobs": self._jobs, "status": self._status, "job": self._job,
+                "cancel": self._cancel, "history": self._history, "report": self._report,
+                "limit": self._limit}
 
     @property
     def port(self) -> int:
@@ -349,6 +356,8 @@ class Agent:
 
     def _finish(self, record: jobs_mod.JobRecord, report: Reply) -> None:
         """A job ended: into the history and the metrics, then tell whoever follows it."""
+        log.info("%s: %s%s", job_label(record, report.get("vm")), report.get("status"),
+                 f" ({report['error']})" if report.get("error") else "")
         record.ended_at = time.time()
         self.history.append(jobs_mod.history_entry(record, report))
         self.metrics.job_finished(record, report)
@@ -508,6 +517,10 @@ class Agent:
         if admitted.done():
             record.state = record.phase = "running"
             record.running_at = time.time()
+            log.info("%s: started", job_label(record))
+        else:
+            log.info("%s: queued at %d (max_outbound %d)", job_label(record), record.position,
+                     self.config.max_outbound)
         # The job is the agent's own task: a detached one outlives this connection.
         task = asyncio.create_task(
             self._run_outbound(record, admitted, qmp_path, str(name) if name else None,
@@ -548,6 +561,7 @@ class Agent:
                 else:
                     record.state = record.phase = "running"
                     record.running_at = time.time()
+                    log.info("%s: started after waiting in the queue", job_label(record))
             if report is None:
                 async def progress(event: Reply) -> None:
                     record.publish(event)
@@ -591,6 +605,15 @@ async def _watch_inbound(job: DestinationJob, record: jobs_mod.JobRecord,
 
 def _rate_text(rate: int | None) -> str:
     return "none" if rate is None else f"{rate} B/s"
+
+
+def job_label(record: jobs_mod.JobRecord, vm_name: str | None = None) -> str:
+    """A job as its log lines name it (as the migration's own lines do); vm_name once the
+    job knows it (a VM given by its QMP socket is named when described)."""
+    vm_name = vm_name or record.vm or "?"
+    if record.direction == "outbound":
+        return f"migration {record.job_id} of {vm_name} to {record.peer}"
+    return f"incoming {record.job_id} of {vm_name} from {record.peer}"
 
 
 async def _forward_cancel(source: asyncio.Event, target: asyncio.Event) -> None:
@@ -664,6 +687,10 @@ async def run_agent(config: AgentConfig, *, ready: asyncio.Event | None = None) 
     print(f"ferry agent: listening on {host}:{agent.port}, control {config.control_socket}"
           f"{metrics}, key {identity.public_key_b64}", flush=True)
     systemd.notify("READY=1")
+    interval = systemd.watchdog_interval()
+    # Fed through the shutdown too: running jobs may take shutdown_grace_s to end.
+    watchdog = (asyncio.create_task(systemd.keep_watchdog_fed(interval), name="watchdog")
+                if interval is not None else None)
     if ready is not None:
         ready.set()
     try:
@@ -672,5 +699,9 @@ async def run_agent(config: AgentConfig, *, ready: asyncio.Event | None = None) 
         systemd.notify("STOPPING=1")
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
-        with contextlib.suppress(FerryError):
-            await agent.close()
+        try:
+            with contextlib.suppress(FerryError):
+                await agent.close()
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
