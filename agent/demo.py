@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -87,12 +88,16 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
         asyncio.run(wait_for_passes(source.qmp_path, 1, BOOT_TIMEOUT_S))
         out(f"$ ferry migrate {VM_NAME} --to hostb --disk-map {disk}={disk_copy}")
         sys.stdout.flush()
+        cap = ("--bandwidth", args.bandwidth) if args.bandwidth else ()
         migrate = subprocess.run(ferry("migrate", VM_NAME, "--to", "hostb", "--home",
-                                       str(pair.a.home), "--disk-map", f"{disk}={disk_copy}"),
+                                       str(pair.a.home), "--disk-map", f"{disk}={disk_copy}",
+                                       *cap),
                                  check=False)
         if migrate.returncode != 0:
             out("migration failed; the source VM keeps running on a")
             return 1
+        if args.png:
+            draw_timeline(pair.a.home, args.png, out)
         dest = pair.b.vm_record(VM_NAME)
         before = read_guest(dest.ram_path)
         time.sleep(WATCH_S)
@@ -113,6 +118,17 @@ def run(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def draw_timeline(home: Path, png: Path, out: Callable[[str], None]) -> None:
+    """`ferry report JOB --png FILE` for the job the demo just ran (the newest)."""
+    listed = subprocess.run(ferry("history", "--home", str(home), "--limit", "1", "--json"),
+                            capture_output=True, text=True, check=True)
+    job = json.loads(listed.stdout)["jobs"][0]["job"]
+    out(f"$ ferry report {job} --png {png}")
+    drawn = subprocess.run(ferry("report", job, "--home", str(home), "--png", str(png)),
+                           capture_output=True, text=True, check=False)
+    out((drawn.stdout or drawn.stderr).strip())
+
+
 def make_disk(path: Path, size_mib: int) -> None:
     """A qcow2 disk with random data at its start (what a guest would have written)."""
     seed = path.with_suffix(".seed")
@@ -130,6 +146,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--fill-mib", type=int, default=DEFAULT_FILL_MIB)
     parser.add_argument("--rate", type=int, default=DEFAULT_RATE, help="pages per second")
     parser.add_argument("--disk-mib", type=int, default=DISK_MIB)
+    parser.add_argument("--bandwidth", metavar="RATE", help="cap the migration's wire rate")
+    parser.add_argument("--png", type=Path, metavar="FILE",
+                        help="also draw the migration's timeline (ferry report --png)")
     return parser.parse_args(argv)
 
 

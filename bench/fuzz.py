@@ -572,7 +572,7 @@ BODIES: dict[Op, dict[str, Any]] = {
     Op.STREAM_END: {"bytes": 123456},
     Op.LOADED: {"pages": 65536},
     Op.COMMIT: {},
-    Op.COMMITTED: {"resume_us": 1500, "dest_pid": 4242},
+    Op.COMMITTED: {"resume_us": 1500, "dest_pid": 4242, "health_window_s": 3.0},
     Op.ABORT: {"reason": "cancelled"},
     Op.ABORTED: {},
     Op.ERROR: {"message": "destination failed"},
@@ -580,6 +580,8 @@ BODIES: dict[Op, dict[str, Any]] = {
     Op.RESUME: {"job": "0123456789ab"},
     Op.RESUMED: {"received": 17},
     Op.ACK: {"received": 4096},
+    Op.HEALTH: {"pace": 0.98, "window_s": 3.0,
+                "samples": [[-0.8, 0.0, 0.2, 0.1], [0.2, 0.97, 1.1, 0.02]]},
 }
 
 

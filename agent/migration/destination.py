@@ -473,8 +473,8 @@ class DestinationJob:
             shift = self.resumed_at - self.sampler.started
             samples = [[round(row[0] - shift, 3), *row[1:]]
                        for row in self.sampler.series.snapshot()]
-        log.info("incoming %s: guest pace %s vCPU-s/s in the %g s after the resume",
-                 self.job_id, None if pace is None else round(pace, 3), window)
+        log.info("%s: guest pace %s vCPU-s/s in the %g s after the resume",
+                 self.label, None if pace is None else round(pace, 3), window)
         with contextlib.suppress(FerryError, ConnectionError, OSError):
             await send_control(self.link, Op.HEALTH, window_s=window,
                                pace=None if pace is None else round(pace, 3),

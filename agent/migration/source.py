@@ -842,8 +842,7 @@ class SourceJob:
             self._dest_samples = destination_rows(reply.body.get("samples"))
             self.health = health(before, after, window_s=window, before_throttled=throttled)
         except (FerryError, ConnectionError, OSError) as exc:
-            log.warning("migration %s: no health reply from %s: %s", self.job_id, self.peer,
-                        exc)
+            log.warning("%s: no health reply: %s", self.label, exc)
             self.health = health(before, None, window_s=window, before_throttled=throttled,
                                  reason=f"no health reply from the destination: {exc}")
         finally:
@@ -852,8 +851,7 @@ class SourceJob:
                 with contextlib.suppress(asyncio.CancelledError, FerryError):
                     await task
             self.health_wait_ms = round((time.monotonic() - waited) * 1000, 1)
-        log.info("migration %s: guest pace after the resume %s", self.job_id,
-                 self.health.get("verdict"))
+        log.info("%s: guest pace after the resume %s", self.label, self.health.get("verdict"))
 
     def _forget_source_vm(self) -> None:
         """The VM left this host: drop its record and what ferry made for it."""
