@@ -901,7 +901,10 @@ class SourceJob:
         """The job's own figures for the timeline (agent.migration.timeline)."""
         ram = self._last_query.get("ram", {})
         remaining = ram.get("remaining")
-        dirty = ram.get("dirty-pages-rate")
+        # QEMU measures the rate between two dirty-log syncs: before its second, the 0 it
+        # reports means "not measured yet", and the timeline says so (null).
+        measured = int(ram.get("dirty-sync-count") or 0) >= 2
+        dirty = ram.get("dirty-pages-rate") if measured else None
         return {"phase": self.phases.phase.value, "wire_bytes": self.counters.total_wire_bytes,
                 "remaining_bytes": int(remaining) if remaining is not None else None,
                 "dirty_bps": round(float(dirty) * PAGE_SIZE) if dirty is not None else None,
