@@ -9,13 +9,13 @@ tables from here (`python -m agent.migration.conversation --write`), so they can
 
 from __future__ import annotations
 
-import argparse
 import enum
 import json
 import sys
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
+from agent import docgen
 from agent.errors import ProtocolError
 from agent.migration.link import Link
 from agent.migration.protocol import MAX_CONTROL_BYTES, Kind, Op
@@ -225,20 +225,13 @@ def markdown() -> str:
 
 def with_tables(doc: str) -> str:
     """doc with its generated section replaced by the current tables."""
-    start, end = doc.index(DOC_BEGIN), doc.index(DOC_END) + len(DOC_END)
-    return doc[:start] + markdown() + doc[end:]
+    return docgen.splice(doc, DOC_BEGIN, DOC_END, markdown())
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write", type=Path, nargs="?", const=Path("docs/architecture.md"),
-                        help="replace the tables in this document (default %(const)s)")
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    if args.write is None:
-        print(markdown())
-        return 0
-    args.write.write_text(with_tables(args.write.read_text()))
-    return 0
+    return docgen.main(argv, description=__doc__.splitlines()[0],
+                       default_doc=Path("docs/architecture.md"), render=markdown,
+                       rewrite=with_tables)
 
 
 if __name__ == "__main__":

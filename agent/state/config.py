@@ -9,7 +9,6 @@ of docs/config.md all come from those declarations (`python -m agent.state.confi
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import grp
 import shutil
@@ -20,6 +19,7 @@ from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from agent import docgen
 from agent.errors import UserError
 from agent.hostnet.networks import Network, parse_networks
 from agent.identity import parse_address
@@ -372,20 +372,12 @@ def markdown() -> str:
 
 def with_table(doc: str) -> str:
     """doc with its generated section replaced by the current table."""
-    start, end = doc.index(DOC_BEGIN), doc.index(DOC_END) + len(DOC_END)
-    return doc[:start] + markdown() + doc[end:]
+    return docgen.splice(doc, DOC_BEGIN, DOC_END, markdown())
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Print or rewrite the agent.toml table.")
-    parser.add_argument("--write", type=Path, nargs="?", const=DOC_FILE,
-                        help="replace the table in this document (default %(const)s)")
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    if args.write is None:
-        print(markdown())
-        return 0
-    args.write.write_text(with_table(args.write.read_text()))
-    return 0
+    return docgen.main(argv, description="Print or rewrite the agent.toml table.",
+                       default_doc=DOC_FILE, render=markdown, rewrite=with_table)
 
 
 if __name__ == "__main__":
