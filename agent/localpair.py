@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
-from agent import identity
+from agent import identity, procfs
 from agent.errors import LocalError
 from agent.guest import MailboxState, read_mailbox
 from agent.qemu.vm import is_qemu
@@ -56,18 +56,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((LOOPBACK, 0))
         return int(sock.getsockname()[1])
-
-
-def proc_cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of a process and all its threads so far (/proc/PID/stat);
-    None once it is gone. A zombie still reports its final figure until it is reaped."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(") ", 1)[1].split()
-    # Fields 14 and 15 (utime, stime); fields[0] is field 3 (the state).
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rate_bits(rate: str) -> int:
@@ -241,7 +229,7 @@ class AgentProcess:
         """CPU seconds the agent process used so far (None when it is not running)."""
         if self.proc is None or self.proc.poll() is not None:
             return None
-        return proc_cpu_seconds(self.proc.pid)
+        return procfs.cpu_seconds(self.proc.pid)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is None or self.proc.poll() is not None:

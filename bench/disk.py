@@ -64,6 +64,7 @@ from typing import Any, Self, TypeVar
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from agent import procfs
 from agent.errors import FerryError
 from agent.localpair import AgentPair
 from agent.qemu import qmp as qmp_mod
@@ -90,7 +91,6 @@ MAX_RUN_BLOCKS = 128          # 8 MiB
 FIRST_HOLE = MIB              # keeps the firmware from finding a boot sector
 TEXT_TEMPLATE = 8 * MIB
 QEMU_IMG_TIMEOUT_S = 120.0
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 CPU_POLL_S = 0.05
 MIGRATE_TIMEOUT_S = 300.0
 COMPARE_TIMEOUT_S = 120.0
@@ -251,13 +251,7 @@ async def _timed(argv: Sequence[str]) -> float:
 
 def cpu_seconds(pid: int | None) -> float | None:
     """User + system CPU seconds of a live process so far (None if there is none)."""
-    if pid is None:
-        return None
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-    except (OSError, IndexError, ValueError):
-        return None
+    return None if pid is None else procfs.cpu_seconds(pid)
 
 
 def children_cpu_seconds() -> float:

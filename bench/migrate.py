@@ -106,10 +106,10 @@ from agent.localpair import (
     AgentPair,
     NetnsLink,
     free_port,
-    proc_cpu_seconds,
     rate_bits,
     read_guest,
 )
+from agent.procfs import cpu_seconds as proc_cpu_seconds
 from agent.qemu import qmp, vm
 from agent.state import vms
 from bench import parser as bench_parser

@@ -21,10 +21,10 @@ from agent.localpair import (
     LINK_ADDRESSES,
     AgentPair,
     NetnsLink,
-    proc_cpu_seconds,
     rate_bits,
     tbf_args,
 )
+from agent.procfs import cpu_seconds as proc_cpu_seconds
 from agent.qemu import vm
 from agent.qemu.vmspec import parse_size
 from bench import migrate as bm
