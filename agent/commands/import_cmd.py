@@ -1,0 +1,69 @@
+"""`ferry import SOURCE --inspect`: another hypervisor's VM (a .vmx, OVF/OVA, .vbox or a
+bare image) read into a ferry VM definition and reported, before anything is copied.
+The copy (`run_import(definition, args)`) is to sit beside `run_inspect`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from agent.errors import UserError
+from agent.importer.common import normalize_mac
+from agent.importer.definition import NicDef
+from agent.importer.inspect import read_source, report_lines
+from agent.qemu.nics import parse_net_map
+from agent.qemu.vmspec import keyval_get, parse_keyval, parse_size
+
+NIC_OPTION_MODELS = ("virtio-net-pci", "e1000", "e1000e", "vmxnet3", "rtl8139")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "import", help="bring a VM from another hypervisor (VMware, VirtualBox, OVF/OVA, "
+                       "bare images)",
+        description="Read SOURCE (a .vmx, .ovf or a directory holding one, .ova, .vbox, or "
+                    "a bare .vhdx/.vhd/.vdi/.vmdk/qcow2/raw image) into a ferry VM "
+                    "definition and print every decision, warning and refusal. Exit "
+                    "status 1 when something refuses the import.")
+    p.add_argument("source", type=Path, metavar="SOURCE")
+    p.add_argument("--inspect", action="store_true", required=True,
+                   help="only read and report (the copy is not implemented yet)")
+    p.add_argument("--json", action="store_true", help="print the definition as JSON")
+    p.add_argument("--net-map", action="append", default=[], metavar="SRC=NETWORK",
+                   help="put NICs on source network SRC onto ferry network NETWORK "
+                        "(repeatable)")
+    p.add_argument("--memory", metavar="SIZE", help="a bare image's guest RAM, e.g. 2G")
+    p.add_argument("--cpus", type=int, default=1, metavar="N", help="a bare image's vCPUs")
+    p.add_argument("--nic", action="append", default=[], metavar="NETWORK[,mac=M,model=D]",
+                   help="a bare image's NIC on ferry network NETWORK (repeatable)")
+    p.add_argument("--firmware", choices=("bios", "uefi"), default="bios",
+                   help="a bare image's firmware (default bios)")
+    p.set_defaults(func=run_inspect)
+
+
+def parse_nic(text: str) -> NicDef:
+    """--nic NETWORK[,mac=M][,model=D] of a bare image."""
+    pairs = parse_keyval(text, "network")
+    network = keyval_get(pairs, "network")
+    unknown = {k for k, _ in pairs} - {"network", "mac", "model"}
+    if not network or unknown:
+        raise UserError(f"--nic {text!r}: use NETWORK[,mac=MAC][,model=MODEL]")
+    model = keyval_get(pairs, "model") or "virtio-net-pci"
+    if model not in NIC_OPTION_MODELS:
+        raise UserError(f"--nic {text!r}: model {model!r} is not one of "
+                        f"{', '.join(NIC_OPTION_MODELS)}")
+    return NicDef(model=model, mac=normalize_mac(keyval_get(pairs, "mac")),
+                  source_network=network, network=network)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    memory = parse_size(args.memory, default_suffix="m") if args.memory else 0
+    defn = read_source(args.source, net_map=parse_net_map(args.net_map), memory=memory,
+                       cpus=args.cpus, nics=[parse_nic(t) for t in args.nic],
+                       firmware=args.firmware)
+    if args.json:
+        print(json.dumps(defn.to_json(), indent=2))
+    else:
+        print("\n".join(report_lines(defn)))
+    return 1 if defn.refusals() else 0
