@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from agent.cli import main
+from agent.commands.import_cmd import report_lines
 from agent.errors import UserError
 from agent.importer.definition import Level, NicDef, VmDefinition
-from agent.importer.inspect import read_source, report_lines
+from agent.importer.inspect import read_source
 
 DATA = Path(__file__).parent / "data" / "import"
 MIB = 1 << 20
@@ -51,8 +52,10 @@ def web01(tmp_path):
     truncate(vm / "web01-flat.vmdk", 8 * MIB)
     qemu_img("create", "-f", "vmdk", "-o", "subformat=twoGbMaxExtentSparse",
              str(vm / "web01_1.vmdk"), "12M")
+    # created under another name: its embedded descriptor's extent is the file itself
     qemu_img("create", "-f", "vmdk", "-o", "subformat=monolithicSparse",
-             str(vm / "web01_2.vmdk"), "4M")
+             str(vm / "created-as.vmdk"), "4M")
+    (vm / "created-as.vmdk").rename(vm / "web01_2.vmdk")
     return vm
 
 
@@ -66,15 +69,16 @@ def test_vmx_uefi_vm_with_disks_on_three_buses_two_nics_and_an_iso(web01):
     assert defn.os_type == "ubuntu-64"
     got = [(d.path.name, d.format, d.bus, d.controller, d.unit, d.virtual_size, d.boot_order)
            for d in defn.disks]
-    assert got == [("web01_1.vmdk", "vmdk", "sata", 0, 0, 12 * MIB, 1),
-                   ("web01.vmdk", "vmdk", "scsi-pvscsi", 0, 0, 8 * MIB, None),
-                   ("web01_2.vmdk", "vmdk", "nvme", 0, 0, 4 * MIB, None)]
+    assert got == [("web01.vmdk", "vmdk", "scsi-pvscsi", 0, 0, 8 * MIB, 1),
+                   ("web01_2.vmdk", "vmdk", "nvme", 0, 0, 4 * MIB, None),
+                   ("web01_1.vmdk", "vmdk", "sata", 0, 0, 12 * MIB, None)]
     assert all(d.path.is_absolute() for d in defn.disks)
     assert defn.nics == (NicDef("vmxnet3", "00:50:56:3f:12:34", "VM Network"),
                          NicDef("e1000e", "00:0c:29:ab:cd:ef", "VMnet2"))
     warnings = " | ".join(texts(defn, Level.WARNING))
     assert "ubuntu-22.04.4-live-server-amd64.iso left out" in warnings
     assert "UEFI variables" in warnings and "Secure Boot" in warnings
+    assert "no bios.hddOrder: boot from web01.vmdk, a guess" in warnings
     decisions = " | ".join(texts(defn, Level.DECISION))
     assert "kept on NVMe" in decisions
     assert "twoGbMaxExtentSparse" in decisions and "monolithicFlat" in decisions
@@ -99,8 +103,9 @@ def test_vmx_bios_vm_boot_order_escapes_and_remapped_devices(tmp_path):
     assert defn.uuid == "564d0102-0304-0506-0708-090a0b0c0d0e"
     got = [(d.path.name, d.bus, d.controller, d.unit, d.virtual_size, d.boot_order)
            for d in defn.disks]
-    assert got == [("legacy.vmdk", "ide", 0, 0, 2 * MIB, None),
-                   ("legacy_1.vmdk", "scsi-lsi", 0, 1, 6 * MIB, 1)]   # bios.hddOrder
+    assert got == [("legacy_1.vmdk", "scsi-lsi", 0, 1, 6 * MIB, 1),   # bios.hddOrder
+                   ("legacy.vmdk", "ide", 0, 0, 2 * MIB, None)]
+    assert "boot from legacy_1.vmdk (bios.hddOrder)" in texts(defn, Level.DECISION)
     assert defn.nics == (NicDef("e1000", "00:0c:29:11:22:33", "nat"),)
     warnings = " | ".join(texts(defn, Level.WARNING))
     assert "lsisas1068" in warnings and "vlance" in warnings
@@ -451,6 +456,16 @@ def test_bare_image_format_and_size(tmp_path, fmt, options, suffix, expect):
         < 25 * MIB
     assert (defn.name, defn.memory, defn.cpus, defn.source) == ("disk", 512 * MIB, 2, "image")
     assert defn.nics[0].network == "lan" and not defn.refusals()
+    if options == "subformat=fixed":       # QEMU's probe says raw: the footer tells
+        assert any("a fixed VHD" in t for t in texts(defn, Level.DECISION))
+    assert not texts(defn, Level.WARNING)
+
+
+def test_bare_file_no_format_recognizes_is_raw_and_warned(tmp_path):
+    (tmp_path / "notes.txt").write_bytes(b"hello" * 1000)
+    defn = read_source(tmp_path / "notes.txt", memory=256 * MIB)
+    assert defn.disks[0].format == "raw"
+    assert "taken as a raw disk" in texts(defn, Level.WARNING)[0]
 
 
 def test_bare_qcow2_with_backing_file_refused(tmp_path):
@@ -485,7 +500,8 @@ def test_cli_inspect_report_json_and_exit_status(web01, capsys):
     assert main(["import", str(web01 / "web01.vmx"), "--inspect",
                  "--net-map", "VM Network=lan", "--net-map", "VMnet2=storage"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("web01 (vmx): 4 vCPU (2 socket(s) x 2 core(s)), 4.00 GiB, uefi")
+    assert out.startswith("web01 (vmx): 4 vCPU (2 socket(s) x 2 core(s)), 4.0 GiB, uefi")
+    assert "  disk scsi-pvscsi 0:0 vmdk 8.0 MiB, boot 1: " in out
     assert "nic 0: vmxnet3 mac 00:50:56:3f:12:34 source network VM Network -> lan" in out
     assert "warning: sata0:1: CD/DVD ubuntu-22.04.4-live-server-amd64.iso left out (" in out
     assert out.rstrip().endswith("ready to import")
@@ -520,6 +536,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "DOCTYPE or ENTITY" in capsys.readouterr().err
     assert main(["import", str(tmp_path / "nothing.vmx"), "--inspect"]) == 1
     assert "no such file" in capsys.readouterr().err
+    assert main(["import", str(tmp_path / "bomb.ovf")]) == 1
+    assert "run it with --inspect" in capsys.readouterr().err
 
 
 def test_report_lists_refusals_last(web01):
@@ -527,3 +545,14 @@ def test_report_lists_refusals_last(web01):
     lines = report_lines(read_source(web01 / "web01.vmx"))
     assert lines[-1] == "1 refusal(s): nothing can be imported"
     assert lines[-2].startswith("refusal: web01.vmdk: flat extent")
+
+
+def test_ovf_raw_disk_larger_than_its_file_refused(tmp_path):
+    truncate(tmp_path / "devvm-disk001.img", 4 * MIB)
+    ovf = (DATA / "ovf" / "vbox-export.ovf").read_text()
+    ovf = ovf.replace('ovf:href="devvm-disk001.vmdk" ovf:size="0"',
+                      f'ovf:href="devvm-disk001.img" ovf:size="{4 * MIB}"')
+    ovf = re.sub(r'ovf:format="[^"]*"', "", ovf)          # capacity says 16 MiB
+    (tmp_path / "devvm.ovf").write_text(ovf)
+    refused_with(read_source(tmp_path / "devvm.ovf"), "devvm-disk001.img",
+                 "raw disk of 16777216 bytes in a file of 4194304")

@@ -8,10 +8,11 @@ import argparse
 import json
 from pathlib import Path
 
+from agent.commands.common import human_bytes
 from agent.errors import UserError
 from agent.importer.common import normalize_mac
-from agent.importer.definition import NicDef
-from agent.importer.inspect import read_source, report_lines
+from agent.importer.definition import Level, NicDef, VmDefinition
+from agent.importer.inspect import read_source
 from agent.qemu.nics import parse_net_map
 from agent.qemu.vmspec import keyval_get, parse_keyval, parse_size
 
@@ -27,8 +28,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "definition and print every decision, warning and refusal. Exit "
                     "status 1 when something refuses the import.")
     p.add_argument("source", type=Path, metavar="SOURCE")
-    p.add_argument("--inspect", action="store_true", required=True,
-                   help="only read and report (the copy is not implemented yet)")
+    p.add_argument("--inspect", action="store_true",
+                   help="only read SOURCE and report; copy nothing")
     p.add_argument("--json", action="store_true", help="print the definition as JSON")
     p.add_argument("--net-map", action="append", default=[], metavar="SRC=NETWORK",
                    help="put NICs on source network SRC onto ferry network NETWORK "
@@ -58,6 +59,8 @@ def parse_nic(text: str) -> NicDef:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    if not args.inspect:
+        raise UserError("ferry import copies nothing yet: run it with --inspect")
     memory = parse_size(args.memory, default_suffix="m") if args.memory else 0
     defn = read_source(args.source, net_map=parse_net_map(args.net_map), memory=memory,
                        cpus=args.cpus, nics=[parse_nic(t) for t in args.nic],
@@ -67,3 +70,28 @@ def run_inspect(args: argparse.Namespace) -> int:
     else:
         print("\n".join(report_lines(defn)))
     return 1 if defn.refusals() else 0
+
+
+def report_lines(defn: VmDefinition) -> list[str]:
+    """The human report: the VM, its disks and NICs, then every decision, every warning
+    (each with its remedy) and last the refusals."""
+    lines = [f"{defn.name} ({defn.source}): {defn.cpus} vCPU ({defn.sockets} socket(s) x "
+             f"{defn.cores} core(s)), {human_bytes(defn.memory)}, {defn.firmware}, "
+             f"machine {defn.machine}",
+             f"  SMBIOS UUID {defn.uuid or '-'}, guest OS {defn.os_type or '-'}"]
+    for d in defn.disks:
+        size = human_bytes(d.virtual_size) if d.virtual_size else "size unknown"
+        where = f"{d.path}" + (f" member {d.member} at byte {d.member_offset}"
+                               if d.member else "")
+        boot = f", boot {d.boot_order}" if d.boot_order else ""
+        lines.append(f"  disk {d.bus} {d.controller}:{d.unit} {d.format} {size}{boot}: "
+                     f"{where}")
+    for i, n in enumerate(defn.nics):
+        lines.append(f"  nic {i}: {n.model} mac {n.mac or 'new'} source network "
+                     f"{n.source_network or '-'} -> {n.network or '(unmapped)'}")
+    for level in (Level.DECISION, Level.WARNING, Level.REFUSAL):
+        lines += [note.line() for note in defn.notes if note.level is level]
+    refused = len(defn.refusals())
+    lines.append(f"{refused} refusal(s): nothing can be imported" if refused
+                 else "ready to import")
+    return lines

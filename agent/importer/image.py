@@ -18,6 +18,7 @@ from agent.importer.definition import DiskDef, NicDef, VmDefinition
 FORMATS = ("vhdx", "vpc", "vdi", "vmdk", "qcow2", "raw")
 QEMU_IMG_TIMEOUT = 30
 VHD_FOOTER = 512
+RAW_SUFFIXES = (".img", ".raw", ".bin", ".dd")
 
 
 def image_info(path: Path, fmt: str | None = None) -> dict[str, Any]:
@@ -73,6 +74,9 @@ def read_image(path: Path, memory: int, cpus: int = 1, nics: Sequence[NicDef] = 
         vmdk_reader.read_vmdk(path, path.parent, notes)
     else:
         notes.decide(f"{path.name}: {fmt}, {info.get('virtual-size')} bytes")
+    if fmt == "raw" and path.suffix.lower() not in RAW_SUFFIXES:
+        notes.warn(f"{path.name}: no format QEMU recognizes, taken as a raw disk",
+                   "check that it is a disk image (a raw image is named .img or .raw)")
     if memory <= 0:
         notes.refuse("a bare image carries no memory size", "give --memory, e.g. --memory 2G")
     notes.decide(f"{path.name} on SATA (AHCI), which every guest OS drives",

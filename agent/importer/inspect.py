@@ -1,6 +1,5 @@
-"""What an import source is, read into one VmDefinition (`read_source`), checked against
-the limits and the net map, and told as a report: decisions, warnings (each with its
-remedy), then refusals."""
+"""What an import source is, read into one VmDefinition (`read_source`) and checked
+against the limits and the net map (the report of it: `ferry import --inspect`)."""
 
 from __future__ import annotations
 
@@ -9,7 +8,7 @@ from pathlib import Path
 
 from agent.errors import UserError
 from agent.importer.common import apply_net_map, check_limits
-from agent.importer.definition import Level, NicDef, VmDefinition
+from agent.importer.definition import NicDef, VmDefinition
 from agent.importer.image import read_image
 from agent.importer.ovf import read_ova, read_ovf
 from agent.importer.vbox import read_vbox
@@ -44,26 +43,3 @@ def _config_in(directory: Path) -> Path:
             raise UserError(f"{directory}: holds {len(found)} {suffix} files; name one")
     raise UserError(f"{directory}: holds no .ovf, .vmx or .vbox")
 
-
-def report_lines(defn: VmDefinition) -> list[str]:
-    """The human report of `ferry import --inspect`."""
-    gib = defn.memory / (1 << 30)
-    lines = [f"{defn.name} ({defn.source}): {defn.cpus} vCPU ({defn.sockets} socket(s) x "
-             f"{defn.cores} core(s)), {gib:.2f} GiB, {defn.firmware}, machine {defn.machine}",
-             f"  SMBIOS UUID {defn.uuid or '-'}, guest OS {defn.os_type or '-'}"]
-    for d in defn.disks:
-        size = f"{d.virtual_size / (1 << 30):.2f} GiB" if d.virtual_size else "size ?"
-        where = f"{d.path}" + (f" member {d.member} at {d.member_offset}" if d.member else "")
-        boot = f", boot {d.boot_order}" if d.boot_order else ""
-        lines.append(f"  disk {d.bus}{d.controller}:{d.unit} {d.format} {size}{boot}: {where}")
-    for i, n in enumerate(defn.nics):
-        lines.append(f"  nic {i}: {n.model} mac {n.mac or 'new'} source network "
-                     f"{n.source_network or '-'} -> {n.network or '(unmapped)'}")
-    for level in (Level.DECISION, Level.WARNING, Level.REFUSAL):
-        for note in defn.notes:
-            if note.level is level:
-                lines.append(note.line())
-    refused = len(defn.refusals())
-    lines.append(f"{refused} refusal(s): nothing can be imported" if refused
-                 else "ready to import")
-    return lines

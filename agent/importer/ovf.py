@@ -35,6 +35,7 @@ from agent.importer.common import (
 from agent.importer.definition import DiskDef, NicDef, VmDefinition
 
 HASH_CHUNK = 1 << 20
+MAX_MEMBERS = 1000              # an OVA holds a descriptor, a manifest and its disks
 _MANIFEST_LINE = re.compile(r"^(SHA1|SHA256|SHA512)\s*\(([^()]+)\)\s*=\s*([0-9a-fA-F]+)\s*$")
 _UNIT = re.compile(r"^byte(?:\s*\*\s*(\d+)\s*\^\s*(\d+))?$", re.IGNORECASE)
 _NAMED_UNITS = {"bytes": 1, "kilobytes": 1 << 10, "megabytes": 1 << 20, "gigabytes": 1 << 30,
@@ -140,8 +141,10 @@ def read_ova(path: Path) -> VmDefinition:
 
 
 def _members(tar: tarfile.TarFile, path: Path) -> list[PackageFile]:
-    out = []
-    for m in tar.getmembers():
+    out: list[PackageFile] = []
+    for m in tar:
+        if len(out) >= MAX_MEMBERS:
+            raise UserError(f"{path.name}: more than {MAX_MEMBERS} members; not an OVA")
         name = m.name
         parts = PurePosixPath(name).parts
         if name.startswith("/") or ".." in parts or "\\" in name or len(parts) != 1:
@@ -428,6 +431,10 @@ def _disk(item: ET.Element, controllers: dict[str, tuple[str, int]],
     if fmt is None:
         notes.refuse(f"{href}: disk format {attr(disk, 'format')!r} is not one ferry knows")
         return None
+    if fmt == "raw" and capacity > file.size:
+        notes.refuse(f"{href}: a raw disk of {capacity} bytes in a file of {file.size}",
+                     "the file is truncated: get the package again")
+        return None
     if fmt == "vmdk" and not _vmdk_ok(file, base, notes, in_place):
         return None
     return DiskDef(path=file.path, format=fmt, bus=bus, controller=number, unit=unit,
@@ -440,8 +447,9 @@ def _vmdk_ok(file: PackageFile, base: Path, notes: Notes, in_place: bool) -> boo
     if not in_place:
         return vmdk_reader.read_vmdk(file.path, base, notes) is not None
     with file.open() as f:
-        text = vmdk_reader.descriptor_of(f, file.name)
-    vmdk = vmdk_reader.parse_descriptor(text, base, file.name, notes)
+        text, embedded = vmdk_reader.descriptor_of(f, file.name)
+    vmdk = vmdk_reader.parse_descriptor(text, base, file.name, notes,
+                                        itself=file.path if embedded else None)
     if vmdk is None:
         return False
     if vmdk.create_type not in ("streamOptimized", "monolithicSparse"):

@@ -122,7 +122,13 @@ def _disks(controllers: ET.Element, images: dict[str, tuple[ET.Element, bool]], 
             continue
         number = per_bus.get(bus, 0)
         per_bus[bus] = number + 1
-        if kind in ("lsilogicsas", "buslogic"):
+        if bus == "nvme":
+            notes.decide(f"controller {name!r}: kept on NVMe (QEMU emulates an NVMe "
+                         f"controller)")
+        elif bus == "virtio":
+            notes.warn(f"controller {name!r} (virtio-scsi) becomes virtio-blk disks",
+                       "a Windows guest needs the viostor driver besides vioscsi")
+        elif kind in ("lsilogicsas", "buslogic"):
             notes.warn(f"controller {name!r} ({attr(ctrl, 'type')}) becomes QEMU's LSI "
                        f"53C895A: the guest needs a driver for it")
         for dev in attached:

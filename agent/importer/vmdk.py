@@ -46,9 +46,10 @@ class Vmdk:
         return sum(e.sectors for e in self.extents) * SECTOR
 
 
-def descriptor_text(path: Path) -> str:
-    """The descriptor of vmdk `path`: the file itself when it is text, else the region a
-    sparse header points to (bounded; nothing else of the image is read)."""
+def descriptor_text(path: Path) -> tuple[str, bool]:
+    """The descriptor of vmdk `path` and whether it is embedded: the file itself when it
+    is text, else the region a sparse header points to (bounded; nothing else of the
+    image is read)."""
     try:
         with path.open("rb") as f:
             return descriptor_of(f, path.name)
@@ -56,10 +57,11 @@ def descriptor_text(path: Path) -> str:
         raise UserError(f"cannot read {path}: {exc.strerror}") from None
 
 
-def descriptor_of(f: BinaryIO, what: str) -> str:
+def descriptor_of(f: BinaryIO, what: str) -> tuple[str, bool]:
     """descriptor_text of an open, seekable vmdk (a file, or a member read in place)."""
     head = f.read(_SPARSE_HEADER.size)
-    if head[:4] == SPARSE_MAGIC and len(head) == _SPARSE_HEADER.size:
+    embedded = head[:4] == SPARSE_MAGIC and len(head) == _SPARSE_HEADER.size
+    if embedded:
         _, _, _, _, _, offset, size = _SPARSE_HEADER.unpack(head)
         if offset == 0 or size == 0:
             raise UserError(f"{what}: a sparse vmdk without an embedded descriptor "
@@ -78,12 +80,14 @@ def descriptor_of(f: BinaryIO, what: str) -> str:
     text = data.split(b"\0", 1)[0].decode("utf-8", "replace")
     if "createType" not in text:
         raise UserError(f"{what}: no vmdk descriptor (createType missing)")
-    return text
+    return text, embedded
 
 
-def parse_descriptor(text: str, base: Path, what: str, notes: Notes) -> Vmdk | None:
+def parse_descriptor(text: str, base: Path, what: str, notes: Notes,
+                     itself: Path | None = None) -> Vmdk | None:
     """The descriptor's subformat and extents; extents outside `base` and subformats
-    ferry does not take are refusals (None returned)."""
+    ferry does not take are refusals (None returned). An embedded descriptor's SPARSE
+    extent is the file `itself`, whatever name it was created under (ovftool renames)."""
     values: dict[str, str] = {}
     extents: list[Extent] = []
     ok = True
@@ -95,7 +99,9 @@ def parse_descriptor(text: str, base: Path, what: str, notes: Notes) -> Vmdk | N
         if m:
             access, sectors, kind, name, offset = m.groups()
             file = None
-            if name is not None:
+            if itself is not None and kind.upper() == "SPARSE":
+                file = itself
+            elif name is not None:
                 file = inside(base, name)
                 if file is None:
                     notes.refuse(f"{what}: extent {name!r} is outside the VM's directory "
@@ -152,7 +158,8 @@ def check_extents(vmdk: Vmdk, what: str, notes: Notes) -> bool:
 def read_vmdk(path: Path, base: Path, notes: Notes) -> Vmdk | None:
     """vmdk `path` checked for import; None (with refusals in notes) if it cannot be."""
     what = path.name
-    vmdk = parse_descriptor(descriptor_text(path), base, what, notes)
+    text, embedded = descriptor_text(path)
+    vmdk = parse_descriptor(text, base, what, notes, itself=path if embedded else None)
     if vmdk is None or not check_extents(vmdk, what, notes):
         return None
     notes.decide(f"{what}: vmdk {vmdk.create_type}, {len(vmdk.extents)} extent(s), read "

@@ -31,7 +31,9 @@ SCSI_BUSES = {"lsilogic": "scsi-lsi", "lsisas1068": "scsi-lsi", "buslogic": "scs
 NIC_MODELS = {"vmxnet3": "vmxnet3", "e1000": "e1000", "e1000e": "e1000e", "vlance": "e1000",
               "vmxnet": "vmxnet3", "vmxnet2": "vmxnet3"}
 CDROM_TYPES = ("cdrom-image", "atapi-cdrom", "cdrom-raw")
-BUS_ORDER = {"ide": 0, "sata": 1, "scsi": 2, "nvme": 3}
+# The order disks are listed in, and without bios.hddOrder the guess of which boots:
+# VMware puts system disks on SCSI (servers) or NVMe (new desktops), IDE last (old VMs).
+BUS_ORDER = {"scsi": 0, "nvme": 1, "sata": 2, "ide": 3}
 
 
 def parse_vmx_text(text: str) -> dict[str, str]:
@@ -76,8 +78,8 @@ def read_vmx(path: Path) -> VmDefinition:
         firmware = "uefi"
         notes.warn("UEFI: the VM's UEFI variables (boot entries, Secure Boot keys) are not "
                    "carried; OVMF starts with a fresh variable store",
-                   "if the guest does not boot, pick its boot loader in OVMF's boot manager "
-                   "once (or install it at \\EFI\\BOOT\\BOOTX64.EFI)")
+                   "if the guest does not boot, pick its boot loader once in OVMF's boot "
+                   "manager, or install it as \\EFI\\BOOT\\BOOTX64.EFI")
         if _true(get("uefi.secureboot.enabled")):
             notes.warn("Secure Boot was on: it is off under OVMF's fresh variable store",
                        "enroll keys again in the guest if it needs Secure Boot")
@@ -140,10 +142,14 @@ def _disks(values: dict[str, str], base: Path, notes: Notes) -> tuple[DiskDef, .
         disks.append(DiskDef(path=image.absolute(), format="vmdk", bus=bus, controller=ctrl,
                              unit=unit, virtual_size=vmdk.virtual_size))
     if disks:
-        first = first if first is not None else 0
-        why = "bios.hddOrder" if hdd_order else "the first disk, as VMware's BIOS would"
-        notes.decide(f"boot from {disks[first].path.name} ({why})")
-        disks[first] = replace(disks[first], boot_order=1)
+        name = disks[first or 0].path.name
+        if first is not None or len(disks) == 1:
+            notes.decide(f"boot from {name}" + (" (bios.hddOrder)" if first is not None else ""))
+        else:
+            notes.warn(f"no bios.hddOrder: boot from {name}, a guess (SCSI, then NVMe, SATA, "
+                       f"IDE)", "if another disk holds the system, set bios.hddOrder in the "
+                       ".vmx (e.g. \"sata0:0\") and inspect again")
+        disks[first or 0] = replace(disks[first or 0], boot_order=1)
     return tuple(disks)
 
 
