@@ -155,6 +155,19 @@ def test_vmx_absurd_sizes_refused(web01, line, words):
     refused_with(read_source(vmx), *words)
 
 
+def test_vmx_running_or_suspended_vm_warned(web01):
+    (web01 / "web01.vmx.lck").mkdir()
+    (web01 / "web01-4a3b.vmss").write_bytes(b"")
+    warnings = " | ".join(texts(read_source(web01 / "web01.vmx"), Level.WARNING))
+    assert "looks running" in warnings and "suspended" in warnings
+
+
+def test_vmx_naming_a_flat_extent_instead_of_its_descriptor_refused(web01):
+    vmx = web01 / "web01.vmx"
+    vmx.write_text(vmx.read_text().replace('"web01.vmdk"', '"web01-flat.vmdk"'))
+    refused_with(read_source(vmx), "web01-flat.vmdk", "neither a sparse vmdk nor a descriptor")
+
+
 def test_vmx_malformed_line_is_an_error(web01):
     (web01 / "web01.vmx").write_text('displayName = "x"\nthis is not a setting\n')
     with pytest.raises(UserError, match="not a setting"):
@@ -231,6 +244,7 @@ def test_ova_read_in_place_with_its_manifest_verified(tmp_path, appliance_files)
     assert defn.source == "ova" and not defn.refusals()
     check_appliance(defn)
     assert "appliance.mf: 3 file(s) verified" in texts(defn, Level.DECISION)
+    assert "virtual hardware vmx-19 becomes a QEMU machine" in texts(defn, Level.DECISION)
     # each disk is found in the tar, in place: its bytes at member_offset are the image's
     raw = ova.read_bytes()
     for d in defn.disks:
@@ -239,6 +253,14 @@ def test_ova_read_in_place_with_its_manifest_verified(tmp_path, appliance_files)
         assert raw[d.member_offset:d.member_offset + d.member_size] == \
             appliance_files[d.member]
     assert not list(tmp_path.glob("*.vmdk"))          # nothing extracted
+    # QEMU's block layer reads the member in place: vmdk over a raw window of the .ova
+    d = defn.disks[0]
+    spec = {"driver": "vmdk", "file": {"driver": "raw", "offset": d.member_offset,
+                                       "size": d.member_size,
+                                       "file": {"driver": "file", "filename": str(ova)}}}
+    info = subprocess.run(["qemu-img", "info", "--output=json", "json:" + json.dumps(spec)],
+                          check=True, capture_output=True, text=True).stdout
+    assert json.loads(info)["virtual-size"] == d.virtual_size == 16 * MIB
 
 
 def test_ovf_directory_with_sha1_manifest(tmp_path, appliance_files):
@@ -249,6 +271,7 @@ def test_ovf_directory_with_sha1_manifest(tmp_path, appliance_files):
     (pkg / "appliance.mf").write_bytes(manifest(appliance_files, "SHA1"))
     defn = read_source(pkg)                           # a directory holding one .ovf
     assert defn.source == "ovf" and not defn.refusals()
+    assert "appliance.mf: 3 file(s) verified" in texts(defn, Level.DECISION)
     check_appliance(defn)
     assert all(d.member is None and d.path.parent == pkg for d in defn.disks)
 
@@ -277,6 +300,16 @@ def test_ova_tampered_manifest_refused_naming_the_file(tmp_path, appliance_files
     defn = read_source(build_ova(tmp_path / "appliance.ova", tampered, mf))
     text = refused_with(defn, "appliance-disk2.vmdk", "SHA256 does not match")
     assert "disk1" not in text and len(defn.refusals()) == 1
+
+
+def test_ovf_directory_manifest_missing_a_disk_warned(tmp_path, appliance_files):
+    for name, data in appliance_files.items():
+        (tmp_path / name).write_bytes(data)
+    del appliance_files["appliance-disk2.vmdk"]
+    (tmp_path / "appliance.mf").write_bytes(manifest(appliance_files))
+    defn = read_source(tmp_path / "appliance.ovf")
+    assert "does not cover appliance-disk2.vmdk" in " | ".join(texts(defn, Level.WARNING))
+    assert not defn.refusals()
 
 
 def test_ova_manifest_naming_a_missing_file_refused(tmp_path, appliance_files):

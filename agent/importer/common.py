@@ -34,8 +34,8 @@ class Notes:
     def refuse(self, text: str, remedy: str = "") -> None:
         self.items.append(Note(Level.REFUSAL, text, remedy))
 
-    def extend(self, notes: Notes) -> None:
-        self.items.extend(notes.items)
+    def refusals(self) -> list[Note]:
+        return [n for n in self.items if n.level is Level.REFUSAL]
 
 
 def read_bounded(path: Path, limit: int = MAX_CONFIG_BYTES) -> bytes:

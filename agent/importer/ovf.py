@@ -101,10 +101,11 @@ def read_ovf(path: Path) -> VmDefinition:
             files[name] = _plain(file, name)
     manifest = path.with_suffix(".mf")
     if manifest.is_file():
-        present = {name: _plain(f, name) for name in _manifest_names(manifest.read_bytes())
+        listed = read_bounded(manifest)
+        present = {name: _plain(f, name) for name in _manifest_names(listed)
                    if (f := inside(base, name)) is not None and f.is_file()}
-        present[path.name] = _plain(path, path.name)
-        _verify(manifest.read_bytes(), present, manifest.name, notes)
+        _verify(listed, {path.name: _plain(path, path.name), **files, **present},
+                manifest.name, notes)
     else:
         notes.warn(f"no manifest {manifest.name}: the package's files are not verified")
     return _definition(root, files, base, "ovf", notes, in_place=False)
@@ -207,6 +208,7 @@ def _manifest_names(data: bytes) -> list[str]:
 
 def _verify(data: bytes, files: dict[str, PackageFile], manifest: str, notes: Notes) -> None:
     """Every file the manifest names present and of the digest it gives."""
+    refusals_before = len(notes.refusals())
     named = set()
     for line in data.decode("utf-8", "replace").splitlines():
         if not line.strip():
@@ -233,7 +235,10 @@ def _verify(data: bytes, files: dict[str, PackageFile], manifest: str, notes: No
                         and not n.lower().endswith(".cert"))
     if unverified:
         notes.warn(f"{manifest} does not cover {', '.join(unverified)}: not verified")
-    if named and not notes.items:
+    if any(n.lower().endswith(".cert") for n in files):
+        notes.warn("the package is signed (.cert): ferry checks the manifest's digests, "
+                   "not the signature", "check the signature with ovftool if it matters")
+    if named and len(notes.refusals()) == refusals_before:
         notes.decide(f"{manifest}: {len(named)} file(s) verified")
 
 
@@ -274,6 +279,10 @@ def _definition(root: ET.Element, files: dict[str, PackageFile], base: Path, sou
     if hardware is None:
         raise UserError("the OVF's VirtualSystem has no VirtualHardwareSection")
 
+    system_type = child_text(child(hardware, "System") or ET.Element("System"),
+                             "VirtualSystemType")
+    if system_type:
+        notes.decide(f"virtual hardware {system_type} becomes a QEMU machine")
     cpus, cores, memory, firmware = 1, 1, 0, "bios"
     controllers: dict[str, tuple[str, int]] = {}
     per_bus: dict[str, int] = {}
@@ -446,8 +455,12 @@ def _disk(item: ET.Element, controllers: dict[str, tuple[str, int]],
 def _vmdk_ok(file: PackageFile, base: Path, notes: Notes, in_place: bool) -> bool:
     if not in_place:
         return vmdk_reader.read_vmdk(file.path, base, notes) is not None
-    with file.open() as f:
-        text, embedded = vmdk_reader.descriptor_of(f, file.name)
+    try:
+        with file.open() as f:
+            text, embedded = vmdk_reader.descriptor_of(f, file.name)
+    except UserError as exc:
+        notes.refuse(str(exc))
+        return False
     vmdk = vmdk_reader.parse_descriptor(text, base, file.name, notes,
                                         itself=file.path if embedded else None)
     if vmdk is None:

@@ -158,7 +158,11 @@ def check_extents(vmdk: Vmdk, what: str, notes: Notes) -> bool:
 def read_vmdk(path: Path, base: Path, notes: Notes) -> Vmdk | None:
     """vmdk `path` checked for import; None (with refusals in notes) if it cannot be."""
     what = path.name
-    text, embedded = descriptor_text(path)
+    try:
+        text, embedded = descriptor_text(path)
+    except UserError as exc:
+        notes.refuse(str(exc), "name the disk's descriptor (.vmdk), not an extent")
+        return None
     vmdk = parse_descriptor(text, base, what, notes, itself=path if embedded else None)
     if vmdk is None or not check_extents(vmdk, what, notes):
         return None
