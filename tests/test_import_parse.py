@@ -360,6 +360,19 @@ def test_ova_unsafe_members_refused(tmp_path, appliance_files, member, words):
     assert repr(member.name) in str(err.value)
 
 
+def test_ova_duplicate_member_refused(tmp_path, appliance_files):
+    ova = build_ova(tmp_path / "appliance.ova", appliance_files,
+                    extra=[_plain("appliance-disk1.vmdk")])
+    with pytest.raises(UserError, match="'appliance-disk1.vmdk' appears twice"):
+        read_source(ova)
+
+
+def test_ova_members_named_dot_slash_are_found(tmp_path, appliance_files):
+    files = {f"./{name}": data for name, data in appliance_files.items()}
+    defn = read_source(build_ova(tmp_path / "appliance.ova", files, manifest(appliance_files)))
+    assert not defn.refusals() and len(defn.disks) == 2
+
+
 def test_ova_must_start_with_its_ovf(tmp_path, appliance_files):
     files = dict(reversed(list(appliance_files.items())))
     with pytest.raises(UserError, match="first member must be the .ovf"):
@@ -569,7 +582,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "DOCTYPE or ENTITY" in capsys.readouterr().err
     assert main(["import", str(tmp_path / "nothing.vmx"), "--inspect"]) == 1
     assert "no such file" in capsys.readouterr().err
-    assert main(["import", str(tmp_path / "bomb.ovf")]) == 1
+    qemu_img("create", "-f", "qcow2", str(tmp_path / "a.qcow2"), "1M")
+    assert main(["import", str(tmp_path / "a.qcow2"), "--memory", "64M"]) == 1
     assert "run it with --inspect" in capsys.readouterr().err
 
 

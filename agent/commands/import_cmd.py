@@ -1,6 +1,7 @@
 """`ferry import SOURCE --inspect`: another hypervisor's VM (a .vmx, OVF/OVA, .vbox or a
 bare image) read into a ferry VM definition and reported, before anything is copied.
-The copy (`run_import(definition, args)`) is to sit beside `run_inspect`."""
+The copy (`run_import(definition, args)`) is to sit beside `run_inspect`: both take
+the definition `read_definition` made."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="a bare image's NIC on ferry network NETWORK (repeatable)")
     p.add_argument("--firmware", choices=("bios", "uefi"), default="bios",
                    help="a bare image's firmware (default bios)")
-    p.set_defaults(func=run_inspect)
+    p.set_defaults(func=run)
 
 
 def parse_nic(text: str) -> NicDef:
@@ -58,19 +59,30 @@ def parse_nic(text: str) -> NicDef:
                   source_network=network, network=network)
 
 
-def run_inspect(args: argparse.Namespace) -> int:
-    if not args.inspect:
-        raise UserError("ferry import copies nothing yet: run it with --inspect")
+def run(args: argparse.Namespace) -> int:
+    """`ferry import`: the definition first, always; with --inspect only its report.
+    (The copy is to be `run_import(definition, args)`, called here without --inspect.)"""
+    definition = read_definition(args)
+    if args.inspect:
+        return run_inspect(definition, args)
+    raise UserError("ferry import copies nothing yet: run it with --inspect")
+
+
+def read_definition(args: argparse.Namespace) -> VmDefinition:
+    """SOURCE read into a definition, with --net-map and a bare image's options."""
     memory = parse_size(args.memory, default_suffix="m") if args.memory else 0
-    defn = read_source(args.source, net_map=parse_net_map(args.net_map), memory=memory,
+    return read_source(args.source, net_map=parse_net_map(args.net_map), memory=memory,
                        cpus=args.cpus, nics=[parse_nic(t) for t in args.nic],
                        firmware=args.firmware)
-    if args.json:
-        print(json.dumps(defn.to_json(), indent=2))
-    else:
-        print("\n".join(report_lines(defn)))
-    return 1 if defn.refusals() else 0
 
+
+def run_inspect(definition: VmDefinition, args: argparse.Namespace) -> int:
+    """Print the definition (a report, or --json); exit status 1 when it has refusals."""
+    if args.json:
+        print(json.dumps(definition.to_json(), indent=2))
+    else:
+        print("\n".join(report_lines(definition)))
+    return 1 if definition.refusals() else 0
 
 def report_lines(defn: VmDefinition) -> list[str]:
     """The human report: the VM, its disks and NICs, then every decision, every warning

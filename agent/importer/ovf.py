@@ -146,14 +146,18 @@ def _members(tar: tarfile.TarFile, path: Path) -> list[PackageFile]:
     for m in tar:
         if len(out) >= MAX_MEMBERS:
             raise UserError(f"{path.name}: more than {MAX_MEMBERS} members; not an OVA")
-        name = m.name
-        parts = PurePosixPath(name).parts
-        if name.startswith("/") or ".." in parts or "\\" in name or len(parts) != 1:
-            raise UserError(f"{path.name}: member {name!r} has an unsafe name (an OVA holds "
-                            f"plain files at its top level)")
-        if not m.isreg():
+        parts = PurePosixPath(m.name).parts           # "./disk.vmdk" is "disk.vmdk"
+        if m.name.startswith("/") or ".." in parts or "\\" in m.name or len(parts) != 1:
+            raise UserError(f"{path.name}: member {m.name!r} has an unsafe name (an OVA "
+                            f"holds plain files at its top level)")
+        name = parts[0]
+        # a GNU sparse member's bytes are not contiguous in the tar: no reading in place
+        if not m.isreg() or m.issparse():
             raise UserError(f"{path.name}: member {name!r} is not a plain file "
-                            f"(a link or device in an OVA is refused)")
+                            f"(a link, device or sparse member in an OVA is refused)")
+        if any(o.name == name for o in out):
+            raise UserError(f"{path.name}: member {name!r} appears twice (which one counts "
+                            f"would depend on the reader)")
         out.append(PackageFile(name, m.size, _member_opener(path, m.offset_data, m.size),
                                path, m.offset_data))
     return out
