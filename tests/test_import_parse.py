@@ -113,6 +113,13 @@ def test_vmx_bios_vm_boot_order_escapes_and_remapped_devices(tmp_path):
     assert not defn.refusals()
 
 
+def test_vmx_boot_order_starting_with_the_cd_warned(web01):
+    vmx = web01 / "web01.vmx"
+    vmx.write_text(vmx.read_text() + 'bios.bootOrder = "cdrom,hdd"\n')
+    assert any("bios.bootOrder boots cdrom first" in t
+               for t in texts(read_source(vmx), Level.WARNING))
+
+
 def test_vmx_truncated_flat_extent_is_refused(web01):
     truncate(web01 / "web01-flat.vmdk", 4 * MIB)         # the descriptor says 8 MiB
     defn = read_source(web01 / "web01.vmx")

@@ -141,6 +141,10 @@ def _disks(values: dict[str, str], base: Path, notes: Notes) -> tuple[DiskDef, .
             first = len(disks)
         disks.append(DiskDef(path=image.absolute(), format="vmdk", bus=bus, controller=ctrl,
                              unit=unit, virtual_size=vmdk.virtual_size))
+    boot_order = [s.strip().lower() for s in (values.get("bios.bootorder") or "").split(",")]
+    if disks and boot_order[0] in ("cdrom", "ethernet", "floppy"):
+        notes.warn(f"bios.bootOrder boots {boot_order[0]} first: ferry boots the disk",
+                   "attach an ISO or set a network boot after import if the guest needs it")
     if disks:
         name = disks[first or 0].path.name
         if first is not None or len(disks) == 1:
