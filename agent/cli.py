@@ -20,6 +20,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "agent.commands.migrate",
     "agent.commands.jobs_cmds",
     "agent.commands.identity_cmds",
+    "agent.commands.import_cmd",
 )
 
 

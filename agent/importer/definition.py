@@ -47,6 +47,11 @@ class DiskDef:
     boot_order: int | None = None  # 1 = first
     virtual_size: int | None = None
     media: str = "disk"            # "disk"; a "cdrom" is left out (noted)
+    # A disk inside an OVA is read in place: `path` is the .ova, the image its tar member
+    # `member`, whose bytes are `member_size` bytes from `member_offset` (no extraction).
+    member: str | None = None
+    member_offset: int | None = None
+    member_size: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
