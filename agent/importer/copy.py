@@ -95,8 +95,10 @@ class DiskImportReport:
     bytes_read: int
     zero_bytes_skipped: int     # source bytes never read: holes and zero ranges
     bytes_written: int          # data bytes written into the target
-    seconds: float
-    mb_per_s: float             # MB (10**6) of the source's data per second
+    seconds: float              # the whole pass: probing, daemons, copy, verification
+    copy_seconds: float         # reading, writing and flushing
+    verify_seconds: float
+    mb_per_s: float             # MB (10**6) of the source's data per second of the pass
     verified: bool
     blocks_compared: int
     mismatches: int
@@ -150,7 +152,7 @@ async def import_disk(source: Path, target: Path, *, roots: Sequence[Path],
                     async with NbdClient.connect(target_daemon.socket_path, EXPORT,
                                                  meta_contexts=[BASE_ALLOCATION]) as dst:
                         await copy.run(src, dst, data_ranges, warm=kept)
-                        verdict = (await copy.check(dst) if verify_copy else None)
+                        verdict = await copy.check(dst) if verify_copy else None
         if verdict is not None and not verdict.verified:
             for block in verdict.mismatched:
                 state.forget(block, 1)   # a later pass rewrites them
@@ -262,6 +264,8 @@ class _Pass:
         self.bytes_read = 0
         self.blocks_zeroed = 0
         self.writer: DiskWriter | None = None
+        self.copy_seconds = 0.0
+        self.verify_seconds = 0.0
         self._started = time.monotonic()
         self._reported = 0.0
 
@@ -296,6 +300,7 @@ class _Pass:
             await dst.flush()
         except NbdCommandError as exc:
             raise LocalError(writer.write_failure(exc)) from exc
+        self.copy_seconds = time.monotonic() - self._started
         self._report(True)
 
     async def _zero_stale(self, writer: DiskWriter, read: np.ndarray) -> None:
@@ -320,8 +325,11 @@ class _Pass:
             writer.blocks_written += stop - first
 
     async def check(self, dst: NbdClient) -> verify.Verdict:
+        started = time.monotonic()
         actual = await verify.export_hashes(dst, DISK_BLOCK)
-        return verify.compare(self.state.hashes, actual)
+        verdict = verify.compare(self.state.hashes, actual)
+        self.verify_seconds = time.monotonic() - started
+        return verdict
 
     def _report(self, last: bool) -> None:
         if self.progress is None:
@@ -347,7 +355,8 @@ class _Pass:
             dedup_blocks=c.dedup_blocks, bytes_read=self.bytes_read,
             zero_bytes_skipped=self.info.virtual_size - self.bytes_read,
             bytes_written=self.writer.bytes_written if self.writer else 0,
-            seconds=round(seconds, 3),
+            seconds=round(seconds, 3), copy_seconds=round(self.copy_seconds, 3),
+            verify_seconds=round(self.verify_seconds, 3),
             mb_per_s=round(self.allocated / seconds / 1e6, 1) if seconds > 0 else 0.0,
             verified=verdict.verified if verdict is not None else False,
             blocks_compared=verdict.blocks_compared if verdict is not None else 0,

@@ -16,6 +16,7 @@ import numpy as np
 
 from agent.batch import codec
 from agent.batch.format import HASH_SIZE
+from agent.buffers import BufferPool
 from agent.storage.nbd import NbdClient
 from agent.storage.nbd_proto import BASE_ALLOCATION, AllocationFlag
 
@@ -73,28 +74,35 @@ async def export_hashes(nbd: NbdClient, block_size: int) -> bytearray:
             chunks.append((first, min(CHUNK_BLOCKS, stop - first)))
     loop = asyncio.get_running_loop()
     out = memoryview(hashes)
-    pending: collections.deque[tuple[int, int, bytearray, asyncio.Future[None]]] = \
+    # Each read: (first block, block count, a view of its buffer, the read). The view
+    # keeps the buffer out of the pool until the chunk is hashed.
+    pending: collections.deque[tuple[int, int, memoryview, asyncio.Future[None]]] = \
         collections.deque()
     upcoming = iter(chunks)
+    # The read buffers are reused: fresh memory for every chunk costs a page fault per page.
+    pool = BufferPool(READS_IN_FLIGHT + 1)
 
     def read_ahead() -> None:
         while len(pending) < READS_IN_FLIGHT and (chunk := next(upcoming, None)):
             first, count = chunk
-            buffer = bytearray(count * block_size)
+            view = memoryview(pool.take(count * block_size))[:count * block_size]
             valid = min(count * block_size, size - first * block_size)
-            pending.append((first, count, buffer, asyncio.ensure_future(
-                nbd.readinto(first * block_size, memoryview(buffer)[:valid]))))
+            # A last block shorter than block_size is hashed zero-padded, as the source's is.
+            view[valid:] = bytes(count * block_size - valid)
+            pending.append((first, count, view, asyncio.ensure_future(
+                nbd.readinto(first * block_size, view[:valid]))))
 
     try:
         read_ahead()
         while pending:
-            first, count, buffer, read = pending[0]
+            first, count, view, read = pending[0]
             await read
             pending.popleft()
             read_ahead()
-            await loop.run_in_executor(
-                None, _hash_blocks, memoryview(buffer), block_size,
-                out[first * HASH_SIZE:(first + count) * HASH_SIZE])
+            with view:
+                await loop.run_in_executor(
+                    None, _hash_blocks, view, block_size,
+                    out[first * HASH_SIZE:(first + count) * HASH_SIZE])
     finally:
         for *_, read in pending:
             read.cancel()
