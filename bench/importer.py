@@ -7,8 +7,8 @@ One run writes a seed (512 MiB virtual by default) with bench disk's mix of cont
 random runs, text-like runs, duplicated runs, zero runs and holes, in runs of 64 KiB to
 8 MiB. Per format the seed is converted with qemu-img (`-o subformat=...` for vmdk and
 vpc), then the zero runs are written into the image as zero bytes (allocated data that
-reads as zero, as a guest's zeroed blocks are; streamOptimized vmdk refuses rewrites and
-keeps them as holes). Then, per repeat, in alternating order:
+reads as zero, as a guest's zeroed blocks are; where the image refuses such a rewrite,
+they stay holes and `zero_runs_as_data` says so). Then, per repeat, in alternating order:
 
 - qemu_img: `qemu-img convert -f FMT -O qcow2 SRC DST` into a new file, wall time of the
   process;
@@ -87,7 +87,7 @@ def run(argv: Sequence[str]) -> None:
 
 def make_image(seed: Path, image: Path, name: str, runs: Sequence[Run]) -> bool:
     """The seed converted to format `name`, its zero runs then written as zero bytes;
-    whether the image took them (streamOptimized does not)."""
+    whether the image took them (a streamOptimized vmdk may refuse rewrites)."""
     fmt, options = FORMATS[name]
     run(["qemu-img", "convert", "-q", "-f", "raw", "-O", fmt, *options, str(seed), str(image)])
     zero = [f"write -P 0 {r.offset} {r.length}" for r in runs if r.kind == "zero"]

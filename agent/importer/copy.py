@@ -288,11 +288,13 @@ class _Pass:
             self.bytes_read += min(count * DISK_BLOCK, size - first * DISK_BLOCK)
             self._report(False)
 
-        async for payload in encoded_batches(src, encoder, data_ranges, size, self.counters,
-                                             reads_in_flight=READS_IN_FLIGHT,
-                                             on_chunk=on_chunk):
-            await writer.apply(payload)
-            del payload
+        batches = encoded_batches(src, encoder, data_ranges, size, self.counters,
+                                  reads_in_flight=READS_IN_FLIGHT, on_chunk=on_chunk)
+        # Closed at once if a write fails: no read or encode may outlive the pass.
+        async with contextlib.aclosing(batches):
+            async for payload in batches:
+                await writer.apply(payload)
+                del payload
         if warm:
             await self._zero_stale(writer, read)
         await writer.drain()

@@ -123,6 +123,7 @@ class StorageDaemon:
         self.format = fmt
         self.socket_path = socket_path
         self.writable = writable
+        self.log_path = socket_path.with_name(socket_path.name + ".log")
         self.proc: asyncio.subprocess.Process | None = None
 
     async def __aenter__(self) -> Self:
@@ -130,10 +131,14 @@ class StorageDaemon:
             raise LocalError("qemu-storage-daemon not found; install qemu-utils "
                              "(scripts/install-host-packages.sh)")
         self.socket_path.unlink(missing_ok=True)
-        self.proc = await asyncio.create_subprocess_exec(
-            *daemon_argv(self.image, self.format, self.socket_path, writable=self.writable),
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE)
+        # Its messages go to a file beside the socket: a pipe nobody reads could fill up
+        # and stall the daemon.
+        with open(self.log_path, "wb") as log_file:
+            self.proc = await asyncio.create_subprocess_exec(
+                *daemon_argv(self.image, self.format, self.socket_path,
+                             writable=self.writable),
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                stderr=log_file)
         try:
             await self._started()
         except BaseException:
@@ -142,20 +147,31 @@ class StorageDaemon:
         return self
 
     async def _started(self) -> None:
-        """Wait for the socket (the daemon listens once every option is set up)."""
+        """Wait until the socket takes connections: the file appears at bind(), a moment
+        before listen(), so only a connection that succeeds says the daemon is ready."""
         assert self.proc is not None
         deadline = time.monotonic() + START_TIMEOUT_S
         delay = 0.002
-        while not self.socket_path.exists():
+        while not await self._accepts():
             if self.proc.returncode is not None or time.monotonic() > deadline:
                 if self.proc.returncode is None:
                     raise LocalError(f"qemu-storage-daemon for {self.image} did not listen "
                                      f"within {START_TIMEOUT_S:g} s")
-                err = await self.proc.stderr.read() if self.proc.stderr else b""
-                reason = err.decode(errors="replace").strip() or f"exit {self.proc.returncode}"
+                reason = (self.log_path.read_text(errors="replace").strip()
+                          or f"exit {self.proc.returncode}")
                 raise LocalError(f"qemu-storage-daemon cannot open {self.image}: {reason}")
             await asyncio.sleep(delay)   # poll: the daemon has no readiness signal here
             delay = min(delay * 2, 0.05)
+
+    async def _accepts(self) -> bool:
+        try:
+            _, writer = await asyncio.open_unix_connection(str(self.socket_path))
+        except OSError:
+            return False
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
 
     async def stop(self) -> None:
         proc, self.proc = self.proc, None
@@ -174,6 +190,7 @@ class StorageDaemon:
                 await proc.wait()
         finally:
             self.socket_path.unlink(missing_ok=True)
+            self.log_path.unlink(missing_ok=True)
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import struct
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -203,13 +203,12 @@ class DiskRounds:
             self.counters.seconds += time.monotonic() - started
         self.counters.rounds += 1
 
-    async def _read_and_encode(self, nbd: NbdClient,
-                               ranges: list[tuple[int, int]]) -> AsyncIterator[memoryview]:
+    def _read_and_encode(self, nbd: NbdClient,
+                         ranges: list[tuple[int, int]]) -> AsyncGenerator[memoryview, None]:
+        # The generator itself, not a wrapper: closing it stops its reads at once.
         assert self._encoder is not None
-        async for payload in encoded_batches(nbd, self._encoder, ranges,
-                                             self.disk.virtual_size, self.counters,
-                                             DISK_HEADER.pack(self.disk.index)):
-            yield payload
+        return encoded_batches(nbd, self._encoder, ranges, self.disk.virtual_size,
+                               self.counters, DISK_HEADER.pack(self.disk.index))
 
     async def _drop_export(self, export: str) -> None:
         if export not in self._exports:
@@ -246,7 +245,7 @@ async def encoded_batches(nbd: NbdClient, encoder: codec.BatchEncoder,
                           ranges: list[tuple[int, int]], size: int, counters: DiskCounters,
                           prefix: bytes = b"", *, reads_in_flight: int = READS_IN_FLIGHT,
                           on_chunk: Callable[[int, int], None] | None = None,
-                          ) -> AsyncIterator[memoryview]:
+                          ) -> AsyncGenerator[memoryview, None]:
     """The batches of one disk's `ranges` (byte ranges of a disk of `size` bytes) read
     from `nbd`: what DiskRounds sends in a round, and what an import writes.
 
