@@ -13,6 +13,7 @@ SUBCOMMANDS: dict[str, str] = {
     "channel": "bench.channel",
     "disk": "bench.disk",
     "fuzz": "bench.fuzz",
+    "import": "bench.importer",
 }
 
 

@@ -170,6 +170,7 @@ class DiskWriter:
     touches: dict[asyncio.Task[None], tuple[tuple[Span, ...], int]] = field(default_factory=dict)
     held: int = 0     # bytes the requests in flight hold (see WRITE_BYTES_IN_FLIGHT)
     blocks_written: int = 0
+    bytes_written: int = 0   # by DATA and COPY entries (zeroed blocks are not written)
 
     @property
     def nblocks(self) -> int:
@@ -199,12 +200,14 @@ class DiskWriter:
             if run.kind is EntryKind.COPY:
                 self._start(self._copy(offset, run.source * DISK_BLOCK, run.count, length),
                             spans, run.count * DISK_BLOCK)
+                self.bytes_written += length
             elif run.kind is EntryKind.ZERO:
                 self._start(self.nbd.write_zeroes(offset, length), spans, 0)
             else:
                 assert run.data is not None
                 # The view keeps the received frame alive (not reused) until written.
                 self._start(self.nbd.write(offset, run.data[:length]), spans, length)
+                self.bytes_written += length
             self.blocks_written += run.count
             while len(self.pending) >= WRITES_IN_FLIGHT or self.held > WRITE_BYTES_IN_FLIGHT:
                 await asyncio.wait(self.pending, return_when=asyncio.FIRST_COMPLETED)

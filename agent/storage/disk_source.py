@@ -17,7 +17,7 @@ import contextlib
 import logging
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -203,104 +203,12 @@ class DiskRounds:
             self.counters.seconds += time.monotonic() - started
         self.counters.rounds += 1
 
-    async def _read_and_encode(self, nbd: NbdClient,
-                               ranges: list[tuple[int, int]]) -> AsyncIterator[memoryview]:
-        """Read block-aligned chunks covering `ranges` and encode them, overlapped: the
-        reads run READS_IN_FLIGHT chunks ahead, and the next chunk is encoded (in a worker
-        thread) while the batch of this one is sent. Batches leave in disk order.
-
-        A chunk is one batch's worth of blocks, read straight into the DATA section of a
-        batch buffer and encoded there in place, so its blocks are never copied: the
-        buffer goes out as the payload and is reused once the channel has let go of it."""
+    def _read_and_encode(self, nbd: NbdClient,
+                         ranges: list[tuple[int, int]]) -> AsyncGenerator[memoryview, None]:
+        # The generator itself, not a wrapper: closing it stops its reads at once.
         assert self._encoder is not None
-        encoder = self._encoder
-        prefix = DISK_HEADER.pack(self.disk.index)
-        data_at, size = encoder.data_offset(prefix), self.disk.virtual_size
-        loop = asyncio.get_running_loop()
-        upcoming = iter(_aligned_chunks(ranges, size, encoder.data_capacity // DISK_BLOCK))
-        # Each chunk: (first block, block count, batch buffer, view of its DATA section,
-        # the read). The view marks the buffer busy from the read until it is encoded.
-        reads: collections.deque[tuple[int, int, bytearray, memoryview,
-                                       asyncio.Future[None]]] = collections.deque()
-        pool = BufferPool(PAYLOAD_POOL)
-
-        def read_ahead() -> None:
-            while len(reads) < READS_IN_FLIGHT and (chunk := next(upcoming, None)):
-                first, n_blocks = chunk
-                into = pool.take(encoder.buffer_size(prefix))
-                blocks = memoryview(into)[data_at:data_at + n_blocks * DISK_BLOCK]
-                valid = min(n_blocks * DISK_BLOCK, size - first * DISK_BLOCK)
-                # The last block of a disk whose size is not a whole block is zero-padded.
-                blocks[valid:] = bytes(n_blocks * DISK_BLOCK - valid)
-                reads.append((first, n_blocks, into, blocks, asyncio.ensure_future(
-                    nbd.readinto(first * DISK_BLOCK, blocks[:valid]))))
-
-        async def encode_next() -> tuple[memoryview, BatchCounts] | _Done | None:
-            """The next chunk's batch (None if every block was unchanged), or DONE when
-            every chunk is done."""
-            read_ahead()
-            if not reads:
-                return DONE
-            first, n_blocks, into, blocks, read = reads[0]
-            await read
-            reads.popleft()
-            read_ahead()
-            self.counters.blocks_read += n_blocks
-            # One encoder, one thread at a time: the next encode starts only after this one,
-            # and a cancelled round still waits for the thread to let go of the encoder.
-            job = loop.run_in_executor(None, self._encode_chunk, first, n_blocks, into,
-                                       blocks, prefix)
-            try:
-                return await asyncio.shield(job)
-            finally:
-                if not job.done():
-                    await asyncio.wait([job])
-
-        encoding: asyncio.Task[tuple[memoryview, BatchCounts] | _Done | None] | None = None
-        try:
-            encoding = asyncio.ensure_future(encode_next())
-            while not isinstance(encoded := await encoding, _Done):
-                encoding = asyncio.ensure_future(encode_next())
-                if encoded is None:
-                    continue
-                payload, counts = encoded
-                del encoded  # the payload's buffer is free again once the consumer drops it
-                self.counters.batches += 1
-                self.counters.data_blocks += counts.data
-                self.counters.zero_blocks += counts.zero
-                self.counters.dedup_blocks += counts.copy
-                self.counters.wire_bytes += len(payload)
-                yield payload
-                del payload
-            encoding = None
-        finally:
-            # Stopped early (a failed send, say): nothing may keep reading, nor the encoder
-            # keep running in its thread, once the round is over.
-            leftovers: list[asyncio.Future[Any]] = [read for *_, read in reads]
-            reads.clear()
-            if encoding is not None:
-                leftovers.append(encoding)
-            for task in leftovers:
-                task.cancel()
-            if leftovers:
-                await asyncio.gather(*leftovers, return_exceptions=True)
-
-    def _encode_chunk(self, first: int, n_blocks: int, into: bytearray, blocks: memoryview,
-                      prefix: bytes) -> tuple[memoryview, BatchCounts] | None:
-        """The DISK_BATCH payload of one chunk read into `blocks`, the DATA section of
-        `into` (worker thread), or None when the destination already holds all of it."""
-        assert self._encoder is not None
-        try:
-            batch, position = self._encoder.encode(scan.run_indices([(first, n_blocks)]), 0,
-                                                   src=blocks, base=first, into=into,
-                                                   prefix=prefix)
-        finally:
-            blocks.release()
-        assert position == n_blocks, "a chunk is one batch"
-        if not batch.entry_count:
-            return None
-        return (memoryview(batch.payload),
-                BatchCounts(batch.data_count, batch.zero_count, batch.copy_count))
+        return encoded_batches(nbd, self._encoder, ranges, self.disk.virtual_size,
+                               self.counters, DISK_HEADER.pack(self.disk.index))
 
     async def _drop_export(self, export: str) -> None:
         if export not in self._exports:
@@ -333,6 +241,111 @@ class DiskRounds:
             await self._drop_bitmap(bitmap)
 
 
+async def encoded_batches(nbd: NbdClient, encoder: codec.BatchEncoder,
+                          ranges: list[tuple[int, int]], size: int, counters: DiskCounters,
+                          prefix: bytes = b"", *, reads_in_flight: int = READS_IN_FLIGHT,
+                          on_chunk: Callable[[int, int], None] | None = None,
+                          ) -> AsyncGenerator[memoryview, None]:
+    """The batches of one disk's `ranges` (byte ranges of a disk of `size` bytes) read
+    from `nbd`: what DiskRounds sends in a round, and what an import writes.
+
+    Reads block-aligned chunks covering `ranges` and encodes them, overlapped: the
+    reads run `reads_in_flight` chunks ahead, and the next chunk is encoded (in a worker
+    thread) while the batch of this one is sent. Batches leave in disk order.
+
+    A chunk is one batch's worth of blocks, read straight into the DATA section of a
+    batch buffer and encoded there in place, so its blocks are never copied: the
+    buffer goes out as the payload and is reused once the consumer has let go of it.
+    `on_chunk(first block, count)` is told of each chunk read."""
+    data_at = encoder.data_offset(prefix)
+    loop = asyncio.get_running_loop()
+    upcoming = iter(aligned_chunks(ranges, size, encoder.data_capacity // DISK_BLOCK))
+    # Each chunk: (first block, block count, batch buffer, view of its DATA section,
+    # the read). The view marks the buffer busy from the read until it is encoded.
+    reads: collections.deque[tuple[int, int, bytearray, memoryview,
+                                   asyncio.Future[None]]] = collections.deque()
+    pool = BufferPool(PAYLOAD_POOL)
+
+    def read_ahead() -> None:
+        while len(reads) < reads_in_flight and (chunk := next(upcoming, None)):
+            first, n_blocks = chunk
+            into = pool.take(encoder.buffer_size(prefix))
+            blocks = memoryview(into)[data_at:data_at + n_blocks * DISK_BLOCK]
+            valid = min(n_blocks * DISK_BLOCK, size - first * DISK_BLOCK)
+            # The last block of a disk whose size is not a whole block is zero-padded.
+            blocks[valid:] = bytes(n_blocks * DISK_BLOCK - valid)
+            reads.append((first, n_blocks, into, blocks, asyncio.ensure_future(
+                nbd.readinto(first * DISK_BLOCK, blocks[:valid]))))
+
+    async def encode_next() -> tuple[memoryview, BatchCounts] | _Done | None:
+        """The next chunk's batch (None if every block was unchanged), or DONE when
+        every chunk is done."""
+        read_ahead()
+        if not reads:
+            return DONE
+        first, n_blocks, into, blocks, read = reads[0]
+        await read
+        reads.popleft()
+        read_ahead()
+        counters.blocks_read += n_blocks
+        if on_chunk is not None:
+            on_chunk(first, n_blocks)
+        # One encoder, one thread at a time: the next encode starts only after this one,
+        # and a cancelled round still waits for the thread to let go of the encoder.
+        job = loop.run_in_executor(None, _encode_chunk, encoder, first, n_blocks, into,
+                                   blocks, prefix)
+        try:
+            return await asyncio.shield(job)
+        finally:
+            if not job.done():
+                await asyncio.wait([job])
+
+    encoding: asyncio.Task[tuple[memoryview, BatchCounts] | _Done | None] | None = None
+    try:
+        encoding = asyncio.ensure_future(encode_next())
+        while not isinstance(encoded := await encoding, _Done):
+            encoding = asyncio.ensure_future(encode_next())
+            if encoded is None:
+                continue
+            payload, counts = encoded
+            del encoded  # the payload's buffer is free again once the consumer drops it
+            counters.batches += 1
+            counters.data_blocks += counts.data
+            counters.zero_blocks += counts.zero
+            counters.dedup_blocks += counts.copy
+            counters.wire_bytes += len(payload)
+            yield payload
+            del payload
+        encoding = None
+    finally:
+        # Stopped early (a failed send, say): nothing may keep reading, nor the encoder
+        # keep running in its thread, once the round is over.
+        leftovers: list[asyncio.Future[Any]] = [read for *_, read in reads]
+        reads.clear()
+        if encoding is not None:
+            leftovers.append(encoding)
+        for task in leftovers:
+            task.cancel()
+        if leftovers:
+            await asyncio.gather(*leftovers, return_exceptions=True)
+
+
+def _encode_chunk(encoder: codec.BatchEncoder, first: int, n_blocks: int, into: bytearray,
+                  blocks: memoryview, prefix: bytes) -> tuple[memoryview, BatchCounts] | None:
+    """The DISK_BATCH payload of one chunk read into `blocks`, the DATA section of
+    `into` (worker thread), or None when the destination already holds all of it."""
+    try:
+        batch, position = encoder.encode(scan.run_indices([(first, n_blocks)]), 0,
+                                         src=blocks, base=first, into=into, prefix=prefix)
+    finally:
+        blocks.release()
+    assert position == n_blocks, "a chunk is one batch"
+    if not batch.entry_count:
+        return None
+    return (memoryview(batch.payload),
+            BatchCounts(batch.data_count, batch.zero_count, batch.copy_count))
+
+
 class _Done:
     """Marks the end of a round's chunks."""
 
@@ -352,7 +365,7 @@ PAYLOAD_POOL = 16
 """DISK_BATCH payload buffers kept for reuse within a round."""
 
 
-def _aligned_chunks(ranges: list[tuple[int, int]], size: int,
+def aligned_chunks(ranges: list[tuple[int, int]], size: int,
                     per_chunk: int) -> list[tuple[int, int]]:
     """(first block, block count) chunks of at most `per_chunk` blocks covering `ranges`."""
     last = blocks_of(size)
