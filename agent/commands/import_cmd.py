@@ -1,17 +1,32 @@
-"""`ferry import SOURCE --inspect`: another hypervisor's VM (a .vmx, OVF/OVA, .vbox or a
-bare image) read into a ferry VM definition and reported, before anything is copied.
-The copy (`run_import(definition, args)`) is to sit beside `run_inspect`: both take
-the definition `read_definition` made."""
+"""`ferry import SOURCE`: another hypervisor's VM (a .vmx, OVF/OVA, .vbox or a bare
+image) read into a ferry VM definition and reported first, always (`--inspect` stops
+there); then, on this host (`--local`), each disk copied through QEMU's block layer into
+an image ferry creates, verified, and the VM recorded (`HOME/vms/NAME/import.json`) and
+with `--start` started as an ordinary ferry VM. `--warm` passes copy only what changed
+since the last; `--cutover` is the last pass and creates the VM."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
 import json
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-from agent.commands.common import human_bytes
+from agent.commands.common import (
+    add_config_argument,
+    add_home_argument,
+    human_bytes,
+    load_agent_config,
+)
+from agent.commands.vm_cmds import start_vm
 from agent.errors import UserError
+from agent.importer import argv as import_argv
 from agent.importer.common import normalize_mac
+from agent.importer.copy import Progress, default_state_file, import_disk
 from agent.importer.definition import Level, NicDef, VmDefinition
 from agent.importer.inspect import read_source
 from agent.qemu.nics import parse_net_map
@@ -41,6 +56,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="a bare image's NIC on ferry network NETWORK (repeatable)")
     p.add_argument("--firmware", choices=("bios", "uefi"), default="bios",
                    help="a bare image's firmware (default bios)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--local", action="store_true",
+                       help="import onto this host's agent (the disks are readable here)")
+    where.add_argument("--to", metavar="PEER", help="import onto a peer agent (not yet)")
+    p.add_argument("--name", help="the VM's name here (default: the source's)")
+    p.add_argument("--format", choices=("qcow2", "raw"), default="qcow2",
+                   help="the imported disks' format (default qcow2)")
+    p.add_argument("--dir", type=Path, metavar="DIR",
+                   help="where the disks go, an allowed path (default HOME/vms/NAME)")
+    passes = p.add_mutually_exclusive_group()
+    passes.add_argument("--warm", action="store_true",
+                        help="copy while the source may still run; repeat to send only "
+                             "what changed; create nothing yet")
+    passes.add_argument("--cutover", action="store_true",
+                        help="the last warm pass (the source VM shut down), then create")
+    p.add_argument("--start", action="store_true", help="start the VM once created")
+    p.add_argument("--ram", choices=("file", "private"), default="file",
+                   help="with --start: RAM as for ferry vm start (default file)")
+    add_home_argument(p)
+    add_config_argument(p)
     p.set_defaults(func=run)
 
 
@@ -65,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     definition = read_definition(args)
     if args.inspect:
         return run_inspect(definition, args)
-    raise UserError("ferry import copies nothing yet: run it with --inspect")
+    return run_import(definition, args)
 
 
 def read_definition(args: argparse.Namespace) -> VmDefinition:
@@ -107,3 +142,85 @@ def report_lines(defn: VmDefinition) -> list[str]:
     lines.append(f"{refused} refusal(s): nothing can be imported" if refused
                  else "ready to import")
     return lines
+
+
+IMPORT_RECORD = "import.json"
+
+
+def run_import(definition: VmDefinition, args: argparse.Namespace) -> int:
+    """Report, copy every disk (a pass), and unless --warm record (and --start) the VM."""
+    if args.to:
+        raise UserError("ferry import --to PEER is not built yet: run ferry import on the "
+                        "destination host with --local (its disks readable there)")
+    if not args.local:
+        raise UserError("say where the VM goes: --local (this host), or --inspect to only "
+                        "read SOURCE")
+    config = load_agent_config(args)
+    print("\n".join(report_lines(definition)))
+    if definition.refusals():
+        return 1
+    unmapped = [n for n in definition.nics if not n.network]
+    if args.start and unmapped:
+        raise UserError(f"NIC {unmapped[0].mac or ''} on source network "
+                        f"{unmapped[0].source_network!r} has no ferry network here: map it "
+                        f"with --net-map SRC=NETWORK (networks: "
+                        f"{', '.join(sorted(config.networks)) or 'none configured'})")
+    name = args.name or definition.name
+    directory = (args.dir or config.vms_dir / name).absolute()
+    if (directory / IMPORT_RECORD).exists() or (config.vms_dir / name / IMPORT_RECORD).exists():
+        raise UserError(f"a VM named {name} was already imported here "
+                        f"({directory / IMPORT_RECORD}); choose another --name")
+    disks = [d for d in definition.disks if d.media == "disk"]
+    in_packages = [d for d in disks if d.member]
+    if in_packages:
+        raise UserError(f"{in_packages[0].path}: disks inside an OVA are not copied in place "
+                        f"yet; unpack it (tar xf) and import the .ovf it holds")
+    directory.mkdir(parents=True, exist_ok=True)
+    warm = args.warm or args.cutover
+    targets = []
+    for n, disk in enumerate(disks):
+        target = directory / f"{name}-disk{n}.{args.format}"
+        state = default_state_file(target) if warm else None
+        report = asyncio.run(import_disk(disk.path, target, roots=config.roots,
+                                         target_format=args.format, source_format=disk.format,
+                                         state_file=state, progress=_progress(n),
+                                         run_dir=config.run_dir if config.run_dir.is_dir()
+                                         else None))
+        print(f"  disk{n}: {report.source} -> {report.target}: pass {report.warm_pass}, "
+              f"{human_bytes(report.bytes_read)} read, {report.blocks_changed} blocks "
+              f"changed, {human_bytes(report.bytes_written)} written, "
+              f"{human_bytes(report.zero_bytes_skipped)} zero skipped, "
+              f"{report.mb_per_s:.0f} MB/s, verified {report.verified}")
+        targets.append((disk, target, args.format))
+    if args.warm:
+        print(f"warm pass done; run again to send what changed, then with --cutover once "
+              f"{definition.name} is shut down")
+        return 0
+    for _, target, _ in targets:
+        default_state_file(target).unlink(missing_ok=True)
+    imported = dataclasses.replace(definition, name=name, disks=tuple(
+        dataclasses.replace(d, path=t, format=f) for d, t, f in targets))
+    (directory / IMPORT_RECORD).write_text(json.dumps(imported.to_json(), indent=2) + "\n")
+    print(f"imported {name}: {len(targets)} disk(s) in {directory}")
+    if args.start:
+        if definition.firmware == "uefi":
+            raise UserError(f"{name} boots with UEFI; ferry starts only BIOS guests yet "
+                            f"(its disks are imported in {directory})")
+        start_vm(config, name, definition.memory, cpus=definition.cpus,
+                 nic_options=import_argv.nic_options(imported),
+                 extra=import_argv.vm_arguments(imported, targets),
+                 private=args.ram == "private", machine=definition.machine)
+    return 0
+
+
+def _progress(n: int) -> Callable[[Progress], None]:
+    """A progress line on stderr, at most once a second."""
+    last = [0.0]
+
+    def show(p: Progress) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 1.0 or p.done >= p.total:
+            last[0] = now
+            print(f"  disk{n}: {human_bytes(p.done)} of {human_bytes(p.total)}, "
+                  f"{p.rate / 1e6:.0f} MB/s", file=sys.stderr)
+    return show

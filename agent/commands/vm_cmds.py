@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from collections.abc import Sequence
 
 from agent.commands.common import (
     add_config_argument,
@@ -17,6 +18,7 @@ from agent.qemu import nics as guest_nics
 from agent.qemu import vm
 from agent.qemu.vmspec import PAGE_SIZE, parse_size
 from agent.state import vms
+from agent.state.config import AgentConfig
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -48,11 +50,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run_start(args: argparse.Namespace) -> int:
     config = load_agent_config(args)
     size = parse_size(args.memory, default_suffix="m")
+    start_vm(config, args.name, size, cpus=args.cpus, nic_options=args.nic,
+             extra=list(args.passthrough), private=args.ram == "private")
+    return 0
+
+
+def start_vm(config: AgentConfig, name: str, size: int, *, cpus: int,
+             nic_options: Sequence[str], extra: Sequence[str], private: bool,
+             machine: str = vm.MACHINE_TYPE) -> vms.VmRecord:
+    """Start a VM the agent will know by name (`ferry vm start`, `ferry import --start`):
+    TCG guests padded past QEMU's dirty-log bug, NICs on the agent's networks, recorded."""
     if size <= 0 or size % PAGE_SIZE:
-        raise UserError(f"--memory {args.memory}: must be a positive multiple of 4 KiB")
-    if vms.is_running(config, args.name):
-        raise UserError(f"a VM named {args.name} already runs on this agent")
-    extra = list(args.passthrough)
+        raise UserError(f"memory {size}: must be a positive multiple of 4 KiB")
+    if vms.is_running(config, name):
+        raise UserError(f"a VM named {name} already runs on this agent")
     accel = vm.choose_accel()
     padded = vm.dirty_log_safe_size(size, accel.accel, vm.qemu_binary_version(config.qemu_path()))
     if padded != size:
@@ -60,36 +71,36 @@ def run_start(args: argparse.Namespace) -> int:
               f"whose dirty pages QEMU < 9.0 under TCG loses in a migration; starting with "
               f"{padded // 1024}K instead")
         size = padded
-    requested = [guest_nics.parse_nic_option(text, index) for index, text in enumerate(args.nic)]
+    requested = [guest_nics.parse_nic_option(text, index)
+                 for index, text in enumerate(nic_options)]
     nics = attach.plan([r.request for r in requested], config.networks)  # refuses early
-    vm_dir = config.vms_dir / args.name
+    vm_dir = config.vms_dir / name
     vm_dir.mkdir(parents=True, exist_ok=True)
-    private = args.ram == "private"
     backends = nics.create()
     try:
         nic_args = guest_nics.nic_arguments(requested, backends)
-        spec = vm.LaunchSpec.in_directory(vm_dir, args.name, size, ram_dir=config.ram_dir,
-                                          cpus=args.cpus, extra_args=(*nic_args, *extra),
+        spec = vm.LaunchSpec.in_directory(vm_dir, name, size, ram_dir=config.ram_dir,
+                                          cpus=cpus, extra_args=(*nic_args, *extra),
                                           accel=accel, qemu_binary=config.qemu_path(),
-                                          private_ram=private)
+                                          private_ram=private, machine=machine)
         process = asyncio.run(vm.launch(spec, pass_fds=nics.pass_fds))
     except BaseException:
         nics.remove()
         raise
     nics.handed_over()   # QEMU alone holds the taps: they go when it exits
     ram_path = "" if private else str(spec.ram_path)
-    vms.register(config, vms.VmRecord(name=args.name, pid=process.pid,
-                                      qmp_path=str(spec.qmp_path), ram_path=ram_path,
-                                      vm_dir=str(vm_dir), managed=True,
-                                      nics=nics.records()))
+    record = vms.VmRecord(name=name, pid=process.pid, qmp_path=str(spec.qmp_path),
+                          ram_path=ram_path, vm_dir=str(vm_dir), managed=True,
+                          nics=nics.records())
+    vms.register(config, record)
     process.detach()
     for nic in nics.records():
         print(f"  NIC {nic['key']}: {nic['mac']} on network {nic['network']}"
               f"{' (' + nic['ifname'] + ')' if nic['ifname'] else ''}")
     where = "private memory" if private else spec.ram_path
-    print(f"started {args.name}: pid {process.pid}, {human_bytes(size)} RAM in "
+    print(f"started {name}: pid {process.pid}, {human_bytes(size)} RAM in "
           f"{where}, QMP {spec.qmp_path} ({process.accel.accel.value})")
-    return 0
+    return record
 
 
 def run_list(args: argparse.Namespace) -> int:

@@ -288,6 +288,7 @@ class LaunchSpec:
     accel: AccelChoice | None = None   # None: choose_accel() at launch
     qemu_binary: str = QEMU_BINARY
     private_ram: bool = False          # plain -m (private, anonymous) instead of the file
+    machine: str = MACHINE_TYPE        # "pc" or "q35" (an imported VM's)
 
     def __post_init__(self) -> None:
         if self.ram_size <= 0 or self.ram_size % PAGE_SIZE:
@@ -310,8 +311,8 @@ def qemu_argv(spec: LaunchSpec, accel: AccelChoice) -> list[str]:
     """The full QEMU command line for `spec`: shared-file (or plain -m) RAM, QMP socket,
     serial to a file."""
     size = _size_text(spec.ram_size)
-    ram = (["-machine", MACHINE_TYPE, "-m", size] if spec.private_ram else [
-        "-machine", f"{MACHINE_TYPE},memory-backend={RAM_BACKEND_ID}",
+    ram = (["-machine", spec.machine, "-m", size] if spec.private_ram else [
+        "-machine", f"{spec.machine},memory-backend={RAM_BACKEND_ID}",
         "-m", size,
         "-object", f"{RAM_BACKEND_TYPE},id={RAM_BACKEND_ID},size={size},"
                    f"mem-path={spec.ram_path},share=on"])

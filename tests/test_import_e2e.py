@@ -1,0 +1,192 @@
+"""`ferry import ... --local` end to end, as an operator runs it: real images made with
+qemu-img, the CLI as a subprocess, the imported VM started by QEMU and looked at over
+QMP (its disks on the buses the source named, its NIC's MAC), the copies compared with
+`qemu-img compare`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.qemu import nics, qmp
+from agent.state import vms
+from agent.state.config import load_config
+
+pytestmark = pytest.mark.qemu
+MIB = 1 << 20
+
+
+def make_image(path: Path, fmt: str, writes: list[tuple[int, int, int]],
+               size_mib: int = 64, options: str = "") -> None:
+    """An image of `fmt` whose content is raw `writes` (pattern, offset MiB, length MiB)."""
+    raw = path.with_suffix(".seed")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(raw), f"{size_mib}M"],
+                   check=True)
+    for pattern, offset, length in writes:
+        subprocess.run(["qemu-io", "-f", "raw", "-c",
+                        f"write -P {pattern} {offset}M {length}M", str(raw)],
+                       check=True, capture_output=True)
+    subprocess.run(["qemu-img", "convert", "-q", "-O", fmt, *(["-o", options] if options else []),
+                    str(raw), str(path)], check=True)
+    raw.unlink()
+
+
+def ferry(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent", "import", *args, "--home", str(home)],
+                          capture_output=True, text=True, timeout=300, check=False)
+
+
+def same(a: Path, b: Path) -> bool:
+    return subprocess.run(["qemu-img", "compare", "-U", str(a), str(b)],
+                          capture_output=True, check=False).returncode == 0
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Iterator[Path]:
+    """An agent home with one network (a tap on nothing); every VM started in it is
+    killed at the end."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "agent.toml").write_text('[networks.lan]\ntype = "none"\n')
+    yield home
+    for record in vms.list_vms(load_config(home)):
+        if record.alive():
+            os.kill(record.pid, signal.SIGKILL)
+
+
+def block_devices(record: vms.VmRecord) -> dict[str, Any]:
+    """QOM path of each disk's device -> (its image file, the device's type)."""
+    async def read() -> dict[str, Any]:
+        async with qmp.connect(record.qmp_path) as q:
+            out = {}
+            for block in await q.execute("query-block"):
+                inserted = block.get("inserted") or {}
+                kind = await q.execute("qom-get", {"path": block["qdev"], "property": "type"})
+                out[inserted.get("file")] = kind
+            out["macs"] = await nics.guest_macs(q)
+            return out
+    return asyncio.run(read())
+
+
+def test_bare_streamoptimized_vmdk_becomes_a_running_vm_with_its_nic(home: Path,
+                                                                    tmp_path: Path) -> None:
+    source = tmp_path / "disk.vmdk"
+    make_image(source, "vmdk", [(0xAB, 1, 3), (0xCD, 40, 1)],
+               options="subformat=streamOptimized")
+    done = ferry(home, str(source), "--local", "--name", "bare", "--memory", "128M",
+                 "--nic", "lan,mac=00:50:56:01:02:03,model=e1000", "--start")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ready to import" in done.stdout and "verified True" in done.stdout
+    target = home / "vms" / "bare" / "bare-disk0.qcow2"
+    assert same(source, target)
+    # Only the 4 MiB of data crossed: the 60 MiB of zeros were never read nor written.
+    assert "4.0 MiB written, 60.0 MiB zero skipped" in done.stdout
+    record = vms.load(load_config(home), "bare")
+    assert record.alive()
+    devices = block_devices(record)
+    assert devices[str(target)] == "ide-hd"              # SATA: an AHCI port
+    assert list(devices["macs"].values()) == ["00:50:56:01:02:03"]
+    recorded = json.loads((home / "vms" / "bare" / "import.json").read_text())
+    assert recorded["disks"][0]["path"] == str(target)
+    again = ferry(home, str(source), "--local", "--name", "bare", "--memory", "128M")
+    assert again.returncode == 1 and "already imported" in again.stderr
+
+
+VMX = """\
+.encoding = "UTF-8"
+displayName = "web01"
+numvcpus = "2"
+cpuid.coresPerSocket = "2"
+memsize = "256"
+guestOS = "debian12-64"
+uuid.bios = "56 4d 12 34 56 78 9a bc-de f0 12 34 56 78 9a bc"
+scsi0.present = "TRUE"
+scsi0.virtualDev = "pvscsi"
+scsi0:0.present = "TRUE"
+scsi0:0.fileName = "web01.vmdk"
+sata0.present = "TRUE"
+sata0:1.present = "TRUE"
+sata0:1.fileName = "web01_1.vmdk"
+ethernet0.present = "TRUE"
+ethernet0.virtualDev = "vmxnet3"
+ethernet0.networkName = "VM Network"
+ethernet0.addressType = "static"
+ethernet0.address = "00:50:56:aa:bb:cc"
+"""
+
+
+def test_vmware_vm_arrives_with_its_buses_mac_and_uuid(home: Path, tmp_path: Path) -> None:
+    package = tmp_path / "web01"
+    package.mkdir()
+    (package / "web01.vmx").write_text(VMX)
+    make_image(package / "web01.vmdk", "vmdk", [(0x11, 0, 2)], options="subformat=monolithicSparse")
+    make_image(package / "web01_1.vmdk", "vmdk", [(0x22, 8, 1)], size_mib=32,
+               options="subformat=monolithicFlat")
+    inspect = ferry(home, str(package / "web01.vmx"), "--inspect")
+    assert inspect.returncode == 0, inspect.stdout + inspect.stderr
+    unmapped = ferry(home, str(package / "web01.vmx"), "--local", "--start")
+    assert unmapped.returncode == 1 and "--net-map" in unmapped.stderr
+    assert not (home / "vms" / "web01").exists()          # refused before any copy
+    done = ferry(home, str(package / "web01.vmx"), "--local", "--net-map", "VM Network=lan",
+                 "--format", "raw", "--start")
+    assert done.returncode == 0, done.stdout + done.stderr
+    vm_dir = home / "vms" / "web01"
+    first, second = vm_dir / "web01-disk0.raw", vm_dir / "web01-disk1.raw"
+    assert same(package / "web01.vmdk", first) and same(package / "web01_1.vmdk", second)
+    record = vms.load(load_config(home), "web01")
+    devices = block_devices(record)
+    assert devices[str(first)] == "scsi-hd" and devices[str(second)] == "ide-hd"
+    assert list(devices["macs"].values()) == ["00:50:56:aa:bb:cc"]
+
+    async def uuid() -> str:
+        async with qmp.connect(record.qmp_path) as q:
+            return str((await q.execute("query-uuid"))["UUID"])
+    assert asyncio.run(uuid()) == "564d1234-5678-9abc-def0-123456789abc"
+
+
+def test_warm_passes_send_what_changed_and_cutover_creates(home: Path, tmp_path: Path) -> None:
+    source = tmp_path / "live.qcow2"
+    make_image(source, "qcow2", [(0x33, 0, 8)])
+    args = (str(source), "--local", "--name", "warm", "--memory", "128M")
+    first = ferry(home, *args, "--warm")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "pass 1" in first.stdout and "8.0 MiB written" in first.stdout
+    assert not (home / "vms" / "warm" / "import.json").exists()    # not created yet
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x44 2M 64k", str(source)],
+                   check=True, capture_output=True)
+    second = ferry(home, *args, "--warm")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "pass 2" in second.stdout and "1 blocks changed, 64.0 KiB written" in second.stdout
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x55 6M 64k", str(source)],
+                   check=True, capture_output=True)
+    last = ferry(home, *args, "--cutover")
+    assert last.returncode == 0, last.stdout + last.stderr
+    assert "pass 3" in last.stdout and "1 blocks changed" in last.stdout
+    target = home / "vms" / "warm" / "warm-disk0.qcow2"
+    assert same(source, target)
+    assert (home / "vms" / "warm" / "import.json").exists()
+    assert not list((home / "vms" / "warm").glob("*.ferry-warm"))
+
+
+def test_refusals_copy_nothing(home: Path, tmp_path: Path) -> None:
+    base = tmp_path / "base.qcow2"
+    make_image(base, "qcow2", [(0x66, 0, 1)])
+    overlay = tmp_path / "overlay.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2",
+                    str(overlay)], check=True)
+    done = ferry(home, str(overlay), "--local", "--memory", "128M")
+    assert done.returncode == 1 and "backing file" in (done.stdout + done.stderr)
+    outside = ferry(home, str(base), "--local", "--memory", "128M", "--dir", str(tmp_path / "x"))
+    assert outside.returncode == 1 and "allowed" in outside.stderr
+    assert not (tmp_path / "x").exists() or not list((tmp_path / "x").iterdir())
+    nowhere = ferry(home, str(base), "--memory", "128M")
+    assert nowhere.returncode == 1 and "--local" in nowhere.stderr
