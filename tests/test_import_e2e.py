@@ -190,3 +190,32 @@ def test_refusals_copy_nothing(home: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "x").exists() or not list((tmp_path / "x").iterdir())
     nowhere = ferry(home, str(base), "--memory", "128M")
     assert nowhere.returncode == 1 and "--local" in nowhere.stderr
+
+
+def test_ova_disks_are_copied_in_place_from_the_package(home: Path, tmp_path: Path) -> None:
+    from tests.test_import_parse import DATA, build_ova, manifest, set_file_sizes
+    disks = tmp_path / "disks"
+    disks.mkdir()
+    make_image(disks / "appliance-disk1.vmdk", "vmdk", [(0x77, 1, 2)], size_mib=16,
+               options="subformat=streamOptimized")
+    make_image(disks / "appliance-disk2.vmdk", "vmdk", [(0x88, 4, 1)], size_mib=8,
+               options="subformat=streamOptimized")
+    files = {p.name: p.read_bytes() for p in sorted(disks.iterdir())}
+    ovf = set_file_sizes((DATA / "ovf" / "appliance.ovf").read_text(),
+                         {n: len(b) for n, b in files.items()})
+    files = {"appliance.ovf": ovf.encode(), **files}
+    package = tmp_path / "pkg"
+    package.mkdir()
+    ova = build_ova(package / "appliance.ova", files, manifest(files))
+    done = ferry(home, str(ova), "--local", "--net-map", "VM Network=lan",
+                 "--net-map", "Storage=lan")
+    assert done.returncode == 0, done.stdout + done.stderr
+    vm_dir = home / "vms" / "appliance"
+    assert same(disks / "appliance-disk1.vmdk", vm_dir / "appliance-disk0.qcow2")
+    assert same(disks / "appliance-disk2.vmdk", vm_dir / "appliance-disk1.qcow2")
+    assert sorted(p.name for p in package.iterdir()) == ["appliance.ova"]   # not unpacked
+    # UEFI: ferry does not start it yet, and says so before copying.
+    start = ferry(home, str(ova), "--local", "--name", "again", "--net-map", "VM Network=lan",
+                  "--net-map", "Storage=lan", "--start")
+    assert start.returncode == 1 and "UEFI" in start.stderr
+    assert not (home / "vms" / "again").exists()          # refused before any copy

@@ -27,7 +27,7 @@ from agent.errors import UserError
 from agent.importer import argv as import_argv
 from agent.importer.common import normalize_mac
 from agent.importer.copy import Progress, default_state_file, import_disk
-from agent.importer.definition import Level, NicDef, VmDefinition
+from agent.importer.definition import DiskDef, Level, NicDef, VmDefinition
 from agent.importer.inspect import read_source
 from agent.qemu.nics import parse_net_map
 from agent.qemu.vmspec import keyval_get, parse_keyval, parse_size
@@ -159,6 +159,9 @@ def run_import(definition: VmDefinition, args: argparse.Namespace) -> int:
     print("\n".join(report_lines(definition)))
     if definition.refusals():
         return 1
+    if args.start and definition.firmware == "uefi":
+        raise UserError(f"{definition.name} boots with UEFI; ferry starts only BIOS guests "
+                        f"yet: import it without --start")
     unmapped = [n for n in definition.nics if not n.network]
     if args.start and unmapped:
         raise UserError(f"NIC {unmapped[0].mac or ''} on source network "
@@ -171,10 +174,6 @@ def run_import(definition: VmDefinition, args: argparse.Namespace) -> int:
         raise UserError(f"a VM named {name} was already imported here "
                         f"({directory / IMPORT_RECORD}); choose another --name")
     disks = [d for d in definition.disks if d.media == "disk"]
-    in_packages = [d for d in disks if d.member]
-    if in_packages:
-        raise UserError(f"{in_packages[0].path}: disks inside an OVA are not copied in place "
-                        f"yet; unpack it (tar xf) and import the .ovf it holds")
     directory.mkdir(parents=True, exist_ok=True)
     warm = args.warm or args.cutover
     targets = []
@@ -184,6 +183,7 @@ def run_import(definition: VmDefinition, args: argparse.Namespace) -> int:
         report = asyncio.run(import_disk(disk.path, target, roots=config.roots,
                                          target_format=args.format, source_format=disk.format,
                                          state_file=state, progress=_progress(n),
+                                         window=_window(disk),
                                          run_dir=config.run_dir if config.run_dir.is_dir()
                                          else None))
         print(f"  disk{n}: {report.source} -> {report.target}: pass {report.warm_pass}, "
@@ -203,14 +203,18 @@ def run_import(definition: VmDefinition, args: argparse.Namespace) -> int:
     (directory / IMPORT_RECORD).write_text(json.dumps(imported.to_json(), indent=2) + "\n")
     print(f"imported {name}: {len(targets)} disk(s) in {directory}")
     if args.start:
-        if definition.firmware == "uefi":
-            raise UserError(f"{name} boots with UEFI; ferry starts only BIOS guests yet "
-                            f"(its disks are imported in {directory})")
         start_vm(config, name, definition.memory, cpus=definition.cpus,
                  nic_options=import_argv.nic_options(imported),
                  extra=import_argv.vm_arguments(imported, targets),
                  private=args.ram == "private", machine=definition.machine)
     return 0
+
+
+def _window(disk: DiskDef) -> tuple[int, int] | None:
+    """Where in its package file a disk inside an OVA is (read in place, not unpacked)."""
+    if disk.member_offset is None or disk.member_size is None:
+        return None
+    return disk.member_offset, disk.member_size
 
 
 def _progress(n: int) -> Callable[[Progress], None]:

@@ -35,6 +35,7 @@ from agent.importer.images import (
     TARGET_FORMATS,
     ImageInfo,
     StorageDaemon,
+    Window,
     probe,
 )
 from agent.qemu.destargv import DiskTarget
@@ -111,9 +112,11 @@ async def import_disk(source: Path, target: Path, *, roots: Sequence[Path],
                       target_format: str = "qcow2", source_format: str | None = None,
                       state_file: Path | None = None, verify_copy: bool = True,
                       progress: ProgressCallback | None = None,
-                      run_dir: Path | None = None) -> DiskImportReport:
-    """Copy `source` into a new `target` image (or, with a `state_file` from an earlier
-    pass, bring that pass's target up to date); verify it; the pass's report.
+                      run_dir: Path | None = None,
+                      window: Window | None = None) -> DiskImportReport:
+    """Copy `source` (or the `window` of it that holds the image: a disk inside an OVA)
+    into a new `target` image (or, with a `state_file` from an earlier pass, bring that
+    pass's target up to date); verify it; the pass's report.
 
     Refuses, before creating anything: a source QEMU cannot read, a target outside `roots`,
     an existing target without warm state, too little space. On failure the daemons are
@@ -124,7 +127,7 @@ async def import_disk(source: Path, target: Path, *, roots: Sequence[Path],
     if target_format not in TARGET_FORMATS:
         raise UserError(f"cannot write target format {target_format!r} "
                         f"(ferry writes {', '.join(TARGET_FORMATS)})")
-    info = probe(source, source_format)
+    info = probe(source, source_format, window)
     target = _check_target(target, roots)
     state, kept = _prior_state(state_file, target, info, target_format)
     work = Path(tempfile.mkdtemp(prefix="ferry-import-", dir=run_dir))
@@ -132,8 +135,8 @@ async def import_disk(source: Path, target: Path, *, roots: Sequence[Path],
     before = bytes(state.hashes)
     copy = _Pass(info, target, target_format, state, progress)
     try:
-        async with StorageDaemon(source, info.format, work / "src.nbd",
-                                 writable=False) as source_daemon:
+        async with StorageDaemon(source, info.format, work / "src.nbd", writable=False,
+                                 window=window) as source_daemon:
             async with NbdClient.connect(source_daemon.socket_path, EXPORT,
                                          meta_contexts=[BASE_ALLOCATION]) as src:
                 if src.size != info.virtual_size:

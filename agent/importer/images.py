@@ -47,7 +47,13 @@ class ImageInfo:
     subformat: str | None    # vmdk's create type (monolithicSparse, ...), vpc's, ...
 
 
-def probe(path: Path, expected_format: str | None = None) -> ImageInfo:
+Window = tuple[int, int]
+"""(offset, size): an image that is a region of a larger file (a disk inside an OVA's
+tar, read in place), seen by QEMU through a raw node with that offset and size."""
+
+
+def probe(path: Path, expected_format: str | None = None,
+          window: Window | None = None) -> ImageInfo:
     """`qemu-img info -U` of a source image; refuses a missing, unreadable, corrupt or
     unsupported one. With `expected_format` (what the configuration says) QEMU does not
     probe, so a damaged image is not taken for raw."""
@@ -62,10 +68,18 @@ def probe(path: Path, expected_format: str | None = None) -> ImageInfo:
     if not os.access(path, os.R_OK):
         raise UserError(f"disk {path}: not readable by this agent (check its permissions)")
     argv = ["qemu-img", "info", "-U", "--output=json"]
-    if expected_format is not None:
+    target = str(path)
+    if window is not None:
+        if expected_format is None:
+            raise UserError(f"disk {path} at byte {window[0]}: a disk inside a package "
+                            f"needs its format from the package's description")
+        target = "json:" + json.dumps({"driver": expected_format, "file": {
+            "driver": "raw", "offset": window[0], "size": window[1],
+            "file": {"driver": "file", "filename": str(path)}}})
+    elif expected_format is not None:
         argv += ["-f", expected_format]
     try:
-        done = subprocess.run([*argv, str(path)], capture_output=True, text=True,
+        done = subprocess.run([*argv, target], capture_output=True, text=True,
                               timeout=INFO_TIMEOUT_S, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise LocalError(f"disk {path}: qemu-img info failed: {exc}") from exc
@@ -92,8 +106,10 @@ def probe(path: Path, expected_format: str | None = None) -> ImageInfo:
                      subformat=str(subformat) if subformat else None)
 
 
-def daemon_argv(image: Path, fmt: str, socket_path: Path, *, writable: bool) -> list[str]:
-    """qemu-storage-daemon exporting `image` as NBD export EXPORT on `socket_path`.
+def daemon_argv(image: Path, fmt: str, socket_path: Path, *, writable: bool,
+                window: Window | None = None) -> list[str]:
+    """qemu-storage-daemon exporting `image` (or the `window` of it) as NBD export EXPORT
+    on `socket_path`.
 
     A source is opened read-only with force-share, as `qemu-img info -U` is: a warm import
     reads a disk that its VM may still hold open for writing."""
@@ -101,9 +117,14 @@ def daemon_argv(image: Path, fmt: str, socket_path: Path, *, writable: bool) -> 
         file_opts, format_opts = "", ""
     else:
         file_opts, format_opts = ",read-only=on", ",read-only=on,force-share=on"
-    return ["qemu-storage-daemon",
-            "--blockdev", f"driver=file,filename={_escape(image)},node-name=file0{file_opts}",
-            "--blockdev", f"driver={fmt},file=file0,node-name=img0{format_opts}",
+    nodes = ["--blockdev", f"driver=file,filename={_escape(image)},node-name=file0{file_opts}"]
+    under = "file0"
+    if window is not None:
+        nodes += ["--blockdev", f"driver=raw,file=file0,offset={window[0]},size={window[1]},"
+                                f"node-name=slice0{file_opts}"]
+        under = "slice0"
+    return ["qemu-storage-daemon", *nodes,
+            "--blockdev", f"driver={fmt},file={under},node-name=img0{format_opts}",
             "--nbd-server", f"addr.type=unix,addr.path={_escape(socket_path)}",
             "--export", (f"type=nbd,id=e0,node-name=img0,name={EXPORT},"
                          f"writable={'on' if writable else 'off'}")]
@@ -118,8 +139,10 @@ class StorageDaemon:
     """One qemu-storage-daemon serving one image over NBD, stopped (and its socket
     removed) when the `async with` block ends, however it ends."""
 
-    def __init__(self, image: Path, fmt: str, socket_path: Path, *, writable: bool) -> None:
+    def __init__(self, image: Path, fmt: str, socket_path: Path, *, writable: bool,
+                 window: Window | None = None) -> None:
         self.image = image
+        self.window = window
         self.format = fmt
         self.socket_path = socket_path
         self.writable = writable
@@ -136,7 +159,7 @@ class StorageDaemon:
         with open(self.log_path, "wb") as log_file:
             self.proc = await asyncio.create_subprocess_exec(
                 *daemon_argv(self.image, self.format, self.socket_path,
-                             writable=self.writable),
+                             writable=self.writable, window=self.window),
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                 stderr=log_file)
         try:
