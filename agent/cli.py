@@ -21,6 +21,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "agent.commands.jobs_cmds",
     "agent.commands.identity_cmds",
     "agent.commands.import_cmd",
+    "agent.commands.export_cmd",
 )
 
 

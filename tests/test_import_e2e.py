@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -219,3 +220,51 @@ def test_ova_disks_are_copied_in_place_from_the_package(home: Path, tmp_path: Pa
                   "--net-map", "Storage=lan", "--start")
     assert start.returncode == 1 and "UEFI" in start.stderr
     assert not (home / "vms" / "again").exists()          # refused before any copy
+
+
+def test_imported_vm_starts_later_and_exports_to_an_ova_ferry_reads_back(home: Path,
+                                                                        tmp_path: Path) -> None:
+    package = tmp_path / "web01"
+    package.mkdir()
+    (package / "web01.vmx").write_text(VMX)
+    make_image(package / "web01.vmdk", "vmdk", [(0x11, 0, 2)], options="subformat=monolithicSparse")
+    make_image(package / "web01_1.vmdk", "vmdk", [(0x22, 8, 1)], size_mib=32,
+               options="subformat=monolithicFlat")
+    done = ferry(home, str(package / "web01.vmx"), "--local", "--net-map", "VM Network=lan")
+    assert done.returncode == 0 and "ferry vm start web01" in done.stdout, done.stderr
+    config = load_config(home)
+    assert not vms.load(config, "web01").alive()                   # known here, stopped
+    cli = [sys.executable, "-m", "agent"]
+    started = subprocess.run([*cli, "vm", "start", "web01", "--home", str(home)],
+                             capture_output=True, text=True, check=False)
+    assert started.returncode == 0, started.stderr
+    record = vms.load(config, "web01")
+    assert record.alive() and list(block_devices(record)["macs"].values()) == \
+        ["00:50:56:aa:bb:cc"]
+    out = tmp_path / "out"
+    out.mkdir()
+    export = [*cli, "export", "web01", str(out), "--home", str(home)]
+    running = subprocess.run([*export, "--format", "ova"], capture_output=True, text=True,
+                             check=False)
+    assert running.returncode == 1 and "is running" in running.stderr
+    os.kill(record.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while vms.load(config, "web01").alive():               # not our child: /proc says
+        assert time.monotonic() < deadline, "QEMU did not go"
+        time.sleep(0.05)
+    for fmt, pattern in (("ova", "web01.ova"), ("vhdx", "web01-disk*.vhdx")):
+        written = subprocess.run([*export, "--format", fmt], capture_output=True, text=True,
+                                 check=False)
+        assert written.returncode == 0, written.stderr
+        assert list(out.glob(pattern))
+    vm_dir = home / "vms" / "web01"
+    assert same(vm_dir / "web01-disk0.qcow2", out / "web01-disk0.vhdx")
+    # The OVA is one ferry reads back into the same VM: CPUs, memory, buses, the MAC.
+    back = subprocess.run([*cli, "import", str(out / "web01.ova"), "--inspect", "--json"],
+                          capture_output=True, text=True, check=False)
+    assert back.returncode == 0, back.stdout + back.stderr
+    again = json.loads(back.stdout)
+    assert (again["cpus"], again["cores"], again["memory"]) == (2, 2, 256 * MIB)
+    assert [(d["bus"], d["unit"], d["virtual_size"]) for d in again["disks"]] == \
+        [("scsi-pvscsi", 0, 64 * MIB), ("sata", 1, 32 * MIB)]
+    assert [(n["model"], n["mac"]) for n in again["nics"]] == [("vmxnet3", "00:50:56:aa:bb:cc")]

@@ -22,15 +22,15 @@ from agent.commands.common import (
     human_bytes,
     load_agent_config,
 )
-from agent.commands.vm_cmds import start_vm
+from agent.commands.vm_cmds import start_imported
 from agent.errors import UserError
-from agent.importer import argv as import_argv
 from agent.importer.common import normalize_mac
 from agent.importer.copy import Progress, default_state_file, import_disk
-from agent.importer.definition import DiskDef, Level, NicDef, VmDefinition
+from agent.importer.definition import RECORD_FILE, DiskDef, Level, NicDef, VmDefinition
 from agent.importer.inspect import read_source
 from agent.qemu.nics import parse_net_map
 from agent.qemu.vmspec import keyval_get, parse_keyval, parse_size
+from agent.state import vms
 
 NIC_OPTION_MODELS = ("virtio-net-pci", "e1000", "e1000e", "vmxnet3", "rtl8139")
 
@@ -144,9 +144,6 @@ def report_lines(defn: VmDefinition) -> list[str]:
     return lines
 
 
-IMPORT_RECORD = "import.json"
-
-
 def run_import(definition: VmDefinition, args: argparse.Namespace) -> int:
     """Report, copy every disk (a pass), and unless --warm record (and --start) the VM."""
     if args.to:
@@ -170,9 +167,9 @@ def run_import(definition: VmDefinition, args: argparse.Namespace) -> int:
                         f"{', '.join(sorted(config.networks)) or 'none configured'})")
     name = args.name or definition.name
     directory = (args.dir or config.vms_dir / name).absolute()
-    if (directory / IMPORT_RECORD).exists() or (config.vms_dir / name / IMPORT_RECORD).exists():
+    if (directory / RECORD_FILE).exists() or (config.vms_dir / name / RECORD_FILE).exists():
         raise UserError(f"a VM named {name} was already imported here "
-                        f"({directory / IMPORT_RECORD}); choose another --name")
+                        f"({directory / RECORD_FILE}); choose another --name")
     disks = [d for d in definition.disks if d.media == "disk"]
     directory.mkdir(parents=True, exist_ok=True)
     warm = args.warm or args.cutover
@@ -200,13 +197,15 @@ def run_import(definition: VmDefinition, args: argparse.Namespace) -> int:
         default_state_file(target).unlink(missing_ok=True)
     imported = dataclasses.replace(definition, name=name, disks=tuple(
         dataclasses.replace(d, path=t, format=f) for d, t, f in targets))
-    (directory / IMPORT_RECORD).write_text(json.dumps(imported.to_json(), indent=2) + "\n")
+    (directory / RECORD_FILE).write_text(json.dumps(imported.to_json(), indent=2) + "\n")
     print(f"imported {name}: {len(targets)} disk(s) in {directory}")
     if args.start:
-        start_vm(config, name, definition.memory, cpus=definition.cpus,
-                 nic_options=import_argv.nic_options(imported),
-                 extra=import_argv.vm_arguments(imported, targets),
-                 private=args.ram == "private", machine=definition.machine)
+        start_imported(config, imported, private=args.ram == "private")
+    else:
+        # Known here, stopped: `ferry vm start NAME` starts it, `ferry export` writes it out.
+        vms.register(config, vms.VmRecord(name=name, pid=0, qmp_path="", ram_path="",
+                                          vm_dir=str(directory)))
+        print(f"start it with: ferry vm start {name}")
     return 0
 
 

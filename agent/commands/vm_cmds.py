@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 from collections.abc import Sequence
 
 from agent.commands.common import (
@@ -14,6 +15,8 @@ from agent.commands.common import (
 )
 from agent.errors import UserError
 from agent.hostnet import attach
+from agent.importer import argv as import_argv
+from agent.importer.definition import RECORD_FILE, VmDefinition
 from agent.qemu import nics as guest_nics
 from agent.qemu import vm
 from agent.qemu.vmspec import PAGE_SIZE, parse_size
@@ -27,7 +30,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="vm_command", metavar="ACTION", required=True)
     start = sub.add_parser("start", help="start a VM the agent knows (QMP socket)")
     start.add_argument("name")
-    start.add_argument("--memory", required=True, metavar="SIZE", help="guest RAM, e.g. 1G")
+    start.add_argument("--memory", metavar="SIZE",
+                       help="guest RAM, e.g. 1G (an imported VM has its own)")
     start.add_argument("--ram", choices=("file", "private"), default="file",
                        help="guest RAM as a shared file in the agent's RAM directory "
                             "(default; tools can read it) or plain -m private memory")
@@ -49,6 +53,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_start(args: argparse.Namespace) -> int:
     config = load_agent_config(args)
+    imported = config.vms_dir / args.name / RECORD_FILE
+    if args.memory is None:
+        if not imported.exists():
+            raise UserError(f"say how much RAM {args.name} gets: --memory SIZE")
+        if args.nic or args.passthrough:
+            raise UserError(f"{args.name} was imported: its NICs and disks are its own "
+                            f"(no --nic or extra QEMU arguments)")
+        definition = VmDefinition.from_json(json.loads(imported.read_text()))
+        start_imported(config, definition, private=args.ram == "private")
+        return 0
     size = parse_size(args.memory, default_suffix="m")
     start_vm(config, args.name, size, cpus=args.cpus, nic_options=args.nic,
              extra=list(args.passthrough), private=args.ram == "private")
@@ -91,7 +105,7 @@ def start_vm(config: AgentConfig, name: str, size: int, *, cpus: int,
     ram_path = "" if private else str(spec.ram_path)
     record = vms.VmRecord(name=name, pid=process.pid, qmp_path=str(spec.qmp_path),
                           ram_path=ram_path, vm_dir=str(vm_dir), managed=True,
-                          nics=nics.records())
+                          nics=nics.records(), argv=list(process.argv))
     vms.register(config, record)
     process.detach()
     for nic in nics.records():
@@ -101,6 +115,18 @@ def start_vm(config: AgentConfig, name: str, size: int, *, cpus: int,
     print(f"started {name}: pid {process.pid}, {human_bytes(size)} RAM in "
           f"{where}, QMP {spec.qmp_path} ({process.accel.accel.value})")
     return record
+
+
+def start_imported(config: AgentConfig, definition: VmDefinition, *,
+                   private: bool) -> vms.VmRecord:
+    """Start a VM `ferry import` created, as its definition says."""
+    if definition.firmware == "uefi":
+        raise UserError(f"{definition.name} boots with UEFI; ferry starts only BIOS guests yet")
+    disks = [(d, d.path, d.format or "qcow2") for d in definition.disks if d.media == "disk"]
+    return start_vm(config, definition.name, definition.memory, cpus=definition.cpus,
+                    nic_options=import_argv.nic_options(definition),
+                    extra=import_argv.vm_arguments(definition, disks), private=private,
+                    machine=definition.machine)
 
 
 def run_list(args: argparse.Namespace) -> int:

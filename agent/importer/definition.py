@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+RECORD_FILE = "import.json"   # an imported VM's definition, in its directory
+
 
 class Level(enum.StrEnum):
     DECISION = "decision"    # what ferry chose (a bus mapped, a model kept)

@@ -26,6 +26,7 @@ class VmRecord:
     vm_dir: str
     managed: bool = True      # ferry created its files (and may delete them)
     nics: list[dict[str, str]] = field(default_factory=list)   # NICs on host networks
+    argv: list[str] = field(default_factory=list)   # QEMU's command line, when ferry started it
 
     def nic_networks(self) -> dict[str, str]:
         """NIC key -> the network it is on here."""
