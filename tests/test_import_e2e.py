@@ -268,3 +268,55 @@ def test_imported_vm_starts_later_and_exports_to_an_ova_ferry_reads_back(home: P
     assert [(d["bus"], d["unit"], d["virtual_size"]) for d in again["disks"]] == \
         [("scsi-pvscsi", 0, 64 * MIB), ("sata", 1, 32 * MIB)]
     assert [(n["model"], n["mac"]) for n in again["nics"]] == [("vmxnet3", "00:50:56:aa:bb:cc")]
+
+
+def wait_for_serial(path: Path, words: tuple[str, ...], timeout: float = 60) -> str:
+    """The first of `words` the VM's serial console says (polled until the deadline)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = path.read_text(errors="replace") if path.exists() else ""
+        for word in words:
+            if word in text:
+                return word
+        time.sleep(0.1)
+    raise AssertionError(f"the VM said none of {words} within {timeout:g} s")
+
+
+@pytest.mark.parametrize("fmt,options", [("vmdk", "subformat=streamOptimized"),
+                                         ("vmdk", "subformat=twoGbMaxExtentSparse"),
+                                         ("vhdx", ""), ("vpc", "subformat=dynamic"),
+                                         ("vpc", "subformat=fixed"), ("vdi", ""),
+                                         ("qcow2", "")])
+def test_imported_disk_boots_and_finds_its_data_intact(home: Path, tmp_path: Path, fmt: str,
+                                                      options: str) -> None:
+    from tests import bootdisk
+    raw = bootdisk.make_boot_image(tmp_path / "boot.raw")
+    source = tmp_path / f"boot.{fmt}"
+    subprocess.run(["qemu-img", "convert", "-q", "-O", fmt,
+                    *(["-o", options] if options else []), str(raw), str(source)], check=True)
+    done = ferry(home, str(source), "--local", "--name", "boot", "--memory", "64M", "--start")
+    assert done.returncode == 0, done.stdout + done.stderr
+    said = wait_for_serial(home / "vms" / "boot" / "serial.log",
+                           (bootdisk.OK, bootdisk.BAD, bootdisk.READ_ERROR))
+    assert said == bootdisk.OK
+
+
+def test_boot_check_catches_a_changed_byte(tmp_path: Path) -> None:
+    """The negative control: the same boot sector over data with one byte changed says BAD."""
+    from agent.qemu import vm
+    from tests import bootdisk
+    raw = bootdisk.make_boot_image(tmp_path / "boot.raw")
+    subprocess.run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 300000 1", str(raw)],
+                   check=True, capture_output=True)
+    serial = tmp_path / "serial.log"
+    accel = vm.choose_accel()
+    qemu = subprocess.Popen(["qemu-system-x86_64", *accel.args(), "-nodefaults",
+                             "-display", "none", "-m", "64", "-no-reboot",
+                             "-drive", f"file={raw},format=raw,if=ide",
+                             "-serial", f"file:{serial}"])
+    try:
+        said = wait_for_serial(serial, (bootdisk.OK, bootdisk.BAD, bootdisk.READ_ERROR))
+    finally:
+        qemu.kill()
+        qemu.wait()
+    assert said == bootdisk.BAD
