@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import signal
+import subprocess
+import sys
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
+
+from agent.errors import FerryError
 
 T = TypeVar("T")
 
@@ -77,3 +82,25 @@ def run_async(work: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(guarded())
     except asyncio.CancelledError:
         raise KeyboardInterrupt from None
+
+
+def run_measurement(name: str, measure: Callable[[Callable[[str], None]], dict[str, Any]],
+                    readable: Callable[[dict[str, Any]], str], as_json: bool,
+                    interrupted: str) -> int:
+    """What `python -m bench NAME` does around its measurement: notes on stderr, SIGTERM
+    as Ctrl-C (130, `interrupted` said), a failure said in one line (1), the result as JSON
+    or readable, and 0 only when it met its target."""
+    def note(text: str) -> None:
+        print(f"bench {name}: {text}", file=sys.stderr, flush=True)
+
+    try:
+        with sigterm_as_interrupt():
+            result = measure(note)
+    except KeyboardInterrupt:
+        note(interrupted)
+        return 130
+    except (FerryError, OSError, subprocess.SubprocessError) as exc:
+        note(f"failed: {exc}")
+        return 1
+    print(json.dumps(result) if as_json else readable(result))
+    return 0 if result["met"] else 1

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import resource
@@ -71,7 +70,7 @@ from agent.qemu import qmp as qmp_mod
 from agent.storage.nbd import NbdClient
 from agent.storage.nbd_proto import BASE_ALLOCATION, AllocationFlag
 from bench import parser as bench_parser
-from bench import run_async, sigterm_as_interrupt
+from bench import run_async, run_measurement
 from bench.codec import WORDS
 
 MIB = 1 << 20
@@ -544,22 +543,8 @@ def measure(args: argparse.Namespace, note: Callable[[str], None]) -> dict[str, 
 def main(argv: Sequence[str]) -> int:
     """`python -m bench disk`: 0 when the target holds, 1 when not or on failure."""
     args = parse_args(argv)
-
-    def note(text: str) -> None:
-        print(f"bench disk: {text}", file=sys.stderr, flush=True)
-
-    try:
-        with sigterm_as_interrupt():
-            result = measure(args, note)
-    except KeyboardInterrupt:
-        note("interrupted; everything started was cleaned up")
-        return 130
-    except (FerryError, OSError, subprocess.SubprocessError) as exc:
-        note(f"failed: {exc}")
-        return 1
-    print(json.dumps(result) if args.json else readable(result))
-    return 0 if result["met"] else 1
-
+    return run_measurement("disk", lambda note: measure(args, note), readable, args.json,
+                           "interrupted; everything started was cleaned up")
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
 import statistics
@@ -52,7 +51,7 @@ from agent.importer.copy import DiskImportReport, import_disk
 from agent.importer.images import EXPORT, StorageDaemon, probe
 from agent.net.channel import run as run_on_uvloop
 from bench import parser as bench_parser
-from bench import sigterm_as_interrupt
+from bench import run_measurement
 from bench.disk import BLOCK, MIB, Run, plan_layout, shares, write_seed
 
 TARGET_RATIO = 0.8
@@ -269,22 +268,8 @@ def measure(args: argparse.Namespace, note: Callable[[str], None]) -> dict[str, 
 def main(argv: Sequence[str]) -> int:
     """`python -m bench import`: 0 when every format meets the target, else 1."""
     args = parse_args(argv)
-
-    def note(text: str) -> None:
-        print(f"bench import: {text}", file=sys.stderr, flush=True)
-
-    try:
-        with sigterm_as_interrupt():
-            result = measure(args, note)
-    except KeyboardInterrupt:
-        note("interrupted; everything written was removed")
-        return 130
-    except (FerryError, OSError, subprocess.SubprocessError) as exc:
-        note(f"failed: {exc}")
-        return 1
-    print(json.dumps(result) if args.json else readable(result))
-    return 0 if result["met"] else 1
-
+    return run_measurement("import", lambda note: measure(args, note), readable, args.json,
+                           "interrupted; everything written was removed")
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
