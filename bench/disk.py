@@ -430,6 +430,8 @@ def one_run(image: Path, work: Path, reads: int, note: Callable[[str], None]) ->
         copy_cpu = {**watch.spent(), "ferry_cli": round(children_cpu_seconds() - children, 3)}
         if rc != 0 or report.get("status") != "completed":
             why = report.get("error") or " ".join(stderr.strip().splitlines()[-1:]) or f"exit {rc}"
+            if os.environ.get("FERRY_BENCH_LOGS"):
+                Path(os.environ["FERRY_BENCH_LOGS"]).write_text(pair.logs())
             raise BenchError(f"ferry migrate failed: {why}")
         disk = report["disks"][0]
         same = subprocess.run(["qemu-img", "compare", "-U", "-f", "qcow2", "-F", "qcow2",

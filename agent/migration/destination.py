@@ -285,18 +285,21 @@ class DestinationJob:
         qemu_exit = asyncio.create_task(incoming.process.wait(float("inf")), name="qemu-exit")
         watched = {feeder, qemu_exit}  # either ending early is a failure
         self._new_link = asyncio.get_running_loop().create_future()
+        # One receive at a time, kept across wake-ups for other reasons: cancelling a
+        # receive that has taken a message off the link loses that message (the feeder
+        # ends with LOADED just as COMMIT arrives: a lost COMMIT stalled the job 60 s).
+        receive: asyncio.Task[tuple[int, bytes | memoryview]] | None = None
         try:
             while True:
-                receive = asyncio.create_task(self.link.receive())
+                if receive is None:
+                    receive = asyncio.create_task(self.link.receive())
                 waits: set[asyncio.Future[Any]] = {receive, self._new_link, *watched}
                 done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 if self._new_link in done or (receive in done and self._lost(receive)):
-                    await self._take_new_link(receive)
+                    await self._take_new_link(receive)   # the old link's receive ends there
+                    receive = None
                     continue
                 if receive not in done:
-                    receive.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, FerryError, ConnectionError):
-                        await receive
                     if qemu_exit in done and not self.committed:
                         raise QemuError(f"destination QEMU exited with status "
                                         f"{qemu_exit.result()}: {incoming.process.log_tail()}")
@@ -304,12 +307,13 @@ class DestinationJob:
                         feeder.result()  # raises the feeder's failure
                         watched.discard(feeder)
                         if self.loaded:
-                            continue
+                            continue     # the pending receive goes on
                     raise ProtocolError("the destination's QEMU feeder stopped unexpectedly")
                 # The link's conversation table has let through only what is legal now
                 # (agent.migration.conversation): no batch after RAM_DONE, no COMMIT
                 # before LOADED, ...
                 kind, payload = receive.result()
+                receive = None
                 self.received += 1
                 self.received_bytes += len(payload)
                 self._unacked_bytes += len(payload)
@@ -346,10 +350,11 @@ class DestinationJob:
                 else:
                     raise ProtocolError(f"unexpected {msg.op.value} during a migration")
         finally:
-            for task in (feeder, qemu_exit):
+            for task in (feeder, qemu_exit, *([receive] if receive is not None else [])):
                 if not task.done():
                     task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, FerryError):
+                    with contextlib.suppress(asyncio.CancelledError, FerryError,
+                                             ConnectionError):
                         await task
 
     def _lost(self, receive: asyncio.Task[tuple[int, bytes | memoryview]]) -> bool:
