@@ -91,6 +91,7 @@ FIRST_HOLE = MIB              # keeps the firmware from finding a boot sector
 TEXT_TEMPLATE = 8 * MIB
 QEMU_IMG_TIMEOUT_S = 120.0
 CPU_POLL_S = 0.05
+LOGS_ENV = "FERRY_BENCH_LOGS"   # a file for the agents' logs when the migration fails
 MIGRATE_TIMEOUT_S = 300.0
 COMPARE_TIMEOUT_S = 120.0
 
@@ -430,8 +431,8 @@ def one_run(image: Path, work: Path, reads: int, note: Callable[[str], None]) ->
         copy_cpu = {**watch.spent(), "ferry_cli": round(children_cpu_seconds() - children, 3)}
         if rc != 0 or report.get("status") != "completed":
             why = report.get("error") or " ".join(stderr.strip().splitlines()[-1:]) or f"exit {rc}"
-            if os.environ.get("FERRY_BENCH_LOGS"):
-                Path(os.environ["FERRY_BENCH_LOGS"]).write_text(pair.logs())
+            if os.environ.get(LOGS_ENV):      # both agents' logs, to see why
+                Path(os.environ[LOGS_ENV]).write_text(pair.logs())
             raise BenchError(f"ferry migrate failed: {why}")
         disk = report["disks"][0]
         same = subprocess.run(["qemu-img", "compare", "-U", "-f", "qcow2", "-F", "qcow2",
