@@ -20,13 +20,15 @@ from typing import Any
 import pytest
 
 from agent.guest import GuestConfig, RunningGuest
+from agent.guest.build import default_cache_dir
 from agent.qemu import qmp
+from agent.qemu.blockargv import current_disk_argv
 from agent.qemu.vm import TCG_RAM_PADDING
 from agent.service.control import ControlClient
 from agent.storage.disk_move import find_disk, plan_move, vm_disks
 from agent.storage.disk_sink import SPACE_MARGIN
 from agent.storage.disk_source import copyable_disks
-from tests.agents import AgentPair
+from tests.agents import AgentPair, read_guest
 from tests.test_storage_e2e import DiskWriter, disk_args, fill_up, make_disks
 
 MIB = 1 << 20
@@ -380,3 +382,78 @@ def test_plan_refuses_a_read_only_disk_and_keeps_cluster_sizes_sane(tmp_path) ->
     assert plan_move(disks[0], [], str(tmp_path / "x.img"), "raw",
                      (tmp_path,)).cluster_size is None
     assert plan.needed == 3 * MIB + SPACE_MARGIN
+
+
+def test_argv_follows_the_block_graph_after_moves() -> None:
+    argv = ["-m", "64M", "-drive", "file=/old/d0.qcow2,format=qcow2,if=none,id=d0",
+            "-device", "virtio-blk-pci,drive=d0,id=vd0",
+            "-blockdev", "driver=file,filename=/old/d1.img,node-name=f1",
+            "-blockdev", "driver=raw,file=f1,node-name=n1",
+            "-device", "virtio-blk-pci,drive=n1,id=vd1",
+            "-drive", "file=/old/d2.img,format=raw,if=virtio", "-nodefaults"]
+    blocks = [{"device": "d0", "qdev": VD0,
+               "inserted": {"file": "/new/d0.img", "drv": "raw"}},
+              {"device": "", "qdev": VD1,
+               "inserted": {"file": "/new/d1.qcow2", "drv": "qcow2"}},
+              {"device": "virtio0", "qdev": "/machine/peripheral-anon/device[0]/virtio-backend",
+               "inserted": {"file": "/new/d2.img", "drv": "raw"}}]
+    assert current_disk_argv(argv, blocks) == [
+        "-m", "64M", "-drive", "file=/new/d0.img,format=raw,if=none,id=d0",
+        "-device", "virtio-blk-pci,drive=d0,id=vd0",
+        "-blockdev", "driver=file,filename=/new/d1.qcow2,node-name=f1",
+        "-blockdev", "driver=qcow2,file=f1,node-name=n1",
+        "-device", "virtio-blk-pci,drive=n1,id=vd1",
+        "-drive", "file=/new/d2.img,format=raw,if=virtio", "-nodefaults"]
+    unchanged = [{"device": "d0", "qdev": VD0,
+                  "inserted": {"file": "/old/d0.qcow2", "drv": "qcow2"}}]
+    assert current_disk_argv(argv, unchanged) == argv
+
+
+@pytest.fixture
+def pair(root: Path) -> Iterator[AgentPair]:
+    """Two real agents; b may write in root/fast (disk moves, migrated disks)."""
+    (root / "fast").mkdir()
+    agents = AgentPair.create(root, allow=(default_cache_dir(), root / "fast"))
+    try:
+        agents.start()
+        yield agents
+    finally:
+        agents.cleanup()
+
+
+@pytest.mark.qemu
+def test_a_migration_after_a_move_copies_the_new_images(pair, start_guest, root) -> None:
+    guest, qcow2, raw, writer_sock = boot(start_guest, root)
+    writer = DiskWriter(writer_sock)
+    writer.start()
+    fast = root / "fast"
+    moved = {VD0: fast / "d0.img", VD1: fast / "d1.qcow2"}
+    try:
+        for disk, target, fmt in (("d0", moved[VD0], "raw"), ("vd1", moved[VD1], "qcow2")):
+            rc, report, stderr = move(pair.b, "--qmp", str(guest.qmp_path), disk, str(target),
+                                      "--format", fmt)
+            assert rc == 0, f"{report}\n{stderr}\n{pair.b.log()}"
+        writes_before = len(writer.log)
+        copies = {VD0: fast / "m0.img", VD1: fast / "m1.qcow2"}
+        rc, report, stderr = pair.migrate(
+            "--qmp", str(guest.qmp_path), "--bandwidth", "40M",
+            "--disk-map", f"{moved[VD0]}={copies[VD0]}", "--disk-map",
+            f"{moved[VD1]}={copies[VD1]}")
+    finally:
+        writer.stop.set()
+        writer.join(10)
+    assert rc == 0, f"{report}\n{stderr}\n{pair.logs()}"
+    assert sorted(d["path"] for d in report["disks"]) == sorted(map(str, moved.values()))
+    assert len(writer.log) > writes_before    # the guest's disks changed during the copy
+    deadline = time.monotonic() + 10
+    while guest.process.returncode is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # The destination's disks are the moved images as the source left them, and they differ
+    # from the images the VM started with (written after the move).
+    for qdev, new_fmt, old, old_fmt in ((VD0, "raw", qcow2, "qcow2"),
+                                        (VD1, "qcow2", raw, "raw")):
+        assert compare(moved[qdev], new_fmt, copies[qdev], new_fmt).returncode == 0, qdev
+        assert compare(old, old_fmt, copies[qdev], new_fmt).returncode == 1, qdev
+    record = pair.b.vm_record("mv")
+    assert read_guest(record.ram_path).errors == 0
+    assert set(files_of(Path(record.qmp_path)).values()) == set(map(str, copies.values()))
