@@ -457,3 +457,28 @@ def test_a_migration_after_a_move_copies_the_new_images(pair, start_guest, root)
     record = pair.b.vm_record("mv")
     assert read_guest(record.ram_path).errors == 0
     assert set(files_of(Path(record.qmp_path)).values()) == set(map(str, copies.values()))
+
+
+def test_a_disk_moves_progress_shows_bytes_of_the_disk() -> None:
+    from agent.commands.render import bar_figures, progress_line
+    event = {"event": "progress", "phase": "mirroring", "bytes_done": 48 * MIB,
+             "bytes_total": 96 * MIB, "throughput_bps": 8 * MIB}
+    assert progress_line(event) == "mirroring      48.0 MiB of 96.0 MiB  8.0 MiB/s"
+    assert bar_figures(event) == (48 * MIB, 96 * MIB)
+
+
+def test_the_command_line_takes_a_vm_name_or_a_qmp_socket(tmp_path) -> None:
+    from agent.cli import build_parser
+    from agent.commands.disk_cmds import request_from_args
+    parser = build_parser()
+    by_socket = parser.parse_args(["disk", "move", "--qmp", "/run/q.sock", "d0", "new.img"])
+    request = request_from_args(by_socket)
+    assert request["vm"] is None and request["disk"] == "d0"
+    assert request["target"] == str(Path.cwd() / "new.img")   # the agent has its own cwd
+    by_name = parser.parse_args(["disk", "move", "web01", "vd0", "/p/x.img", "--format", "raw",
+                                 "--speed", "200M"])
+    assert request_from_args(by_name)["vm"] == "web01"
+    assert request_from_args(by_name)["speed"] == 200 * MIB   # as --bandwidth reads rates
+    with pytest.raises(Exception, match="name a VM, or give --qmp PATH"):
+        request_from_args(parser.parse_args(["disk", "move", "web01", "vd0", "/p/x.img",
+                                             "--qmp", "/q"]))
