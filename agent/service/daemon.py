@@ -605,8 +605,8 @@ class Agent:
             if report is None:
                 report = queued_report(record, "the agent stopped the job")
                 report.update(status="failed", error_reason="shutdown")
+            report["direction"] = LOCAL     # what `ferry job` and `report` render it by
             self._finish(record, report)
-
 
     async def _run_outbound(self, record: jobs_mod.JobRecord, admitted: asyncio.Future[None],
                             qmp_path: Path, name: str | None,

@@ -3,11 +3,17 @@ mirror job (DESIGN §5, checked on QEMU 7.2).
 
 ferry creates the target image (`qemu-img create`), adds it to QEMU (`blockdev-add`, a
 format node over a file node, named by ferry), mirrors the disk's top node into it
-(`blockdev-mirror` sync=full, auto-finalize and auto-dismiss off so that ferry decides),
-and once QEMU says the copy is in sync (job `ready`) completes the job: QEMU switches the
-device to the new image atomically at `job-finalize`. Any failure before that, a cancel
-included, cancels the job, deletes the node and the file ferry created; the VM stays on
-its old image. The old image is kept after a move: the operator removes it.
+(`blockdev-mirror` sync=full, auto-dismiss off so that ferry reads how the job ended), and
+once QEMU says the copy is in sync (job `ready`) completes the job (`job-complete`): QEMU
+switches the device to the new image atomically and the job concludes. Any failure before
+that, a cancel included, cancels the job, deletes the node and the file ferry created; the
+VM stays on its old image. The old image is kept after a move: the operator removes it.
+
+auto-finalize stays on: a mirror that has completed holds the disk drained until it is
+finalized, so with auto-finalize off every guest write (and every main-loop I/O, e.g. HMP
+qemu-io) waits for ferry's `job-finalize`, forever if the agent dies in between; seen on
+QEMU 7.2 as a deadlock of a qemu-io write against that window. The switch is decided by
+`job-complete` anyway.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from agent.storage.disk_sink import SPACE_MARGIN
 log = logging.getLogger(__name__)
 
 PROGRESS_S = 0.5            # how often the job's figures are read and published
-STEP_TIMEOUT_S = 60.0       # a job state change after complete/finalize/cancel
+STEP_TIMEOUT_S = 60.0       # a job state change after job-complete or job-cancel
 QCOW2_DEFAULT_CLUSTER = 64 << 10
 # A source qcow2's cluster size is kept when it is one of these; else the default. Tiny
 # clusters make huge metadata, and QEMU's limit is 2 MiB.
@@ -294,7 +300,7 @@ class DiskMove:
         self._check_cancel()
         args: dict[str, Any] = {"job-id": self.mirror_job, "device": disk.node,
                                 "target": self.node, "sync": "full",
-                                "auto-finalize": False, "auto-dismiss": False}
+                                "auto-dismiss": False}
         if self.speed:
             args["speed"] = self.speed
         mirror_started = time.monotonic()
@@ -388,21 +394,19 @@ class DiskMove:
         return str(event.data["status"])
 
     async def _switch(self, qmp: qmp_mod.Qmp) -> None:
-        """Complete the ready job: it drains to `pending`; finalizing switches the device."""
-        mark = qmp.event_mark()
-        await qmp.execute("job-complete", {"id": self.mirror_job})
-        if await self._wait_status(qmp, mark, "pending", "concluded") == "concluded":
-            raise MoveFailed(f"QEMU's mirror job failed while completing: "
-                             f"{self._completed_error(qmp, mark)}")
+        """Complete the ready job: QEMU drains the last writes, switches the device to the
+        new image and concludes the job (or concludes it with an error, the VM on its old
+        image)."""
         await self.progress({"event": "progress", "phase": "switching", "job": self.job_id,
                              "disk": self.disk_name, "bytes_done": self._bytes,
                              "bytes_total": self._bytes, "throughput_bps": 0})
-        # From here the switch is QEMU's: no cancel any more.
-        await qmp.execute("job-finalize", {"id": self.mirror_job})
+        mark = qmp.event_mark()
+        await qmp.execute("job-complete", {"id": self.mirror_job})
         await self._wait_status(qmp, mark, "concluded")
         job = await self._job(qmp)
-        if job is not None and job.get("error"):
-            raise MoveFailed(f"QEMU's mirror job failed while switching: {job['error']}")
+        if job is None or job.get("error"):
+            raise MoveFailed(f"QEMU's mirror job failed while completing: "
+                             f"{(job or {}).get('error') or self._completed_error(qmp, mark)}")
         self._switched = True
         await qmp.execute("job-dismiss", {"id": self.mirror_job})
         self._started = False
