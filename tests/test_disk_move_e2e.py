@@ -25,6 +25,7 @@ from agent.qemu import qmp
 from agent.qemu.blockargv import current_disk_argv
 from agent.qemu.vm import TCG_RAM_PADDING
 from agent.service.control import ControlClient
+from agent.state import vms
 from agent.storage.disk_move import find_disk, plan_move, vm_disks
 from agent.storage.disk_sink import SPACE_MARGIN
 from agent.storage.disk_source import copyable_disks
@@ -254,6 +255,16 @@ def test_refusals_name_what_is_wrong_and_change_nothing(agent, start_guest, root
     finally:
         ask(writer_sock, "block-job-cancel", {"device": "slow", "force": True})
 
+    # A VM the agent knows whose QEMU has gone, and an unknown name.
+    vms.register(agent.config, vms.VmRecord(name="ghost", pid=os.getpid(),
+                                            qmp_path=str(root / "none.sock"), ram_path="",
+                                            vm_dir=str(root)))
+    rc, report, stderr = move(agent, "ghost", "d0", str(root / "fast" / "g"))
+    assert rc == 1 and f"VM ghost is not running (its QEMU, pid {os.getpid()}" in stderr, stderr
+    rc, report, stderr = move(agent, "nobody", "d0", str(root / "fast" / "g"))
+    assert rc == 1 and "no VM named 'nobody' on this agent (known: ghost)" in stderr, stderr
+    vms.forget(agent.config, "ghost")
+
     # A VM that is not running.
     ask(writer_sock, "stop")
     try:
@@ -342,7 +353,11 @@ def test_ferry_cancel_of_a_detached_move(agent, start_guest, root) -> None:
     guest, _, raw, _ = boot(start_guest, root)
     files = files_of(guest.qmp_path)
     target = root / "fast" / "d1.qcow2"
-    done = subprocess.run(move_argv(agent, "--qmp", str(guest.qmp_path), str(raw), str(target),
+    # Named as a VM the agent knows (its record), the disk by its image path.
+    vms.register(agent.config, vms.VmRecord(name="mv", pid=guest.pid,
+                                            qmp_path=str(guest.qmp_path), ram_path="",
+                                            vm_dir=str(root), managed=False))
+    done = subprocess.run(move_argv(agent, "mv", str(raw), str(target),
                                     "--format", "qcow2", "--speed", "512K", "--detach"),
                           capture_output=True, text=True, check=True)
     job_id = json.loads(done.stdout)["job"]
@@ -354,7 +369,7 @@ def test_ferry_cancel_of_a_detached_move(agent, start_guest, root) -> None:
     left_on_old_image(guest, files, target)
     text = subprocess.run([sys.executable, "-m", "agent", "report", "--home", str(agent.home),
                            job_id], capture_output=True, text=True, check=True).stdout
-    assert text.startswith(f"disk move cancelled: {guest.qmp_path} disk vd1 -> {target}"), text
+    assert text.startswith(f"disk move cancelled: mv disk vd1 -> {target}"), text
     assert f"the VM stays on its old image {raw}; the target was removed" in text
 
 
