@@ -51,6 +51,8 @@ def agent(root: Path) -> Iterator[Any]:
     for name in ("fast", "tight", "elsewhere"):
         (root / name).mkdir()
     pair = AgentPair.create(root, allow=(root / "fast", root / "tight"))
+    with open(pair.b.home / "agent.toml", "a") as f:
+        f.write("shutdown_grace_s = 1\n")   # a move still running then rolls back
     try:
         pair.b.start()
         yield pair.b
@@ -346,6 +348,31 @@ def test_a_cli_stopped_mid_move_cancels_it_and_the_vm_stays_on_its_old_image(
         assert report["status"] == "cancelled", report
     assert report["note"] == f"the VM stays on its old image {files[VD0]}; the target was removed"
     left_on_old_image(guest, files, target)
+
+
+@pytest.mark.qemu
+def test_the_agent_stopping_mid_move_rolls_it_back(agent, start_guest, root) -> None:
+    guest, _, _, _ = boot(start_guest, root)
+    files = files_of(guest.qmp_path)
+    target = root / "fast" / "d0.img"
+    proc = subprocess.Popen(move_argv(agent, "--qmp", str(guest.qmp_path), "d0", str(target),
+                                      "--format", "raw", "--speed", "1M"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_phase(agent, "mirroring")
+        agent.proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert agent.proc.wait(timeout=30) == 0, agent.log()
+    report = json.loads(out.strip().splitlines()[-1])
+    assert proc.returncode == 1 and report["status"] == "cancelled", (report, err)
+    left_on_old_image(guest, files, target)
+    [entry] = [json.loads(line) for line in (agent.home / "history.jsonl").read_text()
+               .splitlines()]
+    assert entry["direction"] == "local" and entry["status"] == "cancelled", entry
 
 
 @pytest.mark.qemu
