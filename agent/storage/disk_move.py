@@ -266,7 +266,7 @@ class DiskMove:
             report.update(disk=plan.disk.name, node=plan.disk.node, source=plan.disk.path,
                           source_format=plan.disk.format, format=plan.format,
                           target=str(plan.target), virtual_size=plan.disk.virtual_size)
-            if status == "completed":
+            if self._switched:   # completed, or only what followed the switch failed
                 report["old_image"] = plan.disk.path
                 report["old_image_released"] = self.old_image_released
                 report["note"] = (f"the VM now runs on {plan.target}; its old image "
