@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "agent.commands.agent_cmd",
     "agent.commands.vm_cmds",
     "agent.commands.migrate",
+    "agent.commands.disk_cmds",
     "agent.commands.jobs_cmds",
     "agent.commands.identity_cmds",
     "agent.commands.import_cmd",

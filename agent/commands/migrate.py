@@ -65,7 +65,11 @@ def request_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def report_text(report: dict[str, Any]) -> str:
-    """The human-readable report."""
+    """The human-readable report (of a migration, or of a disk move: `ferry job`,
+    `ferry report`)."""
+    if report.get("direction") == "local":
+        from agent.commands import disk_cmds  # it imports this module
+        return disk_cmds.report_text(report)
     if report.get("direction") == "inbound":
         return (f"incoming migration {report.get('status')}: {report.get('vm')} from "
                 f"{report.get('peer')}\n  job:          {report.get('job')}\n"
@@ -96,7 +100,8 @@ def report_text(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def follow_replies(client: ControlClient, view: ProgressView) -> dict[str, Any]:
+def follow_replies(client: ControlClient, view: ProgressView, *,
+                   cancelling: str = "the source VM keeps running") -> dict[str, Any]:
     """Show the progress events of a job as they come and return its report; Ctrl-C asks
     the agent to cancel it (on a `migrate` connection) and keeps reading."""
     while True:
@@ -115,7 +120,7 @@ def follow_replies(client: ControlClient, view: ProgressView) -> dict[str, Any]:
         except KeyboardInterrupt:
             # Ask the agent to roll back and keep reading: the report says how it ended.
             view.close()
-            sys.stderr.write("\nferry: cancelling (the source VM keeps running)...\n")
+            sys.stderr.write(f"\nferry: cancelling ({cancelling})...\n")
             client.send({"op": "cancel"})
 
 

@@ -63,6 +63,10 @@ def progress_line(event: dict[str, Any]) -> str:
     if event.get("event") == "queued":
         return (f"{'queued':<13}  position {event.get('position')} "
                 f"({event.get('running')} of {event.get('limit')} running)")
+    if "bytes_total" in event:     # a job copying one known amount (a disk move)
+        return (f"{event.get('phase', '?'):<13}  {human_bytes(event.get('bytes_done', 0))} of "
+                f"{human_bytes(event['bytes_total'])}  "
+                f"{human_bytes(event.get('throughput_bps', 0))}/s")
     parts = [f"{event.get('phase', '?'):<13}", f"round {event.get('round', 0)}"]
     if "pages_left" in event:
         parts.append(f"{event['pages_left']} pages left")
@@ -78,7 +82,10 @@ def progress_line(event: dict[str, Any]) -> str:
 
 def bar_figures(event: dict[str, Any]) -> tuple[int, int | None]:
     """(bytes done, bytes done + remaining) of a progress event: pages sent so far against
-    those plus what QEMU says is left (None until it says)."""
+    those plus what QEMU says is left (None until it says); a disk move's bytes copied of
+    the disk's."""
+    if "bytes_total" in event:
+        return int(event.get("bytes_done", 0)), int(event["bytes_total"]) or None
     done = int(event.get("pages_sent", 0)) * PAGE_SIZE
     if "remaining_bytes" not in event:
         return done, None

@@ -72,6 +72,7 @@ from agent.migration.timeline import (
 from agent.qemu import migrate as qemu_migrate
 from agent.qemu import nics, vm
 from agent.qemu import qmp as qmp_mod
+from agent.qemu.blockargv import current_disk_argv
 from agent.qemu.stream import (
     ZERO_PAGE_OFFSET,
     Forward,
@@ -335,7 +336,10 @@ class SourceJob:
                 f"{(info.ram_size + vm.TCG_RAM_PADDING) // 1024}K of RAM (ferry vm start pads "
                 f"TCG guests so)")
         disks = await copyable_disks(self.qmp) if self.options.storage == "copy" else ()
-        spec = VmSpec(name=self.vm_name or info.name, argv=info.argv[1:],
+        # The command line names the images the VM started with; a disk moved since then
+        # (ferry disk move) is elsewhere now: describe the VM as its block graph is.
+        argv = current_disk_argv(info.argv[1:], await self.qmp.execute("query-block"))
+        spec = VmSpec(name=self.vm_name or info.name, argv=tuple(argv),
                       ram_size=info.ram_size, ram_backend_id=info.ram_block, disks=disks,
                       nics=await self._describe_nics(info))
         self.nics = spec.nics

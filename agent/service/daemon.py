@@ -33,6 +33,7 @@ from agent.service import systemd
 from agent.service.control import ControlServer, Handler, Reply
 from agent.state import journal, outcomes, vms
 from agent.state.config import AgentConfig
+from agent.storage.disk_move import DiskMove
 from agent.wire.messages import MsgType
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ PEER_PROBE_TIMEOUT_S = 1.0      # `status`: a TCP connect to each trusted peer
 HISTORY_DEFAULT = 20            # `history` without a limit
 RESOLVE_FIRST_S = 1.0
 RESOLVE_MAX_S = 60.0
+LOCAL = "local"                 # a job's direction when it stays on this host (disk move)
 INBOUND_PROGRESS_S = 0.5        # how often an incoming job's progress is published
 # The control ops that change nothing, which [access] readers may use (`job` with follow
 # too: a follower's cancel only stops its following). Every other op needs an operator.
@@ -139,7 +141,9 @@ class Agent:
         self.history = jobs_mod.History(self.config.home, self.config.history_limit)
         self.outbound = jobs_mod.Limiter(self.config.max_outbound)
         self.bandwidth = Pacer(self.config.bandwidth)
-        self.metrics = metrics_mod.AgentMetrics(lambda: self.records.values())
+        # Migrations only: a disk move is no migration, and not counted as one.
+        self.metrics = metrics_mod.AgentMetrics(
+            lambda: [r for r in self.records.values() if r.direction != LOCAL])
 
     async def start(self) -> None:
         """Bind the servers (metrics first: a bad metrics_listen refuses the start before
@@ -161,7 +165,7 @@ class Agent:
         return {"ping": self._ping, "vm-list": self._vm_list, "migrate": self._migrate,
                 "jobs": self._jobs, "status": self._status, "job": self._job,
                 "cancel": self._cancel, "history": self._history, "report": self._report,
-                "limit": self._limit}
+                "limit": self._limit, "disk-move": self._disk_move}
 
     @property
     def port(self) -> int:
@@ -190,6 +194,9 @@ class Agent:
                             "%g s", len(still), grace)
                 for job in self.jobs.values():
                     job.cancel.set()          # a source job rolls back unless committing
+                for record in self.records.values():
+                    if record.direction == LOCAL:
+                        record.cancel.set()   # a disk move not yet switched rolls back
                 for task in still & self.incoming:
                     task.cancel()             # rolls back an uncommitted incoming VM
                 await asyncio.wait(still)
@@ -360,7 +367,8 @@ class Agent:
                  f" ({report['error']})" if report.get("error") else "")
         record.ended_at = time.time()
         self.history.append(jobs_mod.history_entry(record, report))
-        self.metrics.job_finished(record, report)
+        if record.direction != LOCAL:
+            self.metrics.job_finished(record, report)
         self.records.pop(record.job_id, None)
         record.finish(report)
 
@@ -437,7 +445,7 @@ class Agent:
             if entry is not None:
                 raise UserError(f"job {entry.get('job')} already ended ({entry.get('status')})")
             raise UserError(f"no job {request.get('id') or request.get('job')!r} here")
-        if record.direction != "outbound":
+        if record.direction not in ("outbound", LOCAL):
             raise UserError(f"job {record.job_id} is an incoming migration: cancel it on its "
                             f"source, {record.peer}")
         record.cancel.set()
@@ -530,21 +538,75 @@ class Agent:
         if record.detached:
             return {"ok": True, "job": job_id, "state": record.state,
                     "position": record.position}
-        # Attached: the connection's cancel (Ctrl-C, or the CLI going away) cancels the job.
-        linked = asyncio.create_task(_forward_cancel(cancel, record.cancel))
+        return await _attached(record, send, cancel)
 
-        async def forward(event: Reply) -> None:
-            try:
-                await send(event)
-            except (ConnectionError, OSError):
-                record.cancel.set()     # nobody is listening any more: roll back
+    async def _disk_move(self, request: dict[str, Any], send: Any,
+                         cancel: asyncio.Event) -> Reply:
+        """Move one disk of a running VM to other storage here (agent/storage/disk_move.py):
+        a job of its own, shown in `jobs`, cancellable, its report in the history."""
+        if self.stopping.is_set():
+            raise UserError("the agent is shutting down")
+        name = request.get("vm")
+        if name:
+            record_vm = vms.load(self.config, str(name))
+            if not record_vm.alive():
+                raise UserError(f"VM {name} is not running (its QEMU, pid {record_vm.pid}, "
+                                f"has exited)")
+            qmp_path = Path(record_vm.qmp_path)
+        elif request.get("qmp"):
+            qmp_path = Path(str(request["qmp"]))
+            if not qmp_path.exists():
+                raise UserError(f"no QMP socket at {qmp_path}")
+        else:
+            raise UserError("name a VM or give --qmp PATH")
+        disk, target = request.get("disk"), request.get("target")
+        if not isinstance(disk, str) or not disk:
+            raise UserError('disk-move: give "disk" (its drive or device id, node name or '
+                            'image path)')
+        if not isinstance(target, str) or not target.startswith("/"):
+            raise UserError(f'disk-move: "target" must be an absolute path, not {target!r}')
+        fmt = request.get("format")
+        if fmt is not None and fmt not in ("qcow2", "raw"):
+            raise UserError(f'disk-move: "format" must be qcow2 or raw, not {fmt!r}')
+        speed = request.get("speed")
+        if speed is not None and (not isinstance(speed, int) or isinstance(speed, bool)
+                                  or speed <= 0):
+            raise UserError(f'disk-move: "speed" must be a positive number of bytes per '
+                            f'second, not {speed!r}')
+        job_id = uuid.uuid4().hex[:12]
+        vm_label = str(name) if name else str(qmp_path)
+        self.claims.claim(f"qmp:{qmp_path.resolve()}", job_id, f"VM {vm_label}")
+        record = jobs_mod.JobRecord(job_id=job_id, direction=LOCAL, vm=vm_label, peer="",
+                                    state="running", phase="running", running_at=time.time(),
+                                    detached=bool(request.get("detach")))
+        self.records[job_id] = record
+        log.info("%s: started (disk %s to %s)", job_label(record), disk, target)
 
+        async def progress(event: Reply) -> None:
+            record.publish(event)
+
+        move = DiskMove(qmp_path=qmp_path, disk_name=disk, target=target, format=fmt,
+                        roots=self.config.roots, job_id=job_id, progress=progress,
+                        cancel=record.cancel, vm_name=str(name) if name else None,
+                        speed=speed)
+        task = asyncio.create_task(self._run_local(record, move), name=f"job-{job_id}")
+        self.job_tasks.add(task)
+        task.add_done_callback(self.job_tasks.discard)
+        if record.detached:
+            return {"ok": True, "job": job_id, "state": record.state}
+        return await _attached(record, send, cancel)
+
+    async def _run_local(self, record: jobs_mod.JobRecord, move: DiskMove) -> None:
+        report: Reply | None = None
         try:
-            report = await jobs_mod.follow(record, forward, asyncio.Event())
+            report = await move.run()
         finally:
-            linked.cancel()
-        assert report is not None
-        return {"ok": report["status"] == "completed", **report}
+            self.claims.release(record.job_id)
+            if report is None:
+                report = queued_report(record, "the agent stopped the job")
+                report.update(status="failed", error_reason="shutdown")
+            report["direction"] = LOCAL     # what `ferry job` and `report` render it by
+            self._finish(record, report)
 
     async def _run_outbound(self, record: jobs_mod.JobRecord, admitted: asyncio.Future[None],
                             qmp_path: Path, name: str | None,
@@ -611,9 +673,30 @@ def job_label(record: jobs_mod.JobRecord, vm_name: str | None = None) -> str:
     """A job as its log lines name it (as the migration's own lines do); vm_name once the
     job knows it (a VM given by its QMP socket is named when described)."""
     vm_name = vm_name or record.vm or "?"
+    if record.direction == LOCAL:
+        return f"disk move {record.job_id} of {vm_name}"
     if record.direction == "outbound":
         return f"migration {record.job_id} of {vm_name} to {record.peer}"
     return f"incoming {record.job_id} of {vm_name} from {record.peer}"
+
+
+async def _attached(record: jobs_mod.JobRecord, send: Any, cancel: asyncio.Event) -> Reply:
+    """Follow a job on the connection that asked for it, to its report: the connection's
+    cancel (Ctrl-C, or the CLI going away) cancels the job."""
+    linked = asyncio.create_task(_forward_cancel(cancel, record.cancel))
+
+    async def forward(event: Reply) -> None:
+        try:
+            await send(event)
+        except (ConnectionError, OSError):
+            record.cancel.set()     # nobody is listening any more: roll back
+
+    try:
+        report = await jobs_mod.follow(record, forward, asyncio.Event())
+    finally:
+        linked.cancel()
+    assert report is not None
+    return {"ok": report["status"] == "completed", **report}
 
 
 async def _forward_cancel(source: asyncio.Event, target: asyncio.Event) -> None:

@@ -32,7 +32,8 @@ class JobRecord:
     """One job as the control socket shows it, from the request until its report."""
 
     job_id: str
-    direction: str                      # "outbound" (this agent is the source) or "inbound"
+    direction: str                      # "outbound" (this agent is the source), "inbound",
+                                        # or "local" (a disk move on this host)
     vm: str | None
     peer: str
     state: str = "queued"               # queued, running, then the report's status
