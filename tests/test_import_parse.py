@@ -591,7 +591,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     qemu_img("create", "-f", "qcow2", str(tmp_path / "a.qcow2"), "1M")
     assert main(["import", str(tmp_path / "a.qcow2"), "--memory", "64M"]) == 1
-    assert "run it with --inspect" in capsys.readouterr().err
+    assert "say where the VM goes: --local" in capsys.readouterr().err
 
 
 def test_report_lists_refusals_last(web01):
