@@ -141,9 +141,10 @@ def test_disks_move_live_to_qcow2_and_raw_while_written(agent, start_guest, root
     shutil.copyfile(qcow2, before[VD0])
     shutil.copyfile(raw, before[VD1])
     fast = root / "fast"
-    moves = (("d0", fast / "d0.qcow2", "qcow2", VD0, "2M"),   # -drive qcow2 -> qcow2, by id
-             ("d0", fast / "d0.img", "raw", VD0, "2M"),       # the moved disk again, to raw
-             ("vd1", fast / "d1.qcow2", "qcow2", VD1, "512K"))  # -blockdev raw -> qcow2
+    # Capped so each copy takes seconds: the writer gets in before the switch.
+    moves = (("d0", fast / "d0.qcow2", "qcow2", VD0, "8M"),   # -drive qcow2 -> qcow2, by id
+             ("d0", fast / "d0.img", "raw", VD0, "8M"),       # the moved disk again, to raw
+             ("vd1", fast / "d1.qcow2", "qcow2", VD1, "4M"))  # -blockdev raw -> qcow2
     log: list[tuple[str, int, int]] = []     # every write, in order: (qdev, offset, pattern)
     for disk, target, fmt, qdev, speed in moves:
         old = files_of(guest.qmp_path)[qdev]
