@@ -456,7 +456,15 @@ class SourceJob:
                                 f"within {ACCEPT_TIMEOUT_S:g} s") from None
             with conn:
                 pump = asyncio.create_task(self._pump(conn), name="stream-pump")
-                await _first_failure(pump, tasks)
+                try:
+                    await _first_failure(pump, tasks)
+                finally:
+                    # Cancelled from outside (a cancel, a shutdown): stop the pump before
+                    # its socket closes under a pending read (an unretrieved EBADF).
+                    if not pump.done():
+                        pump.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, FerryError, OSError):
+                            await pump
             # QEMU stopped the guest before its last section; the event may still be on
             # its way to us.
             await asyncio.wait_for(stopped, ACCEPT_TIMEOUT_S)
