@@ -504,14 +504,7 @@ class Agent:
             raise UserError("the agent is shutting down")
         options = migration_options(request)
         name = request.get("vm")
-        if name:
-            qmp_path = Path(vms.load(self.config, str(name)).qmp_path)
-        elif request.get("qmp"):
-            qmp_path = Path(str(request["qmp"]))
-            if not qmp_path.exists():
-                raise UserError(f"no QMP socket at {qmp_path}")
-        else:
-            raise UserError("name a VM or give --qmp PATH")
+        qmp_path = self._qmp_path(request)
         peer = str(request.get("to") or "")
         self.trusted_peer(peer)  # refuse an unknown peer before touching the VM
         job_id = uuid.uuid4().hex[:12]
@@ -540,6 +533,24 @@ class Agent:
                     "position": record.position}
         return await _attached(record, send, cancel)
 
+    def _qmp_path(self, request: dict[str, Any]) -> Path:
+        """The QMP socket of the VM a request names: a running VM this agent knows, or
+        a socket given as `qmp` (a VM started by other tools)."""
+        name = request.get("vm")
+        if name:
+            record = vms.load(self.config, str(name))
+            if not record.alive():
+                raise UserError(f"VM {name} is not running (its QEMU, pid {record.pid}, "
+                                f"has exited)" if record.pid else
+                                f"VM {name} is not running; start it with ferry vm start {name}")
+            return Path(record.qmp_path)
+        if request.get("qmp"):
+            qmp_path = Path(str(request["qmp"]))
+            if not qmp_path.exists():
+                raise UserError(f"no QMP socket at {qmp_path}")
+            return qmp_path
+        raise UserError("name a VM or give --qmp PATH")
+
     async def _disk_move(self, request: dict[str, Any], send: Any,
                          cancel: asyncio.Event) -> Reply:
         """Move one disk of a running VM to other storage here (agent/storage/disk_move.py):
@@ -547,18 +558,7 @@ class Agent:
         if self.stopping.is_set():
             raise UserError("the agent is shutting down")
         name = request.get("vm")
-        if name:
-            record_vm = vms.load(self.config, str(name))
-            if not record_vm.alive():
-                raise UserError(f"VM {name} is not running (its QEMU, pid {record_vm.pid}, "
-                                f"has exited)")
-            qmp_path = Path(record_vm.qmp_path)
-        elif request.get("qmp"):
-            qmp_path = Path(str(request["qmp"]))
-            if not qmp_path.exists():
-                raise UserError(f"no QMP socket at {qmp_path}")
-        else:
-            raise UserError("name a VM or give --qmp PATH")
+        qmp_path = self._qmp_path(request)
         disk, target = request.get("disk"), request.get("target")
         if not isinstance(disk, str) or not disk:
             raise UserError('disk-move: give "disk" (its drive or device id, node name or '
