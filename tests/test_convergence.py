@@ -45,14 +45,17 @@ class Clock:
 
 
 def run(policy: CompressionPolicy, clock: Clock, mib: int, plain_s: float, zstd_s: float,
-        ratio: float = 0.5) -> list[bool]:
+        ratio: float = 0.5, link_s: float = 0.0) -> list[bool]:
     """Feed `mib` MiB of page data in 1 MiB batches, each taking plain_s or zstd_s of
-    wall time as the policy chose; the choices."""
+    wall time as the policy chose, of which the send waited on the link for what the
+    link needs beyond the CPU's time (a link of `link_s` per MiB); the choices."""
     choices = []
     for _ in range(mib):
         on = policy.compress_next()
         choices.append(on)
-        clock.now += zstd_s if on else plain_s
+        spent = zstd_s if on else plain_s
+        clock.now += spent
+        policy.waited(max(0.0, min(spent, link_s * (ratio if on else 1.0))))
         policy.encoded(1 << 20, int((1 << 20) * (ratio if on else 1.0)), compressed=on)
     return choices
 
@@ -68,8 +71,9 @@ def test_fixed_and_off_settings_ignore_what_they_see():
 def test_auto_compresses_when_that_moves_pages_faster():
     clock = Clock()
     policy = CompressionPolicy(CompressSetting.parse("auto"), clock)
-    # A slow link: a MiB takes 8 ms plain, 5 ms compressed (half the bytes, zstd's cost).
-    choices = run(policy, clock, 2 * PROBE_BYTES // MIB + 40, 0.008, 0.005)
+    # A slow link: a MiB takes 8 ms plain, 5 ms compressed (half the bytes, zstd's cost),
+    # the sends waiting on the link for most of it.
+    choices = run(policy, clock, 2 * PROBE_BYTES // MIB + 40, 0.008, 0.005, link_s=0.008)
     probes = 2 * PROBE_BYTES // MIB
     assert not any(choices[:probes // 2]) and all(choices[probes // 2:probes])
     assert all(choices[probes:probes + 40])
@@ -80,28 +84,49 @@ def test_auto_compresses_when_that_moves_pages_faster():
 def test_auto_keeps_pages_plain_when_the_cpu_is_the_bottleneck():
     clock = Clock()
     policy = CompressionPolicy(CompressSetting.parse("auto"), clock)
-    # Loopback: a MiB takes 1 ms plain; zstd's 2 ms of CPU only slow it down.
-    choices = run(policy, clock, 200, 0.001, 0.002)
+    # Loopback, the link idle half the time: a MiB takes 1 ms plain (0.5 ms of it waiting
+    # on the link); zstd's 2 ms of CPU would only slow it down.
+    choices = run(policy, clock, 200, 0.001, 0.002, link_s=0.0005)
     probes = 2 * PROBE_BYTES // MIB
     assert not any(choices[probes:probes + EXPLOIT_WINDOWS * PROBE_BYTES // MIB])
+
+
+def test_auto_does_not_even_try_zstd_while_the_link_keeps_up():
+    clock = Clock()
+    policy = CompressionPolicy(CompressSetting.parse("auto"), clock)
+    # The sends never wait: the CPU sets the pace, and a zstd window would cost CPU.
+    assert not any(run(policy, clock, 400, 0.001, 0.0005))
+    assert policy.seen()["skipped_probes"] >= 2 and policy.seen()["link_share"] == 0.0
+
+
+def test_auto_probes_a_link_that_holds_the_sends_back():
+    clock = Clock()
+    policy = CompressionPolicy(CompressSetting.parse("auto"), clock)
+    # Sends wait on the link for 40% of the time: zstd is tried, and here it loses.
+    choices = run(policy, clock, 2 * PROBE_BYTES // MIB, 0.005, 0.008, link_s=0.002)
+    assert any(choices) and not policy.compress_next()
+    assert policy.seen()["skipped_probes"] == 0
 
 
 def test_auto_tries_both_again_after_a_while():
     clock = Clock()
     policy = CompressionPolicy(CompressSetting.parse("auto"), clock)
     window = PROBE_BYTES // MIB
-    # Plain wins the first probe; the next comes after twice the usual windows.
-    choices = run(policy, clock, 2 * window + 2 * EXPLOIT_WINDOWS * window, 0.001, 0.002)
-    assert not any(choices[2 * window:])
+    # Plain wins the first probe (zstd tried on a link busy half the time); the next comes
+    # after twice the usual windows.
+    choices = run(policy, clock, 2 * window + 2 * EXPLOIT_WINDOWS * window, 0.001, 0.002,
+                  link_s=0.0005)
+    assert any(choices[window:2 * window]) and not any(choices[2 * window:])
     # The link got slow: the next probe finds zstd faster, and it is kept.
-    run(policy, clock, 2 * window, 0.010, 0.004)
+    run(policy, clock, 2 * window, 0.010, 0.004, link_s=0.010)
     assert policy.compress_next()
 
 
 def test_a_tie_is_not_worth_the_cpu():
     clock = Clock()
     policy = CompressionPolicy(CompressSetting.parse("auto"), clock)
-    run(policy, clock, 2 * PROBE_BYTES // MIB, 0.005, 0.005 / (COMPRESS_GAIN - 0.05))
+    run(policy, clock, 2 * PROBE_BYTES // MIB, 0.005, 0.005 / (COMPRESS_GAIN - 0.05),
+        link_s=0.005)
     assert not policy.compress_next()
 
 

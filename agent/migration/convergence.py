@@ -28,6 +28,9 @@ EXPLOIT_WINDOWS = 6
 MAX_BACKOFF = 16
 # Compress only when it wins by this much: a tie costs CPU the guest could use.
 COMPRESS_GAIN = 1.1
+# A plain window whose sends waited on the link for less than this share of its time was
+# not held back by the link: zstd cannot win it, so it is not tried (a probe costs CPU).
+LINK_BOUND_SHARE = 0.3
 # Weight of the newest observation in the moving averages.
 EWMA = 0.2
 # --bandwidth: bursts of at most this much time's worth, or one batch.
@@ -109,9 +112,12 @@ class CompressionPolicy:
     EXPLOIT_WINDOWS windows (twice as many after each probe zstd lost, up to MAX_BACKOFF
     times), then tries both again, since links, load and content change.
     On a link faster than the CPU zstd only slows the agent down and loses; on a slow
-    link each page costs fewer wire bytes and it wins. A model from measured link and
-    zstd rates was tried first: sends return at once while the socket buffers, so the
-    link's rate could not be told from them (on 1 Gbit/s it read 178 MB/s for 120).
+    link each page costs fewer wire bytes and it wins. The zstd window is skipped when
+    the plain one's sends hardly waited on the link (`waited`, under LINK_BOUND_SHARE of
+    its time): then the CPU, not the link, set the pace, and zstd would only add to it.
+    A model from measured link and zstd rates was tried first: sends return at once while
+    the socket buffers, so the link's rate could not be told from them (on 1 Gbit/s it
+    read 178 MB/s for 120); how long they wait over a whole window can be.
     """
 
     def __init__(self, setting: CompressSetting,
@@ -126,11 +132,20 @@ class CompressionPolicy:
         self._backoff = 1
         self._window_bytes = 0
         self._window_start: float | None = None
+        self._window_waited = 0.0
+        self.link_share: float | None = None    # of the last plain probe window
+        self.skipped_probes = 0
+
+    def waited(self, seconds: float) -> None:
+        """A send waited this long for the link to take its bytes (back-pressure)."""
+        self._window_waited += seconds
 
     def seen(self) -> dict[str, float | None]:
         """What the decisions rest on, for the report (page bytes per second, ratio)."""
         return {"plain_bps": _rounded(self.rates[False]),
-                "zstd_bps": _rounded(self.rates[True]), "ratio": round(self.ratio, 3)}
+                "zstd_bps": _rounded(self.rates[True]), "ratio": round(self.ratio, 3),
+                "link_share": None if self.link_share is None else round(self.link_share, 3),
+                "skipped_probes": self.skipped_probes}
 
     def compress_next(self) -> bool:
         mode = self.setting.mode
@@ -150,15 +165,20 @@ class CompressionPolicy:
         self._window_bytes += raw_bytes
         if self._window_bytes < PROBE_BYTES:
             return
-        rate = self._window_bytes / max(now - self._window_start, 1e-6)
-        self._window_bytes, self._window_start = 0, now
+        elapsed = max(now - self._window_start, 1e-6)
+        rate = self._window_bytes / elapsed
+        share = min(self._window_waited / elapsed, 1.0)
+        self._window_bytes, self._window_start, self._window_waited = 0, now, 0.0
         if self._probing:
             self.rates[self._on] = rate
             if not self._on:
-                self._on = True          # now the same with zstd
-                return
+                self.link_share = share
+                if share >= LINK_BOUND_SHARE:
+                    self._on = True          # now the same with zstd
+                    return
+                self.skipped_probes += 1     # the CPU set the pace: plain wins
             plain, packed = self.rates[False], self.rates[True]
-            self._on = bool(plain and packed and packed > COMPRESS_GAIN * plain)
+            self._on = bool(self._on and plain and packed and packed > COMPRESS_GAIN * plain)
             # Each probe that zstd loses costs a slow window: probe half as often then.
             self._backoff = 1 if self._on else min(self._backoff * 2, MAX_BACKOFF)
             self._probing, self._left = False, EXPLOIT_WINDOWS * self._backoff

@@ -663,7 +663,10 @@ class SourceJob:
         assert self.link is not None
         if self.inbox is not None:
             self.inbox.check()
+        started = time.monotonic()
         await self.link.send(kind, payload)
+        if kind is Kind.RAM_BATCH and self._compression is not None:
+            self._compression.waited(time.monotonic() - started)
         self.counters.sent_bytes += len(payload)
         await self._pace(len(payload))
 
