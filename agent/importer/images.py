@@ -106,10 +106,10 @@ def probe(path: Path, expected_format: str | None = None,
                      subformat=str(subformat) if subformat else None)
 
 
-def daemon_argv(image: Path, fmt: str, socket_path: Path, *, writable: bool,
-                window: Window | None = None) -> list[str]:
-    """qemu-storage-daemon exporting `image` (or the `window` of it) as NBD export EXPORT
-    on `socket_path`.
+def image_nodes(image: Path, fmt: str, *, writable: bool, window: Window | None = None,
+                prefix: str = "") -> list[str]:
+    """`--blockdev` options opening `image` (or the `window` of it) as `fmt`; the top node
+    is named PREFIX + "img".
 
     A source is opened read-only with force-share, as `qemu-img info -U` is: a warm import
     reads a disk that its VM may still hold open for writing."""
@@ -117,20 +117,29 @@ def daemon_argv(image: Path, fmt: str, socket_path: Path, *, writable: bool,
         file_opts, format_opts = "", ""
     else:
         file_opts, format_opts = ",read-only=on", ",read-only=on,force-share=on"
-    nodes = ["--blockdev", f"driver=file,filename={_escape(image)},node-name=file0{file_opts}"]
-    under = "file0"
+    nodes = ["--blockdev",
+             f"driver=file,filename={escape(image)},node-name={prefix}file{file_opts}"]
+    under = f"{prefix}file"
     if window is not None:
-        nodes += ["--blockdev", f"driver=raw,file=file0,offset={window[0]},size={window[1]},"
-                                f"node-name=slice0{file_opts}"]
-        under = "slice0"
-    return ["qemu-storage-daemon", *nodes,
-            "--blockdev", f"driver={fmt},file={under},node-name=img0{format_opts}",
-            "--nbd-server", f"addr.type=unix,addr.path={_escape(socket_path)}",
-            "--export", (f"type=nbd,id=e0,node-name=img0,name={EXPORT},"
+        nodes += ["--blockdev", f"driver=raw,file={under},offset={window[0]},size={window[1]},"
+                                f"node-name={prefix}slice{file_opts}"]
+        under = f"{prefix}slice"
+    return [*nodes, "--blockdev",
+            f"driver={fmt},file={under},node-name={prefix}img{format_opts}"]
+
+
+def daemon_argv(image: Path, fmt: str, socket_path: Path, *, writable: bool,
+                window: Window | None = None) -> list[str]:
+    """qemu-storage-daemon exporting `image` (or the `window` of it) as NBD export EXPORT
+    on `socket_path`."""
+    return ["qemu-storage-daemon",
+            *image_nodes(image, fmt, writable=writable, window=window),
+            "--nbd-server", f"addr.type=unix,addr.path={escape(socket_path)}",
+            "--export", (f"type=nbd,id=e0,node-name=img,name={EXPORT},"
                          f"writable={'on' if writable else 'off'}")]
 
 
-def _escape(path: Path) -> str:
+def escape(path: Path) -> str:
     """A path inside a QEMU option string (commas are doubled)."""
     return str(path).replace(",", ",,")
 
