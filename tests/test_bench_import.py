@@ -32,7 +32,8 @@ def test_bench_import_small_run(capsys: pytest.CaptureFixture[str]) -> None:
         assert len(row["ferry_codec_seconds"]) == 2 and row["engine"] == "qemu"
         # Judged without the verification (convert does none); with it, apart.
         copy_s = statistics.median(f - v for f, v in zip(row["ferry_seconds"],
-                                                          row["ferry_verify_seconds"]))
+                                                          row["ferry_verify_seconds"],
+                                                          strict=True))
         assert row["ratio"] == pytest.approx(
             statistics.median(row["qemu_img_seconds"]) / copy_s, abs=0.01)
         assert row["ratio_with_verify"] == pytest.approx(

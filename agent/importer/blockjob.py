@@ -9,8 +9,9 @@ the exports, not the codec, cost most of it. Inside one daemon the job copies as
 convert (measured 0.2 s for 200 MiB of data both ways). What the job skips and how:
 onto a new target (which reads as zero) it copies only the ranges the source allocates;
 data that reads as zero is written as zero clusters or holes (`detect-zeroes=unmap` on the
-target), as convert's sparse detection does. The copy is then compared with the source by `qemu-img compare`
-(QEMU's block layer on both sides, whole images).
+target, per request of up to 1 MiB; convert looks at every 4 KiB). The copy is then
+compared with the source by `qemu-img compare` (QEMU's block layer on both sides, whole
+images).
 
 Warm passes keep ferry's path (agent.importer.copy): each needs the block hashes of the
 previous one, which only ferry's codec keeps.
