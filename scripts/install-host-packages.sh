@@ -3,7 +3,7 @@
 # Runs as root, or through sudo for a normal user.
 set -euo pipefail
 
-PACKAGES=(qemu-system-x86 qemu-system-common qemu-utils libxxhash-dev gcc make binutils iproute2)
+PACKAGES=(qemu-system-x86 qemu-system-common qemu-utils ovmf libxxhash-dev gcc make binutils iproute2)
 # The tests: systemd-analyze verify of the unit, throwaway users for the control socket.
 PACKAGES+=(systemd passwd)
 
