@@ -172,6 +172,8 @@ def test_running_uefi_vm_live_migrates_with_its_variables(pair: AgentPair,
     rc, report, err = pair.migrate("efi02", "--disk-map",
                                    f"{disk}={tmp_path / 'target' / 'efi02.qcow2'}")
     assert rc == 0, err + pair.logs()
+    print({k: report.get(k) for k in ("downtime_ms", "total_ms", "ram_bytes", "pages_sent",
+                                      "wire_bytes", "disk_bytes")})
     assert report["status"] == "completed" and report["error"] is None
     assert [d["path"] for d in report["disks"]] == [str(disk)]   # the flash is no disk
     moved = pair.b.vm_record("efi02")
