@@ -110,6 +110,8 @@ def test_pflash_arguments(ovmf, tmp_path):
     assert uefi.pflash_arguments(tmp_path / "v.fd") == [
         "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={ovmf['plain_code']}",
         "-drive", f"if=pflash,format=raw,unit=1,file={tmp_path / 'v.fd'}"]
+    # A comma in a path is QemuOpts' doubled comma, not a new option.
+    assert uefi.pflash_arguments(Path("/vms/a,b/v.fd"))[3].endswith("file=/vms/a,,b/v.fd")
 
 
 def uefi_definition(tmp_path: Path) -> VmDefinition:

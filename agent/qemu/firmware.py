@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.errors import UserError
+from agent.qemu.vmspec import format_keyval
 
 DESCRIPTOR_DIRS = (Path("/etc/qemu/firmware"), Path("/usr/share/qemu/firmware"))
 """Where QEMU looks for firmware descriptors (a host's /etc overrides the package's file
@@ -43,8 +44,10 @@ class Uefi:
 
     def pflash_arguments(self, vars_path: Path) -> list[str]:
         """The code image read-only as pflash unit 0, the VM's variables as unit 1."""
-        return ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={self.code}",
-                "-drive", f"if=pflash,format=raw,unit=1,file={vars_path}"]
+        flash = [("if", "pflash"), ("format", "raw")]
+        return ["-drive", format_keyval([*flash, ("unit", "0"), ("readonly", "on"),
+                                         ("file", str(self.code))]),
+                "-drive", format_keyval([*flash, ("unit", "1"), ("file", str(vars_path))])]
 
 
 def _descriptors(dirs: Sequence[Path]) -> list[Path]:
