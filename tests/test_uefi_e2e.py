@@ -96,6 +96,8 @@ def wait_gone(home: Path, name: str, timeout: float = BOOT_WAIT_S) -> None:
 def home(tmp_path: Path) -> Iterator[Path]:
     home = tmp_path / "home"
     home.mkdir()
+    (tmp_path / "ram").mkdir()
+    (home / "agent.toml").write_text(f'ram_dir = "{tmp_path / "ram"}"\n')   # not /dev/shm
     yield home
     for record in vms.list_vms(load_config(home)):
         if record.alive():
