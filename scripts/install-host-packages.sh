@@ -3,7 +3,8 @@
 # Runs as root, or through sudo for a normal user.
 set -euo pipefail
 
-PACKAGES=(qemu-system-x86 qemu-system-common qemu-utils libxxhash-dev gcc make binutils iproute2)
+# ovmf: UEFI firmware for imported UEFI guests (agent/qemu/firmware.py).
+PACKAGES=(qemu-system-x86 qemu-system-common qemu-utils ovmf libxxhash-dev gcc make binutils iproute2)
 # The tests: systemd-analyze verify of the unit, throwaway users for the control socket.
 PACKAGES+=(systemd passwd)
 
@@ -28,5 +29,10 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 echo "ferry setup: installing Debian packages: ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# apt's chatter (debconf notes included) is shown only when it fails.
+log=$(mktemp)
+if ! { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}"; } >"$log" 2>&1; then
+    cat "$log" >&2; rm -f "$log"; exit 1
+fi
+rm -f "$log"

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from agent.qemu import nics, qmp
+from agent.qemu import firmware, nics, qmp
 from agent.state import vms
 from agent.state.config import load_config
 
@@ -215,11 +215,15 @@ def test_ova_disks_are_copied_in_place_from_the_package(home: Path, tmp_path: Pa
     assert same(disks / "appliance-disk1.vmdk", vm_dir / "appliance-disk0.qcow2")
     assert same(disks / "appliance-disk2.vmdk", vm_dir / "appliance-disk1.qcow2")
     assert sorted(p.name for p in package.iterdir()) == ["appliance.ova"]   # not unpacked
-    # UEFI: ferry does not start it yet, and says so before copying.
+    # UEFI: started under OVMF, with a variable store of its own in its directory.
     start = ferry(home, str(ova), "--local", "--name", "again", "--net-map", "VM Network=lan",
                   "--net-map", "Storage=lan", "--start")
-    assert start.returncode == 1 and "UEFI" in start.stderr
-    assert not (home / "vms" / "again").exists()          # refused before any copy
+    assert start.returncode == 0, start.stdout + start.stderr
+    record = vms.load(load_config(home), "again")
+    assert record.alive()
+    flash = {d: f for d, f in block_devices(record).items() if f == "cfi.pflash01"}
+    assert flash == {str(firmware.find_uefi("q35").code): "cfi.pflash01",
+                     str(home / "vms" / "again" / firmware.VARS_FILE): "cfi.pflash01"}
 
 
 def test_imported_vm_starts_later_and_exports_to_an_ova_ferry_reads_back(home: Path,

@@ -16,7 +16,7 @@ import pytest
 from agent.cli import main
 from agent.commands.import_cmd import report_lines
 from agent.errors import UserError
-from agent.importer.definition import Level, NicDef, VmDefinition
+from agent.importer.definition import DiskDef, Level, NicDef, VmDefinition
 from agent.importer.inspect import read_source
 
 DATA = Path(__file__).parent / "data" / "import"
@@ -610,3 +610,17 @@ def test_ovf_raw_disk_larger_than_its_file_refused(tmp_path):
     (tmp_path / "devvm.ovf").write_text(ovf)
     refused_with(read_source(tmp_path / "devvm.ovf"), "devvm-disk001.img",
                  "raw disk of 16777216 bytes in a file of 4194304")
+
+
+def test_ide_disks_go_on_q35s_ahci_ports_and_on_pcs_piix_buses():
+    from agent.importer.argv import disk_arguments
+    disks = [DiskDef(path=Path(f"/d{n}"), bus="ide", controller=c, unit=u)
+             for n, (c, u) in enumerate(((0, 0), (0, 1), (1, 0)))]
+    for machine, buses in (("q35", ["bus=ide.0", "bus=ide.1", "bus=ide.2"]),
+                           ("pc", ["bus=ide.0,unit=0", "bus=ide.0,unit=1",
+                                   "bus=ide.1,unit=0"])):
+        definition = VmDefinition(name="x", memory=1 << 26, machine=machine,
+                                  disks=tuple(disks))
+        args = disk_arguments(definition, [(d, d.path, "raw") for d in disks])
+        devices = [a for a in args if a.startswith("ide-hd,")]
+        assert [d.split(",", 2)[2] for d in devices] == buses

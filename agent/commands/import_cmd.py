@@ -28,6 +28,7 @@ from agent.importer.common import normalize_mac
 from agent.importer.copy import Progress, default_state_file, import_disk
 from agent.importer.definition import RECORD_FILE, DiskDef, Level, NicDef, VmDefinition
 from agent.importer.inspect import read_source
+from agent.qemu import firmware
 from agent.qemu.nics import parse_net_map
 from agent.qemu.vmspec import keyval_get, parse_keyval, parse_size
 from agent.state import vms
@@ -157,8 +158,7 @@ def run_import(definition: VmDefinition, args: argparse.Namespace) -> int:
     if definition.refusals():
         return 1
     if args.start and definition.firmware == "uefi":
-        raise UserError(f"{definition.name} boots with UEFI; ferry starts only BIOS guests "
-                        f"yet: import it without --start")
+        firmware.find_uefi(definition.machine)   # no OVMF here: refused before copying
     unmapped = [n for n in definition.nics if not n.network]
     if args.start and unmapped:
         raise UserError(f"NIC {unmapped[0].mac or ''} on source network "

@@ -17,8 +17,8 @@ from agent.errors import UserError
 from agent.hostnet import attach
 from agent.importer import argv as import_argv
 from agent.importer.definition import RECORD_FILE, VmDefinition
+from agent.qemu import firmware, vm
 from agent.qemu import nics as guest_nics
-from agent.qemu import vm
 from agent.qemu.vmspec import PAGE_SIZE, parse_size
 from agent.state import vms
 from agent.state.config import AgentConfig
@@ -119,14 +119,26 @@ def start_vm(config: AgentConfig, name: str, size: int, *, cpus: int,
 
 def start_imported(config: AgentConfig, definition: VmDefinition, *,
                    private: bool) -> vms.VmRecord:
-    """Start a VM `ferry import` created, as its definition says."""
+    """Start a VM `ferry import` created, as its definition says; a UEFI one under OVMF
+    with its own variable store in its directory (copied from the template at its first
+    start, kept after)."""
+    flash: list[str] = []
     if definition.firmware == "uefi":
-        raise UserError(f"{definition.name} boots with UEFI; ferry starts only BIOS guests yet")
+        uefi = firmware.find_uefi(definition.machine)
+        if vms.is_running(config, definition.name):
+            raise UserError(f"a VM named {definition.name} already runs on this agent")
+        vars_path = config.vms_dir / definition.name / firmware.VARS_FILE
+        vars_path.parent.mkdir(parents=True, exist_ok=True)
+        if firmware.ensure_vars(uefi.vars_template, vars_path):
+            print(f"  UEFI: OVMF {uefi.code}, fresh variables in {vars_path}")
+        else:
+            print(f"  UEFI: OVMF {uefi.code}, variables kept in {vars_path}")
+        flash = uefi.pflash_arguments(vars_path)
     disks = [(d, d.path, d.format or "qcow2") for d in definition.disks if d.media == "disk"]
     return start_vm(config, definition.name, definition.memory, cpus=definition.cpus,
                     nic_options=import_argv.nic_options(definition),
-                    extra=import_argv.vm_arguments(definition, disks), private=private,
-                    machine=definition.machine)
+                    extra=[*flash, *import_argv.vm_arguments(definition, disks)],
+                    private=private, machine=definition.machine)
 
 
 def run_list(args: argparse.Namespace) -> int:

@@ -38,8 +38,13 @@ def disk_arguments(definition: VmDefinition, targets: Iterable[tuple[DiskDef, Pa
                 raise UserError(f"IDE disk {disk.path}: unit {disk.unit} is past the "
                                 f"{IDE_UNITS} the IDE buses hold")
             unit = disk.controller * 2 + disk.unit if disk.unit < 2 else disk.unit
-            args += ["-device", f"ide-hd,drive={drive},bus=ide.{unit // 2},"
-                                f"unit={unit % 2}{boot}"]
+            if definition.machine == "q35":
+                # q35 has no PIIX IDE: its ICH9 AHCI ports (ide.0-5, one unit each) take
+                # the disks in the same order, and every guest drives AHCI as IDE-like.
+                args += ["-device", f"ide-hd,drive={drive},bus=ide.{unit}{boot}"]
+            else:
+                args += ["-device", f"ide-hd,drive={drive},bus=ide.{unit // 2},"
+                                    f"unit={unit % 2}{boot}"]
         elif disk.bus == "sata":
             if disk.unit >= AHCI_PORTS:
                 raise UserError(f"SATA disk {disk.path}: port {disk.unit} is past the "

@@ -19,6 +19,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from agent.batch import codec
@@ -40,8 +41,8 @@ from agent.migration.protocol import Control, Kind, Op
 from agent.migration.resume import ACK_EVERY_BYTES, RESUME_WINDOW_S
 from agent.migration.timeline import DESTINATION_FIELDS, Sampler
 from agent.procfs import CpuMeter
+from agent.qemu import firmware, vm
 from agent.qemu import qmp as qmp_mod
-from agent.qemu import vm
 from agent.qemu.destargv import DestinationPaths, DiskTarget, destination_argv
 from agent.qemu.migrate import destination_capabilities, wait_migration_done
 from agent.qemu.vmspec import PAGE_SIZE, VmSpec
@@ -229,7 +230,13 @@ class DestinationJob:
         launch = vm.LaunchSpec(name=spec.name, ram_size=spec.ram_size, ram_path=paths.ram_path,
                                qmp_path=paths.qmp_path, serial_path=paths.serial_log,
                                pidfile=paths.pidfile, log_path=paths.qemu_log)
-        argv = await asyncio.to_thread(self._argv, spec, paths, targets, nics.create())
+        vars_copies: list[tuple[Path, Path]] = []
+        argv = await asyncio.to_thread(self._argv, spec, paths, targets, nics.create(),
+                                       vars_copies=vars_copies)
+        for template, target in vars_copies:
+            # This host's own UEFI variable store (never the source's path), the size of
+            # its template; QEMU writes the source's variables into it at resume.
+            firmware.ensure_vars(template, target, fresh=True)
         try:
             incoming.process = await vm.launch(launch, argv=argv, pass_fds=nics.pass_fds)
         finally:
@@ -248,10 +255,11 @@ class DestinationJob:
                            npages=spec.npages, widened=widened)
 
     def _argv(self, spec: VmSpec, paths: DestinationPaths, targets: dict[str, DiskTarget],
-              host_nics: dict[str, str], widened: list[str] | None = None) -> list[str]:
+              host_nics: dict[str, str], widened: list[str] | None = None, *,
+              vars_copies: list[tuple[Path, Path]] | None = None) -> list[str]:
         return destination_argv(spec, paths, self.config.roots, self.config.qemu_path(),
                                 targets, accept=self.config.accept, widened=widened,
-                                host_nics=host_nics)
+                                host_nics=host_nics, vars_copies=vars_copies)
 
     def _journal(self, incoming: IncomingVm, step: journal.Step = journal.Step.INCOMING) -> None:
         journal.write(self.config, self._entry(incoming, step))

@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.errors import UserError
+from agent.qemu import firmware
 from agent.qemu.hostrules import (
     Accept,
     HostRules,
+    bool_value,
     bundled_dirs,
     flatten_json,
     opts_pairs,
@@ -101,13 +103,17 @@ class _Rewrite:
     chardev_count: int = 0
     host_nics: dict[str, str] = field(default_factory=dict)   # NIC key -> this host's back end
     nic_keys: dict[int, str] = field(default_factory=dict)    # id(option) -> its NIC key
+    flash_template: Path | None = None   # the variable template of the pflash code image
+    vars_copies: list[tuple[Path, Path]] = field(default_factory=list)  # (template, target)
 
 
 def destination_argv(spec: VmSpec, paths: DestinationPaths, roots: Sequence[Path],
                      qemu_binary: str, disks: dict[str, DiskTarget] | None = None, *,
                      accept: Accept | None = None, widened: list[str] | None = None,
                      data_dirs: Sequence[Path] | None = None,
-                     host_nics: dict[str, str] | None = None) -> list[str]:
+                     host_nics: dict[str, str] | None = None,
+                     flash_code: dict[Path, Path] | None = None,
+                     vars_copies: list[tuple[Path, Path]] | None = None) -> list[str]:
     """The argv the destination runs for spec: checked, with host resources its own.
 
     `disks` maps a copied disk's source path to its target on this host; disks not in it
@@ -116,6 +122,10 @@ def destination_argv(spec: VmSpec, paths: DestinationPaths, roots: Sequence[Path
     this host gives it (`tap,fd=N`: agent.hostnet.attach).
     `accept` is the operator's widening of the rules; what it let through is appended to
     `widened`. `data_dirs`: where QEMU finds its bundled files (default: ask qemu_binary).
+    `flash_code`: UEFI code images -> their variable templates (default: this host's
+    firmware descriptors); the VM's writable pflash (its UEFI variables) becomes a file
+    in the VM directory, and (template, that file) is appended to `vars_copies` for the
+    caller to copy before QEMU starts (QEMU fills it from the stream at resume).
     """
     options = _apply_sets(split_options(spec.argv))
     backend = ram_backend_of(options)
@@ -130,7 +140,9 @@ def destination_argv(spec: VmSpec, paths: DestinationPaths, roots: Sequence[Path
                     for o in options if o.name == "-mon"}
     rules = HostRules(roots=tuple(roots), accept=accept or Accept(),
                       data_dirs=tuple(data_dirs) if data_dirs is not None
-                      else bundled_dirs(qemu_binary))
+                      else bundled_dirs(qemu_binary),
+                      flash_code=dict(firmware.flash_images() if flash_code is None
+                                      else flash_code))
     state = _Rewrite(rules=rules, paths=paths, disks=dict(disks or {}),
                      dropped_chardevs={c for c in mon_chardevs if c},
                      ram_backend=backend.id if backend is not None else "",
@@ -140,6 +152,8 @@ def destination_argv(spec: VmSpec, paths: DestinationPaths, roots: Sequence[Path
         _rewrite_option(opt, state)
     if widened is not None:
         widened += rules.widened
+    if vars_copies is not None:
+        vars_copies += state.vars_copies
     if backend is None:
         # Plain -m RAM on the source: here it is a shared file under the same block name.
         state.out += ["-object", _ram_object(PLAIN_RAM_BLOCK, size, paths.ram_path),
@@ -369,9 +383,45 @@ def _check_block_node(option: str, value: str, flat: list[tuple[str, str | None]
                 st.rules.image_chain(option, value, given, fmt)
 
 
+PFLASH_KEYS = frozenset({"if", "file", "format", "unit", "readonly"})
+
+
+def _rewrite_pflash(value: str, pairs: list[tuple[str, str | None]], st: _Rewrite) -> str:
+    """A UEFI flash drive: read-only, the firmware's code (bundled, like a ROM); writable,
+    the VM's variable store, which is per-VM state: a file of this VM directory, copied
+    from the template this host pairs with the code image (QEMU writes the source's
+    content into it when the guest resumes)."""
+    for key, _given in pairs:
+        if key not in PFLASH_KEYS:
+            st.rules.refuse("-drive", value, f"pflash drive option {key!r} has no rule "
+                                             f"(known: {', '.join(sorted(PFLASH_KEYS))})")
+    st.rules.block_driver("-drive", value, keyval_get(pairs, "format") or "raw")
+    file = keyval_get(pairs, "file")
+    if not file:
+        st.rules.refuse("-drive", value, "a pflash drive without a file")
+    if bool_value(keyval_get(pairs, "readonly")):
+        used = st.rules.firmware("-drive", value, "UEFI code image", file)
+        keyval_set(pairs, "file", used)
+        st.flash_template = st.rules.flash_code.get(Path(used).resolve())
+        return format_keyval(pairs)
+    if st.flash_template is None:
+        st.rules.refuse("-drive", value, "a writable pflash drive (UEFI variables) needs a "
+                                         "read-only code image before it that this host's "
+                                         "firmware descriptors pair with a variable template "
+                                         f"(install Debian's {firmware.PACKAGE} package)")
+    if st.vars_copies:
+        st.rules.refuse("-drive", value, "a second writable pflash drive")
+    target = st.paths.vm_dir / firmware.VARS_FILE
+    st.vars_copies.append((st.flash_template, target))
+    keyval_set(pairs, "file", str(target))
+    return format_keyval(pairs)
+
+
 def _rewrite_drive(value: str, st: _Rewrite) -> str:
     """A -drive checked (drivers, image chains) and pointed at a copied disk's target."""
     pairs: list[tuple[str, str | None]] = list(opts_pairs(parse_keyval(value)))
+    if keyval_get(pairs, "if") == "pflash":
+        return _rewrite_pflash(value, pairs, st)
     file = keyval_get(pairs, "file")
     target = st.disks.get(file or "")
     if target is not None:

@@ -240,6 +240,9 @@ class HostRules:
     data_dirs: tuple[Path, ...] = DEFAULT_DATA_DIRS
     widened: list[str] = field(default_factory=list)
     qemu_img: str = "qemu-img"
+    flash_code: dict[Path, Path] = field(default_factory=dict)
+    """UEFI code images this host's firmware descriptors name (resolved) -> the template
+    of their variable store (agent.qemu.firmware): firmware as bundled as QEMU's own."""
 
     @staticmethod
     def refuse(option: str, value: str, reason: str) -> NoReturn:
@@ -267,8 +270,8 @@ class HostRules:
     def firmware(self, option: str, value: str, what: str, given: str | None = None) -> str:
         """A ROM or firmware: a bare name of a file QEMU bundles (the destination's own
         copy, by absolute path, so QEMU's cwd never matters), a path under QEMU's data
-        directories or an allowed root; the value to use. `given`: the file, default the
-        whole value."""
+        directories, a code image a firmware descriptor names, or under an allowed root;
+        the value to use. `given`: the file, default the whole value."""
         full, value = value, value if given is None else given
         if "/" not in value and value not in ("", ".", ".."):
             for directory in self.data_dirs:
@@ -279,6 +282,8 @@ class HostRules:
                                       f"(looked in {', '.join(map(str, self.data_dirs))})")
         path = Path(value)
         if path.is_absolute() and is_under(path, self.data_dirs) and path.is_file():
+            return value
+        if path.is_absolute() and path.resolve() in self.flash_code:
             return value
         self.file(option, full, what, value, rule="a ROM or firmware is one QEMU bundles, "
                                                   "by name, or lies under an allowed path")

@@ -51,6 +51,8 @@ BATCH_ENTRIES = 1024
 DISK_HEADER = struct.Struct("<H")
 """A DISK_BATCH message is the disk's index (u16) followed by one encoded batch."""
 EXPORT_GONE_TIMEOUT_S = 10.0
+PFLASH_QDEV = "/machine/system.flash"
+"""The qdev path of a -drive if=pflash (query-block), never a disk."""
 
 
 async def copyable_disks(qmp: qmp_mod.Qmp) -> tuple[DiskSpec, ...]:
@@ -68,6 +70,10 @@ async def copyable_disks(qmp: qmp_mod.Qmp) -> tuple[DiskSpec, ...]:
         inserted = block.get("inserted")
         if not inserted or inserted.get("ro"):
             continue  # empty drive or read-only media: nothing the guest can change
+        if str(block.get("qdev") or "").startswith(PFLASH_QDEV):
+            # UEFI variables: their content travels in QEMU's stream (RAM block
+            # system.flashN), and the destination makes its own file for them.
+            continue
         path, node = inserted.get("file", ""), inserted.get("node-name", "")
         fmt = inserted.get("drv")
         if fmt not in DISK_FORMATS:
