@@ -26,7 +26,8 @@ from agent.qemu.blockargv import current_disk_argv
 from agent.qemu.vm import TCG_RAM_PADDING
 from agent.service.control import ControlClient
 from agent.state import vms
-from agent.storage.disk_move import find_disk, plan_move, vm_disks
+from agent.storage.disk_move import find_disk, move_name, plan_move, vm_disks
+from agent.storage.disk_move import recover as recover_move
 from agent.storage.disk_sink import SPACE_MARGIN
 from agent.storage.disk_source import copyable_disks
 from tests.agents import AgentPair, read_guest
@@ -374,6 +375,70 @@ def test_the_agent_stopping_mid_move_rolls_it_back(agent, start_guest, root) -> 
     [entry] = [json.loads(line) for line in (agent.home / "history.jsonl").read_text()
                .splitlines()]
     assert entry["direction"] == "local" and entry["status"] == "cancelled", entry
+
+
+@pytest.mark.qemu
+def test_an_agent_killed_mid_move_undoes_it_when_restarted(agent, start_guest, root) -> None:
+    """SIGKILL leaves QEMU mirroring into the target: the restarted agent finds the job it
+    journaled, cancels the mirror, removes its node and the target."""
+    guest, _, _, _ = boot(start_guest, root)
+    files = files_of(guest.qmp_path)
+    target = root / "fast" / "d0.img"
+    proc = subprocess.Popen(move_argv(agent, "--qmp", str(guest.qmp_path), "d0", str(target),
+                                      "--format", "raw", "--speed", "1M"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        job = wait_for_phase(agent, "mirroring")
+        agent.proc.send_signal(signal.SIGKILL)
+        agent.proc.wait(timeout=30)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    # What the dead agent left: QEMU still mirrors, the target grows.
+    assert [j["id"] for j in ask(guest.qmp_path, "query-jobs")] == [f"ferry-mv-{job['job']}"]
+    assert target.exists() and ferry_nodes(guest.qmp_path)
+    agent.start()          # recovery runs before the agent listens
+    left_on_old_image(guest, files, target)
+    assert list((agent.home / "journal").glob("*.json")) == []
+    assert (f"recovered disk move of {guest.qmp_path} (job {job['job']}): rolled back"
+            in agent.log())
+
+
+@pytest.mark.qemu
+def test_recovery_keeps_a_move_that_had_switched(start_guest, root) -> None:
+    """The agent died after QEMU switched the disk but before it dismissed the job: the
+    move stands (the VM runs on the target), the job is dismissed, the target kept."""
+    guest, _, _, _ = boot(start_guest, root)
+    (root / "fast").mkdir()
+    target = root / "fast" / "d0.qcow2"
+    disk = find_disk(vm_disks(ask(guest.qmp_path, "query-block")), "d0")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(target),
+                    str(disk.virtual_size)], check=True)
+    name = move_name("j1")
+
+    async def move_by_hand() -> None:
+        async with qmp.connect(guest.qmp_path) as monitor:
+            await monitor.execute("blockdev-add", {
+                "driver": "qcow2", "node-name": name,
+                "file": {"driver": "file", "filename": str(target)}})
+            mark = monitor.event_mark()
+            await monitor.execute("blockdev-mirror", {"job-id": name, "device": disk.node,
+                                                      "target": name, "sync": "full",
+                                                      "auto-dismiss": False})
+            await monitor.wait_event("BLOCK_JOB_READY", after=mark, timeout=60)
+            await monitor.execute("job-complete", {"id": name})
+            await monitor.wait_event("JOB_STATUS_CHANGE", after=mark, timeout=60,
+                                     match=lambda e: e.data.get("status") == "concluded")
+    asyncio.run(move_by_hand())
+    line = asyncio.run(recover_move(str(guest.qmp_path), "j1", target))
+    assert line == f"the move to {target} had completed: the VM runs on it"
+    assert ask(guest.qmp_path, "query-jobs") == [] and target.exists()
+    assert files_of(guest.qmp_path)[VD0] == str(target)
+    # Asked again (a second restart), it still stands.
+    assert asyncio.run(recover_move(str(guest.qmp_path), "j1", target)) == line
+    heartbeat_advances(guest)
 
 
 @pytest.mark.qemu

@@ -167,7 +167,7 @@ class CopyDaemon:
                     return
         except BaseException:
             with contextlib.suppress(FerryError, OSError):
-                await asyncio.shield(monitor.execute("job-cancel", {"id": JOB, "force": True}))
+                await asyncio.shield(monitor.execute("job-cancel", {"id": JOB}))
             raise
 
     async def stop(self) -> None:

@@ -11,6 +11,8 @@
                                 resume or quit as it answers; until it answers, the VM
                                 stays stopped and the agent keeps asking
   source, COMMITTED             the VM runs at the destination: the source QEMU quits
+  disk-move, MOVING             agent.storage.disk_move.recover: a switched move stands,
+                                anything short of it is undone (job, node, target)
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from agent.qemu import vm
 from agent.state import journal, outcomes, vms
 from agent.state.config import AgentConfig
 from agent.state.journal import Entry, Step
+from agent.storage import disk_move
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,13 @@ async def recover(config: AgentConfig) -> list[Entry]:
     outcome only the destination knows are returned (journal kept) for resolve()."""
     unresolved = []
     for entry in journal.entries(config):
+        if entry.role == "disk-move":
+            target = Path(entry.disks[0]) if entry.disks else None
+            line = (await disk_move.recover(entry.qmp_path, entry.job, target)
+                    if target is not None else "no target was recorded: nothing to undo")
+            journal.remove(config, entry.job)
+            log.warning("recovered disk move of %s (job %s): %s", entry.vm, entry.job, line)
+            continue
         if entry.role == "destination":
             line = (await keep_committed(config, entry) if entry.step is Step.COMMIT_RECEIVED
                     else remove_incoming(config, entry))

@@ -585,10 +585,16 @@ class Agent:
         async def progress(event: Reply) -> None:
             record.publish(event)
 
+        def journal_target(path: Path) -> None:
+            # A restarted agent undoes what a move it lost left (disk_move.recover).
+            journal.write(self.config, journal.Entry(
+                job=job_id, role="disk-move", step=journal.Step.MOVING, vm=vm_label,
+                qmp_path=str(qmp_path), disks=[str(path)]))
+
         move = DiskMove(qmp_path=qmp_path, disk_name=disk, target=target, format=fmt,
                         roots=self.config.roots, job_id=job_id, progress=progress,
                         cancel=record.cancel, vm_name=str(name) if name else None,
-                        speed=speed)
+                        speed=speed, before_create=journal_target)
         task = asyncio.create_task(self._run_local(record, move), name=f"job-{job_id}")
         self.job_tasks.add(task)
         task.add_done_callback(self.job_tasks.discard)
@@ -600,6 +606,7 @@ class Agent:
         report: Reply | None = None
         try:
             report = await move.run()
+            journal.remove(self.config, record.job_id)   # settled, either way
         finally:
             self.claims.release(record.job_id)
             if report is None:

@@ -28,6 +28,7 @@ class Step(enum.StrEnum):
     STOPPED = "stopped"          # source: guest stopped for the switchover
     COMMITTING = "committing"    # source: COMMIT may have left
     COMMITTED = "committed"      # source: the destination runs the VM; ours must quit
+    MOVING = "moving"            # disk move: its target may exist, in QEMU's graph or not
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +36,7 @@ class Entry:
     """One job's recovery information."""
 
     job: str
-    role: str                    # "source" or "destination"
+    role: str                    # "source", "destination" or "disk-move"
     step: Step
     vm: str
     qmp_path: str = ""
@@ -43,7 +44,7 @@ class Entry:
     vm_dir: str = ""
     ram_path: str = ""
     peer: str = ""
-    disks: list[str] = field(default_factory=list)   # destination: images it created
+    disks: list[str] = field(default_factory=list)   # images it created (dest., disk move)
     links: list[str] = field(default_factory=list)   # destination: macvtaps (outlive QEMU)
     nics: list[dict[str, str]] = field(default_factory=list)   # destination: for its record
 

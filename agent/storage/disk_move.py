@@ -206,6 +206,11 @@ def create_image(plan: MovePlan) -> None:
                          f"{(done.stderr or done.stdout).strip()}")
 
 
+def move_name(job_id: str) -> str:
+    """The node and the mirror job a move adds to QEMU: its recovery finds them by it."""
+    return f"ferry-mv-{job_id}"
+
+
 class MoveFailed(FerryError):
     """The mirror job ended with an error QEMU reported (target full, I/O error)."""
 
@@ -225,10 +230,11 @@ class DiskMove:
     cancel: asyncio.Event
     vm_name: str | None = None
     speed: int | None = None        # the mirror's own rate limit, bytes/s
+    before_create: Callable[[Path], None] | None = None
+    """Called with the target's path before it is created (the agent journals it)."""
 
     def __post_init__(self) -> None:
-        self.node = f"ferry-mv-{self.job_id}"
-        self.mirror_job = f"ferry-mv-{self.job_id}"
+        self.node = self.mirror_job = move_name(self.job_id)
         self.plan: MovePlan | None = None
         self._created = self._added = self._started = False
         self._switched = False
@@ -289,6 +295,8 @@ class DiskMove:
                          self.roots)
         self.plan = plan
         self._check_cancel()
+        if self.before_create is not None:
+            self.before_create(plan.target)
         await asyncio.to_thread(create_image, plan)
         self._created = True
         self._check_cancel()
@@ -442,3 +450,41 @@ class DiskMove:
             except OSError as exc:
                 log.error("disk move %s: cannot remove %s: %s", self.job_id, self.plan.target,
                           exc)
+
+
+async def recover(qmp_path: str, job_id: str, target: Path) -> str:
+    """Settle a move whose agent died: what QEMU still holds of it tells how far it got.
+    Switched (the job concluded well, or a device uses the target): the move stands, the
+    job is dismissed. Anything short of that is undone as a failed move would be: the job
+    cancelled, the node removed, the target deleted. With its QEMU gone the target is
+    kept (it may be the disk the VM last ran on) and said so. What was done, in words."""
+    name = move_name(job_id)
+    try:
+        async with qmp_mod.connect(qmp_path, name=f"recover-{job_id}") as qmp:
+            job = next((j for j in await qmp.execute("query-jobs") if j["id"] == name), None)
+            if job is not None and job["status"] == "concluded" and not job.get("error"):
+                await qmp.execute("job-dismiss", {"id": name})
+                return f"the move to {target} had completed: the VM runs on it"
+            if job is None and any(_same_file(d.path, str(target))
+                                   for d in vm_disks(await qmp.execute("query-block"))):
+                return f"the move to {target} had completed: the VM runs on it"
+            if job is not None:
+                mark = qmp.event_mark()
+                if job["status"] != "concluded":
+                    with contextlib.suppress(QemuError):
+                        await qmp.execute("job-cancel", {"id": name})
+                    with contextlib.suppress(QemuError):
+                        await qmp.wait_event("JOB_STATUS_CHANGE", after=mark,
+                                             timeout=STEP_TIMEOUT_S,
+                                             match=lambda e: e.data.get("id") == name and
+                                             e.data.get("status") == "concluded")
+                with contextlib.suppress(QemuError):
+                    await qmp.execute("job-dismiss", {"id": name})
+            if any(n.get("node-name") == name
+                   for n in await qmp.execute("query-named-block-nodes", {"flat": True})):
+                await qmp.execute("blockdev-del", {"node-name": name})
+    except (FerryError, OSError) as exc:
+        return (f"its VM's QEMU cannot be asked ({exc}); {target} is kept, since the VM may "
+                f"have run on it: remove it if the VM's disk is elsewhere")
+    target.unlink(missing_ok=True)
+    return f"rolled back: the VM stays on its old image; {target} was removed"
