@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -245,6 +246,47 @@ def test_failed_one_shot_copy_leaves_no_target(tmp_path: Path, run_dir: Path) ->
         run_import(source, target, [tmp_path], progress=interrupt, run_dir=run_dir)
     assert not target.exists()
     assert storage_daemons() == [] and list(run_dir.iterdir()) == []
+
+
+def daemons_naming(path: Path) -> list[int]:
+    """Pids of qemu-storage-daemon processes whose command line names `path`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv[0].endswith(b"qemu-storage-daemon") and any(str(path).encode() in a
+                                                                   for a in argv):
+                found.append(int(entry))
+    return found
+
+
+def test_a_killed_import_leaves_no_daemon_and_the_next_one_starts_over(
+        tmp_path: Path) -> None:
+    """SIGKILL mid-copy: the daemon dies with its parent, the half copy keeps its partial
+    name (never the target's), and the next import replaces it."""
+    source, fmt, _ = make_source(tmp_path, "qcow2")
+    target = tmp_path / "out.qcow2"
+    script = ("import asyncio, os, signal, sys; from pathlib import Path; "
+              "from agent.importer.copy import import_disk; "
+              "die = lambda p: os.kill(os.getpid(), signal.SIGKILL); "
+              "asyncio.run(import_disk(Path(sys.argv[1]), Path(sys.argv[2]), "
+              "roots=[Path(sys.argv[3])], progress=die))")
+    done = subprocess.run([sys.executable, "-c", script, str(source), str(target),
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == -9, done.stderr
+    partial = tmp_path / "out.qcow2.ferry-partial"
+    assert partial.exists() and not target.exists()
+    deadline = time.monotonic() + 10
+    while daemons_naming(partial):
+        assert time.monotonic() < deadline, "the daemon outlived the killed import"
+        time.sleep(0.05)
+    report = run_import(source, target, [tmp_path])
+    assert report.verified and identical(source, fmt, target, "qcow2")
+    assert not partial.exists()
 
 
 def test_compare_names_the_first_difference(tmp_path: Path) -> None:

@@ -32,7 +32,14 @@ from types import TracebackType
 from typing import Any, Self
 
 from agent.errors import FerryError, LocalError, QemuError, QmpTimeoutError
-from agent.importer.images import STOP_TIMEOUT_S, ImageInfo, Window, escape, image_nodes
+from agent.importer.images import (
+    STOP_TIMEOUT_S,
+    ImageInfo,
+    Window,
+    die_with_parent,
+    escape,
+    image_nodes,
+)
 from agent.qemu import qmp
 
 JOB = "import"
@@ -104,7 +111,8 @@ class CopyDaemon:
         with open(self.log_path, "wb") as log_file:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.argv, stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL, stderr=log_file)
+                stdout=asyncio.subprocess.DEVNULL, stderr=log_file,
+                preexec_fn=die_with_parent)
         try:
             self.monitor = await self._connect()
         except BaseException:

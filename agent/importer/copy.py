@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -53,9 +54,13 @@ from agent.storage.disk_source import (
 from agent.storage.nbd import NbdClient
 from agent.storage.nbd_proto import BASE_ALLOCATION, AllocationFlag
 
+log = logging.getLogger(__name__)
+
 READS_IN_FLIGHT = 4
 """Source chunks (3.5 MiB each) read ahead of the encoder: on one host the reads need not
 cross a channel, so a little more in flight keeps the source daemon busy."""
+PARTIAL_SUFFIX = ".ferry-partial"
+"""A one-shot target's name while it is copied and compared."""
 PROGRESS_INTERVAL_S = 0.25
 """Least time between two progress reports (the last one is always sent)."""
 
@@ -195,11 +200,17 @@ async def _job_copy(info: ImageInfo, target: Path, target_format: str,
                     window: Window | None, started: float, *, verify_copy: bool,
                     progress: ProgressCallback | None,
                     run_dir: Path | None) -> DiskImportReport:
-    """A one-shot copy by QEMU's block job in one daemon, compared by `qemu-img compare`;
-    a failure removes the target."""
+    """A one-shot copy by QEMU's block job in one daemon, compared by `qemu-img compare`.
+
+    It is written as TARGET.ferry-partial and takes the target's name only once compared
+    equal: a failure removes it, and one a killed import left is replaced by the next."""
     if os.path.lexists(target):
         raise UserError(f"import target {target} already exists; choose another path or "
                         f"remove it")
+    partial = target.with_name(target.name + PARTIAL_SUFFIX)
+    if partial.exists():
+        log.warning("removing %s, left by an import that did not finish", partial)
+        partial.unlink()
     spec = blockjob.source_spec(info, window)
     allocated = await asyncio.to_thread(blockjob.data_bytes, spec)
     _check_space(target, allocated, target_format, info.virtual_size)
@@ -211,22 +222,28 @@ async def _job_copy(info: ImageInfo, target: Path, target_format: str,
             progress(Progress(allocated * p.done // p.total, allocated,
                               time.monotonic() - copy_start))
     try:
-        _create(target, target_format, info.virtual_size)
-        argv = blockjob.daemon_argv(info, window, target, target_format, work / "qmp.sock")
+        _create(partial, target_format, info.virtual_size)
+        argv = blockjob.daemon_argv(info, window, partial, target_format, work / "qmp.sock")
         async with blockjob.CopyDaemon(argv, work / "qmp.sock", str(info.path)) as daemon:
             await daemon.copy(on_job)
         copy_seconds = time.monotonic() - copy_start
         verify_start = time.monotonic()
         # The target's data map (the report's bytes written) is read beside the compare.
         difference, written = await asyncio.gather(
-            asyncio.to_thread(blockjob.compare, spec, target, target_format)
+            asyncio.to_thread(blockjob.compare, spec, partial, target_format)
             if verify_copy else _nothing(),
-            asyncio.to_thread(blockjob.data_bytes, str(target)))
+            asyncio.to_thread(blockjob.data_bytes, str(partial)))
         verify_seconds = time.monotonic() - verify_start if verify_copy else 0.0
         if difference is not None:
             raise LocalError(f"disk {target}: verification failed: {difference}")
+        try:
+            os.link(partial, target)    # unlike rename, never replaces a file made meanwhile
+        except FileExistsError:
+            raise UserError(f"import target {target} appeared while ferry copied into it; "
+                            f"the copy is removed") from None
+        partial.unlink()
     except BaseException:
-        target.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ EXPORT = "disk"
 INFO_TIMEOUT_S = 30.0
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
+PR_SET_PDEATHSIG = 1      # <linux/prctl.h>
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +142,14 @@ def daemon_argv(image: Path, fmt: str, socket_path: Path, *, writable: bool,
                          f"writable={'on' if writable else 'off'}")]
 
 
+def die_with_parent() -> None:
+    """In a daemon's child process before exec: SIGTERM it when the process that started it
+    dies (a killed `ferry import` must not leave a daemon copying on, or holding images)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+
+
 def escape(path: Path) -> str:
     """A path inside a QEMU option string (commas are doubled)."""
     return str(path).replace(",", ",,")
@@ -170,7 +181,7 @@ class StorageDaemon:
                 *daemon_argv(self.image, self.format, self.socket_path,
                              writable=self.writable, window=self.window),
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                stderr=log_file)
+                stderr=log_file, preexec_fn=die_with_parent)
         try:
             await self._started()
         except BaseException:
