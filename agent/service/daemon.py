@@ -30,6 +30,7 @@ from agent.migration.destination import DestinationJob
 from agent.migration.link import Link, parse_message, send_control
 from agent.migration.protocol import Op
 from agent.migration.source import MigrationOptions, SourceJob
+from agent.qemu.hostrules import require_allowed
 from agent.net import channel as channel_mod
 from agent.service import jobs as jobs_mod
 from agent.service import metrics as metrics_mod
@@ -683,6 +684,9 @@ class Agent:
             definition = talk.check_definition(request.get("definition"))
         except ProtocolError as exc:
             raise UserError(f"import: {exc}") from None
+        for disk in definition.disks:
+            if disk.media == "disk":
+                require_allowed(str(disk.path), self.config.roots, "import source")
         refusals = definition.refusals()
         if refusals:
             raise UserError(f"import of {definition.name} refused: "
