@@ -30,8 +30,8 @@ from agent.migration.destination import DestinationJob
 from agent.migration.link import Link, parse_message, send_control
 from agent.migration.protocol import Op
 from agent.migration.source import MigrationOptions, SourceJob
-from agent.qemu.hostrules import require_allowed
 from agent.net import channel as channel_mod
+from agent.qemu.hostrules import require_allowed
 from agent.service import jobs as jobs_mod
 from agent.service import metrics as metrics_mod
 from agent.service import systemd
