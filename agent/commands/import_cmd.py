@@ -262,8 +262,10 @@ def run_remote(definition: VmDefinition, args: argparse.Namespace) -> int:
 
 
 def remote_report_text(report: dict[str, Any]) -> str:
-    """The human report of an import pass to a peer."""
-    lines = [f"import {report.get('status')}: {report.get('vm')} to {report.get('peer')} "
+    """The human report of an import pass to a peer (or, on the peer, of the incoming one)."""
+    incoming = report.get("direction") == "import-in"
+    lines = [f"{'incoming import' if incoming else 'import'} {report.get('status')}: "
+             f"{report.get('vm')} {'from' if incoming else 'to'} {report.get('peer')} "
              f"(job {report.get('job')})"]
     if report.get("error"):
         lines.append(f"  error: {report['error']}")
@@ -274,7 +276,10 @@ def remote_report_text(report: dict[str, Any]) -> str:
                      f"{human_bytes(d['wire_bytes'])} on the wire, "
                      f"{human_bytes(d['zero_bytes_skipped'])} zero skipped, "
                      f"{d['mb_per_s']:.0f} MB/s, verified {d['verified']}")
-    if report.get("status") == "completed":
+    if incoming:
+        lines.append(f"  received {human_bytes(report.get('wire_bytes') or 0)} for "
+                     f"{report.get('disks_done')} disk(s) into {report.get('vm_dir') or '-'}")
+    elif report.get("status") == "completed":
         if report.get("created"):
             lines.append(f"imported {report.get('vm')} on {report.get('peer')} in "
                          f"{report.get('vm_dir')}" + (", started" if report.get("started")
