@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -213,3 +214,37 @@ def test_refusals_leave_nothing_on_the_peer(agents: AgentPair, root: Path) -> No
     assert "trust" in report["error"].lower() or "refused" in report["error"].lower(), report
     assert not any((agents.b.home / "vms").glob("*"))
     assert list((root / "target").iterdir()) == []
+
+
+def test_a_cancelled_pass_leaves_nothing_on_the_peer(root: Path) -> None:
+    """Held after its first disk batch (FERRY_TEST_HOLD), the import is cancelled: the
+    peer had created its target, and removes it with its directory."""
+    pair = AgentPair.create(root, allow=(root / "target",))
+    pair.a.allow = (root / "src",)
+    pair.a.env = {"FERRY_TEST_HOLD": "source:send:disk-batch"}
+    try:
+        pair.start()
+        source = root / "src" / "disk.vmdk"
+        make_image(source, "vmdk", [(0x5A, 0, 8)], options="subformat=streamOptimized")
+        cli = subprocess.Popen([sys.executable, "-m", "agent", "import", str(source),
+                                "--memory", "64M", "--to", "hostb", "--json", "--home",
+                                str(pair.a.home)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        marker = pair.a.home / "hold-source-send-disk-batch"
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert cli.poll() is None and time.monotonic() < deadline, pair.logs()
+            time.sleep(0.02)
+        target = pair.b.home / "vms" / "disk" / "disk-disk0.qcow2"
+        assert target.exists()                      # made by the peer, mid-pass
+        (job,) = call(pair.a.home, {"op": "jobs"})["jobs"]
+        assert (job["direction"], job["vm"], job["peer"]) == ("import", "disk", "hostb")
+        assert call(pair.a.home, {"op": "cancel", "id": job["job"]})["ok"]
+        out, err = cli.communicate(timeout=60)
+        report = json.loads(out.strip().splitlines()[-1])
+        assert cli.returncode == 1 and report["status"] == "cancelled", (report, err)
+        assert not target.exists() and not any((pair.b.home / "vms").glob("*"))
+        (theirs,) = call(pair.b.home, {"op": "history"})["jobs"]
+        assert (theirs["direction"], theirs["status"]) == ("import-in", "failed")
+    finally:
+        pair.cleanup()

@@ -42,6 +42,7 @@ from agent.importer.copy import DiskImportReport, data_ranges_of
 from agent.importer.definition import DiskDef, VmDefinition
 from agent.importer.images import EXPORT, ImageInfo, StorageDaemon, probe
 from agent.importer.talk import DiskOffer, ImportRequest
+from agent.migration import faults
 from agent.migration.conversation import CheckedLink, Role
 from agent.migration.link import Inbox, Link, send_control
 from agent.migration.protocol import Kind, Op
@@ -119,6 +120,7 @@ class ImportJob:
     _link: CheckedLink | None = None
     _inbox: Inbox | None = None
     _befores: dict[int, bytes] = field(default_factory=dict)
+    peer_removed: list[str] | None = None    # what the peer's ABORTED or ERROR says it removed
 
     @property
     def warm(self) -> bool:
@@ -143,9 +145,11 @@ class ImportJob:
                 work.cancel()
                 with contextlib.suppress(asyncio.CancelledError, FerryError):
                     await work
+                told = ("the peer removed what this pass created"
+                        if self.peer_removed is not None else
+                        "the peer did not confirm it removed what this pass created")
                 report.update(status="cancelled", phase="cancelled",
-                              error="cancelled; the peer removed what this pass created",
-                              error_reason="cancelled")
+                              error=f"cancelled; {told}", error_reason="cancelled")
             else:
                 finished = work.result()
                 report.update(status="completed", phase="completed", **finished)
@@ -159,6 +163,7 @@ class ImportJob:
         finally:
             cancelled.cancel()
         report.update(disks=self.reports, wire_bytes=self.wire_bytes,
+                      peer_removed=self.peer_removed,
                       total_ms=round((time.monotonic() - started) * 1000, 1))
         return report
 
@@ -171,7 +176,8 @@ class ImportJob:
                 token, targets_before = self._pass_state()
                 await self._open_sources(stack, work)
                 link = CheckedLink(await self.connect_peer(self.peer),
-                                   talk.conversation(Role.SOURCE))
+                                   talk.conversation(Role.SOURCE),
+                                   faults.hold(self.config.home))
                 self._link = link
                 stack.push_async_callback(link.close)
                 self._inbox = Inbox(link)
@@ -181,6 +187,11 @@ class ImportJob:
                 except BaseException as exc:
                     await self._abort(link, self._inbox, exc)
                     self._forget_touched()
+                    if isinstance(exc, FerryError | OSError):
+                        # A send refused or failed because the peer gave up: its reason.
+                        explained = await self._inbox.explain(exc)
+                        if explained is not exc:
+                            raise explained from exc
                     raise
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -389,7 +400,10 @@ class ImportJob:
         reason = "cancelled" if isinstance(exc, asyncio.CancelledError) else str(exc)
         try:
             await send_control(link, Op.ABORT, reason=reason[:200])
-            await inbox.expect({Op.ABORTED}, timeout=ABORT_WAIT_S, what="the peer's rollback")
+            done = await inbox.expect({Op.ABORTED}, timeout=ABORT_WAIT_S,
+                                      what="the peer's rollback")
+            removed = done.body.get("removed")
+            self.peer_removed = [str(r) for r in removed] if isinstance(removed, list) else []
         except (FerryError, ConnectionError, OSError) as late:
             log.info("import %s: abort: %s", self.job_id, late)
 
