@@ -203,6 +203,15 @@ def test_refusals_leave_nothing_on_the_peer(agents: AgentPair, root: Path) -> No
     make_image(stray, "vdi", [(0x66, 0, 1)], size_mib=16)
     status, report, err = ferry_import(agents, str(stray), "--memory", "64M")
     assert status == 1 and "allowed" in err and "import source" in err and not report
+    # A later warm pass whose target the peer no longer has (removed there meanwhile).
+    status, report, err = ferry_import(agents, str(source), "--memory", "64M", "--warm")
+    assert status == 0, (report, err)
+    kept = agents.b.home / "vms" / "disk"
+    shutil.rmtree(kept)
+    status, report, err = ferry_import(agents, str(source), "--memory", "64M", "--warm")
+    assert status == 1 and "no warm import target" in report["error"], report
+    assert str(agents.a.home / "imports" / "hostb" / "disk") in report["error"]
+    assert not kept.exists()
     # A peer a does not know, and a peer that no longer trusts a.
     done = subprocess.run([sys.executable, "-m", "agent", "import", str(source), "--memory",
                            "64M", "--to", "nosuch", "--home", str(agents.a.home)],

@@ -44,7 +44,7 @@ from agent.importer.images import EXPORT, ImageInfo, StorageDaemon, probe
 from agent.importer.talk import DiskOffer, ImportRequest
 from agent.migration import faults
 from agent.migration.conversation import CheckedLink, Role
-from agent.migration.link import Inbox, Link, send_control
+from agent.migration.link import Inbox, Link, RemoteFailure, send_control
 from agent.migration.protocol import Kind, Op
 from agent.qemu.hostrules import require_allowed
 from agent.state.config import AgentConfig
@@ -187,7 +187,8 @@ class ImportJob:
                 except BaseException as exc:
                     await self._abort(link, self._inbox, exc)
                     self._forget_touched()
-                    if isinstance(exc, FerryError | OSError):
+                    if isinstance(exc, FerryError | OSError) and \
+                            not isinstance(exc, RemoteFailure):
                         # A send refused or failed because the peer gave up: its reason.
                         explained = await self._inbox.explain(exc)
                         if explained is not exc:
@@ -257,8 +258,14 @@ class ImportJob:
             warm=self.warm, token=token, first_pass=first_pass)
         self.phase = "preparing"
         await send_control(link, Op.IMPORT, **request.body())
-        ready = await inbox.expect({Op.IMPORT_READY}, timeout=READY_TIMEOUT_S,
-                                   what="the peer's targets")
+        try:
+            ready = await inbox.expect({Op.IMPORT_READY}, timeout=READY_TIMEOUT_S,
+                                       what="the peer's targets")
+        except RemoteFailure as exc:
+            if first_pass:
+                raise
+            raise RemoteFailure(f"{exc} (this host's warm state of the import: "
+                                f"{self.state_dir})", exc.outcome) from None
         targets = ready.body.get("targets")
         if not isinstance(targets, list) or len(targets) != len(self.disks) \
                 or not all(isinstance(t, str) for t in targets):
