@@ -140,7 +140,9 @@ def test_vmx_with_two_disks_boots_on_the_peer(agents: AgentPair, root: Path) -> 
     said = wait_for_serial(agents.b.home / "vms" / "web01" / "serial.log",
                            (bootdisk.OK, bootdisk.BAD, bootdisk.READ_ERROR))
     assert said == bootdisk.OK
-    recorded = json.loads((root / "target" / "import.json").read_text())
+    # The record is in the VM's directory on b (where `ferry vm start` looks), its disks
+    # in --dir.
+    recorded = json.loads((agents.b.home / "vms" / "web01" / "import.json").read_text())
     assert sorted(d["path"] for d in recorded["disks"]) == sorted([str(first), str(second)])
     assert recorded["nics"][0]["mac"] == "00:50:56:aa:bb:cc"
 

@@ -7,9 +7,10 @@ does: agent.importer.copy), writes the disk batches through its own writable
 qemu-storage-daemon export with the migration's DiskWriter, and at each DISK_END flushes,
 hashes the target (agent.importer.verify: a read of the target, not a transfer) and sends
 the hashes back for the source to compare. FINISH records the VM stopped
-(`HOME/vms/NAME/import.json`) or starts it. A warm pass keeps its targets, each marked
-with the import's token beside it (`TARGET.ferry-import`) so the next pass accepts it; a
-failed pass removes the targets it created (and the directory), an ABORT too.
+(`HOME/vms/NAME/import.json`, whatever directory its disks are in) or starts it. A warm
+pass keeps its targets, each marked with the import's token beside it
+(`TARGET.ferry-import`) so the next pass accepts it; a failed pass removes the targets
+it created (and the directory), an ABORT too.
 """
 
 from __future__ import annotations
@@ -321,13 +322,16 @@ class ImportSink:
         imported = dataclasses.replace(defn, disks=tuple(
             dataclasses.replace(d, path=next(disks), format=request.target_format)
             for d in defn.disks if d.media == "disk"))
-        (self.directory / RECORD_FILE).write_text(json.dumps(imported.to_json(), indent=2)
-                                                  + "\n")
+        # The record lives in the VM's own directory (where `ferry vm start NAME` looks,
+        # and its QMP socket and serial log go), its disks wherever --dir put them.
+        home = self.config.vms_dir / defn.name
+        home.mkdir(parents=True, exist_ok=True)
+        (home / RECORD_FILE).write_text(json.dumps(imported.to_json(), indent=2) + "\n")
         self.created.clear()                # the VM's disks now: nothing is removed
         self.created_dir = False
         for target in self.targets:
             marker_path(target).unlink(missing_ok=True)
-        body["created"] = True
+        body.update(created=True, vm_dir=str(home), disk_dir=str(self.directory))
         if start:
             try:
                 record = await self.start_vm(imported, private)
@@ -338,7 +342,7 @@ class ImportSink:
                 body["start_error"] = str(exc)
         if not body["started"]:
             vms.register(self.config, vms.VmRecord(name=defn.name, pid=0, qmp_path="",
-                                                   ram_path="", vm_dir=str(self.directory)))
+                                                   ram_path="", vm_dir=str(home)))
         log.info("%s: VM %s recorded in %s%s", self.label, defn.name, self.directory,
                  ", started" if body["started"] else "")
         self.finished = body

@@ -297,7 +297,9 @@ class ImportJob:
         if create and self.warm:
             shutil.rmtree(self.state_dir, ignore_errors=True)    # the import is over
         body = done.body
-        return {"vm_dir": str(body.get("vm_dir", "")), "targets": targets,
+        return {"vm_dir": str(body.get("vm_dir", "")),
+                "disk_dir": str(body.get("disk_dir") or body.get("vm_dir", "")),
+                "targets": targets,
                 "created": body.get("created") is True, "started": body.get("started") is True,
                 "start_error": body.get("start_error"),
                 "warm_pass": self.reports[0]["warm_pass"] if self.reports else 1}
