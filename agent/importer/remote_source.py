@@ -162,6 +162,10 @@ class ImportJob:
                           error=f"import internal error: {exc!r}", error_reason="other")
         finally:
             cancelled.cancel()
+            if not work.done():     # the daemon's own task cancelled: roll back all the same
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError, FerryError):
+                    await work
         report.update(disks=self.reports, wire_bytes=self.wire_bytes,
                       peer_removed=self.peer_removed,
                       total_ms=round((time.monotonic() - started) * 1000, 1))
@@ -246,7 +250,10 @@ class ImportJob:
     async def _converse(self, link: CheckedLink, inbox: Inbox, token: str,
                         targets_before: list[str] | None) -> dict[str, Any]:
         first_pass = targets_before is None
-        if not first_pass and any(not d.kept for d in self.disks):
+        if first_pass:
+            for disk in self.disks:     # a stray state without pass.json says nothing
+                disk.kept = False
+        elif any(not d.kept for d in self.disks):
             raise UserError(f"warm import state in {self.state_dir} lacks a disk's hashes "
                             f"(the source now has {len(self.disks)} disks?); remove it and "
                             f"the targets on {self.peer} to start over")
