@@ -235,6 +235,13 @@ class Agent:
                 link = CheckedLink(raw, talk.conversation(Role.DESTINATION),
                                    faults.hold(self.config.home))
                 await link.accept(kind, payload)
+                busy = [r for r in self.records.values()
+                        if r.direction in ("inbound", IMPORT_IN)]
+                if len(busy) >= self.config.max_inbound:
+                    await send_control(link, Op.ERROR, error_type="UserError", removed=[],
+                                       message=f"busy: {len(busy)} incoming migrations and "
+                                               f"imports running (max_inbound)")
+                    return
                 await self._run_import_in(link, first, peer)
                 return
             link = CheckedLink(raw, Conversation(Role.DESTINATION),
