@@ -127,7 +127,7 @@ def test_every_read_only_op_is_a_control_op_and_changing_ones_are_not(tmp_path: 
                   trust=LiveTrust(tmp_path))
     ops = set(agent.control_handlers())
     assert READ_ONLY_OPS <= ops
-    assert ops - READ_ONLY_OPS == {"migrate", "cancel", "limit", "disk-move"}
+    assert ops - READ_ONLY_OPS == {"migrate", "cancel", "limit", "disk-move", "import"}
 
 
 class ReaderServer(ControlServer):

@@ -1,6 +1,7 @@
 """`ferry import SOURCE`: another hypervisor's VM (a .vmx, OVF/OVA, .vbox or a bare
 image) read into a ferry VM definition and reported first, always (`--inspect` stops
-there); then, on this host (`--local`), each disk copied through QEMU's block layer into
+there); then, on this host (`--local`) or on a trusted peer (`--to PEER`, through the
+local agent: agent.importer.remote_source), each disk copied through QEMU's block layer into
 an image ferry creates, verified, and the VM recorded (`HOME/vms/NAME/import.json`) and
 with `--start` started as an ordinary ferry VM. `--warm` passes copy only what changed
 since the last; `--cutover` is the last pass and creates the VM."""
@@ -15,13 +16,17 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from agent.commands.common import (
     add_config_argument,
     add_home_argument,
     human_bytes,
     load_agent_config,
+    resolve_home,
 )
+from agent.commands.migrate import follow_replies
+from agent.commands.render import ProgressView
 from agent.commands.vm_cmds import start_imported
 from agent.errors import UserError
 from agent.importer.common import normalize_mac
@@ -31,6 +36,7 @@ from agent.importer.inspect import read_source
 from agent.qemu import firmware
 from agent.qemu.nics import parse_net_map
 from agent.qemu.vmspec import keyval_get, parse_keyval, parse_size
+from agent.service.control import ControlClient
 from agent.state import vms
 
 NIC_OPTION_MODELS = ("virtio-net-pci", "e1000", "e1000e", "vmxnet3", "rtl8139")
@@ -60,12 +66,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--local", action="store_true",
                        help="import onto this host's agent (the disks are readable here)")
-    where.add_argument("--to", metavar="PEER", help="import onto a peer agent (not yet)")
+    where.add_argument("--to", metavar="PEER",
+                       help="import onto trusted peer PEER: this host's agent reads the "
+                            "disks (under its allowed paths) and sends them over the "
+                            "encrypted channel; the peer writes, verifies and records the VM")
     p.add_argument("--name", help="the VM's name here (default: the source's)")
     p.add_argument("--format", choices=("qcow2", "raw"), default="qcow2",
                    help="the imported disks' format (default qcow2)")
     p.add_argument("--dir", type=Path, metavar="DIR",
-                   help="where the disks go, an allowed path (default HOME/vms/NAME)")
+                   help="where the disks go, an allowed path (default HOME/vms/NAME; with "
+                        "--to, a directory on the peer, default the peer's HOME/vms/NAME)")
+    p.add_argument("--compress", default="off", metavar="off|zstd:N",
+                   help="with --to: zstd for the disk batches (default off: disk data "
+                        "rarely pays on a fast link)")
     passes = p.add_mutually_exclusive_group()
     passes.add_argument("--warm", action="store_true",
                         help="copy while the source may still run; repeat to send only "
@@ -148,8 +161,7 @@ def report_lines(defn: VmDefinition) -> list[str]:
 def run_import(definition: VmDefinition, args: argparse.Namespace) -> int:
     """Report, copy every disk (a pass), and unless --warm record (and --start) the VM."""
     if args.to:
-        raise UserError("ferry import --to PEER is not built yet: run ferry import on the "
-                        "destination host with --local (its disks readable there)")
+        return run_remote(definition, args)
     if not args.local:
         raise UserError("say where the VM goes: --local (this host), or --inspect to only "
                         "read SOURCE")
@@ -207,6 +219,80 @@ def run_import(definition: VmDefinition, args: argparse.Namespace) -> int:
                                           vm_dir=str(directory)))
         print(f"start it with: ferry vm start {name}")
     return 0
+
+
+def run_remote(definition: VmDefinition, args: argparse.Namespace) -> int:
+    """--to PEER: print the report, refuse what cannot work, then ask this host's agent to
+    run the pass as a job (`import` control op) and follow it to its report."""
+    lines = report_lines(definition)
+    print("\n".join(lines), file=sys.stderr if args.json else sys.stdout)
+    if definition.refusals():
+        return 1
+    if args.start and definition.firmware == "uefi":
+        raise UserError(f"{definition.name} boots with UEFI; ferry starts only BIOS guests "
+                        f"yet: import it without --start")
+    unmapped = [n for n in definition.nics if not n.network]
+    if args.start and unmapped:
+        raise UserError(f"NIC {unmapped[0].mac or ''} on source network "
+                        f"{unmapped[0].source_network!r} has no ferry network: map it with "
+                        f"--net-map SRC=NETWORK to one of {args.to}'s networks")
+    if args.warm and args.start:
+        raise UserError("--warm creates no VM yet: give --start with --cutover")
+    name = args.name or definition.name
+    # The agent opens the images itself: absolute paths, as meant here.
+    defn = dataclasses.replace(definition, name=name, disks=tuple(
+        dataclasses.replace(d, path=d.path.absolute()) for d in definition.disks))
+    request = {"op": "import", "to": args.to, "definition": defn.to_json(),
+               "format": args.format, "dir": str(args.dir) if args.dir else None,
+               "warm": args.warm, "cutover": args.cutover, "start": args.start,
+               "private": args.ram == "private", "compress": args.compress}
+    if args.dir is not None and not args.dir.is_absolute():
+        raise UserError(f"--dir {args.dir}: give an absolute path on {args.to}")
+    home = resolve_home(args)
+    with ControlClient(home / "control.sock", timeout=None) as client, \
+            ProgressView(sys.stderr, enabled=not args.json) as view:
+        client.send(request)
+        report = follow_replies(client, view,
+                                cancelling=f"{args.to} removes what this pass created")
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(remote_report_text(report))
+    return 0 if report.get("status") == "completed" else 1
+
+
+def remote_report_text(report: dict[str, Any]) -> str:
+    """The human report of an import pass to a peer (or, on the peer, of the incoming one)."""
+    incoming = report.get("direction") == "import-in"
+    lines = [f"{'incoming import' if incoming else 'import'} {report.get('status')}: "
+             f"{report.get('vm')} {'from' if incoming else 'to'} {report.get('peer')} "
+             f"(job {report.get('job')})"]
+    if report.get("error"):
+        lines.append(f"  error: {report['error']}")
+    for n, d in enumerate(report.get("disks") or ()):
+        lines.append(f"  disk{n}: {d['source']} -> {d['target']}: pass {d['warm_pass']}, "
+                     f"{human_bytes(d['bytes_read'])} read, {d['blocks_changed']} blocks "
+                     f"changed, {human_bytes(d['bytes_written'])} written, "
+                     f"{human_bytes(d['wire_bytes'])} on the wire, "
+                     f"{human_bytes(d['zero_bytes_skipped'])} zero skipped, "
+                     f"{d['mb_per_s']:.0f} MB/s, verified {d['verified']}")
+    if incoming:
+        lines.append(f"  received {human_bytes(report.get('wire_bytes') or 0)} for "
+                     f"{report.get('disks_done')} disk(s) into {report.get('vm_dir') or '-'}")
+    elif report.get("status") == "completed":
+        if report.get("created"):
+            lines.append(f"imported {report.get('vm')} on {report.get('peer')} in "
+                         f"{report.get('vm_dir')}" + (", started" if report.get("started")
+                                                      else ""))
+            if report.get("start_error"):
+                lines.append(f"  it did not start: {report['start_error']}")
+            elif not report.get("started"):
+                lines.append(f"start it there with: ferry vm start {report.get('vm')}")
+        else:
+            lines.append(f"warm pass done; run again to send what changed, then with "
+                         f"--cutover once {report.get('vm')} is shut down")
+    lines.append(f"  total: {report.get('total_ms')} ms")
+    return "\n".join(lines)
 
 
 def _window(disk: DiskDef) -> tuple[int, int] | None:

@@ -65,11 +65,14 @@ def request_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def report_text(report: dict[str, Any]) -> str:
-    """The human-readable report (of a migration, or of a disk move: `ferry job`,
-    `ferry report`)."""
+    """The human-readable report (of a migration, a disk move or an import to a peer:
+    `ferry job`, `ferry report`)."""
     if report.get("direction") == "local":
         from agent.commands import disk_cmds  # it imports this module
         return disk_cmds.report_text(report)
+    if report.get("direction") in ("import", "import-in"):
+        from agent.commands import import_cmd  # it imports this module
+        return import_cmd.remote_report_text(report)
     if report.get("direction") == "inbound":
         return (f"incoming migration {report.get('status')}: {report.get('vm')} from "
                 f"{report.get('peer')}\n  job:          {report.get('job')}\n"

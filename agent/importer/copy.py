@@ -141,7 +141,7 @@ async def import_disk(source: Path, target: Path, *, roots: Sequence[Path],
     if engine not in ("auto", "ferry"):
         raise LocalError(f"unknown import engine {engine!r}")
     info = probe(source, source_format, window)
-    target = _check_target(target, roots)
+    target = check_target(target, roots)
     if state_file is None and engine == "auto":
         return await _job_copy(info, target, target_format, window, started,
                                verify_copy=verify_copy, progress=progress, run_dir=run_dir)
@@ -158,11 +158,11 @@ async def import_disk(source: Path, target: Path, *, roots: Sequence[Path],
                 if src.size != info.virtual_size:
                     raise LocalError(f"disk {source}: the export has {src.size} bytes, "
                                      f"qemu-img info said {info.virtual_size}")
-                data_ranges = await _data_ranges(src)
+                data_ranges = await data_ranges_of(src)
                 copy.allocated = sum(n for _, n in data_ranges)
                 if not kept:
-                    _check_space(target, copy.allocated, target_format, info.virtual_size)
-                    _create(target, target_format, info.virtual_size)
+                    check_space(target, copy.allocated, target_format, info.virtual_size)
+                    create_target(target, target_format, info.virtual_size)
                     created = True
                 if state_file is not None:
                     state.save(state_file, in_pass=True)
@@ -213,7 +213,7 @@ async def _job_copy(info: ImageInfo, target: Path, target_format: str,
         partial.unlink()
     spec = blockjob.source_spec(info, window)
     allocated = await asyncio.to_thread(blockjob.data_bytes, spec)
-    _check_space(target, allocated, target_format, info.virtual_size)
+    check_space(target, allocated, target_format, info.virtual_size)
     work = Path(tempfile.mkdtemp(prefix="ferry-import-", dir=run_dir))
     copy_start = time.monotonic()
 
@@ -222,7 +222,7 @@ async def _job_copy(info: ImageInfo, target: Path, target_format: str,
             progress(Progress(allocated * p.done // p.total, allocated,
                               time.monotonic() - copy_start))
     try:
-        _create(partial, target_format, info.virtual_size)
+        create_target(partial, target_format, info.virtual_size)
         argv = blockjob.daemon_argv(info, window, partial, target_format, work / "qmp.sock")
         async with blockjob.CopyDaemon(argv, work / "qmp.sock", str(info.path)) as daemon:
             await daemon.copy(on_job)
@@ -272,7 +272,7 @@ def default_state_file(target: Path) -> Path:
     return target.with_name(f"{target.name}.ferry-warm")
 
 
-def _check_target(target: Path, roots: Sequence[Path]) -> Path:
+def check_target(target: Path, roots: Sequence[Path]) -> Path:
     require_allowed(str(target), roots, "import target")
     if not target.parent.is_dir():
         raise UserError(f"import target {target}: directory {target.parent} does not exist")
@@ -300,12 +300,19 @@ def _prior_state(state_file: Path | None, target: Path, info: ImageInfo,
     return warmstate.WarmState.fresh(target, info.virtual_size, DISK_BLOCK), False
 
 
-def _check_space(target: Path, allocated: int, target_format: str, virtual_size: int) -> None:
-    """Refuse when the target's file system cannot hold the source's data (plus qcow2's
-    metadata and a margin)."""
+def space_needed(allocated: int, target_format: str, virtual_size: int) -> int:
+    """Bytes a new target needs: the source's data, qcow2's metadata and a margin."""
     needed = allocated + SPACE_MARGIN
     if target_format == "qcow2":
         needed += virtual_size // DISK_BLOCK * 8 // 512 + (1 << 20)   # L2 tables, roughly
+    return needed
+
+
+def check_space(target: Path, allocated: int, target_format: str, virtual_size: int,
+                also: int = 0) -> None:
+    """Refuse when the target's file system cannot hold the source's data (plus qcow2's
+    metadata and a margin), and `also` bytes other targets there need."""
+    needed = space_needed(allocated, target_format, virtual_size) + also
     free = shutil.disk_usage(target.parent).free
     if free < needed:
         raise UserError(f"not enough space for import target {target}: {needed >> 20} MiB "
@@ -313,18 +320,18 @@ def _check_space(target: Path, allocated: int, target_format: str, virtual_size:
                         f"{free >> 20} MiB free in {target.parent}")
 
 
-def _create(target: Path, target_format: str, virtual_size: int) -> None:
-    writer = DiskWriter(_target_spec(target, target_format, virtual_size),
+def create_target(target: Path, target_format: str, virtual_size: int) -> None:
+    writer = DiskWriter(target_spec(target, target_format, virtual_size),
                         DiskTarget(str(target), target_format))
     writer.create()
 
 
-def _target_spec(target: Path, target_format: str, virtual_size: int) -> DiskSpec:
+def target_spec(target: Path, target_format: str, virtual_size: int) -> DiskSpec:
     return DiskSpec(index=0, path=str(target), format=target_format,
                     virtual_size=virtual_size, node="")
 
 
-async def _data_ranges(nbd: NbdClient) -> list[tuple[int, int]]:
+async def data_ranges_of(nbd: NbdClient) -> list[tuple[int, int]]:
     """(offset, length) of every extent that does not read as zero."""
     extents = await nbd.block_status(0, nbd.size, BASE_ALLOCATION)
     return [(e.offset, e.length) for e in extents if not e.flags & AllocationFlag.ZERO]
@@ -363,7 +370,7 @@ class _Pass:
                   *, warm: bool) -> None:
         size = self.info.virtual_size
         writer = self.writer = DiskWriter(
-            _target_spec(self.target, self.target_format, size),
+            target_spec(self.target, self.target_format, size),
             DiskTarget(str(self.target), self.target_format), nbd=dst)
         # The encoder compares each block with what the target holds (the state's hashes)
         # and records what it sends there: after the pass they are the source's hashes.

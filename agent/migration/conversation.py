@@ -14,6 +14,7 @@ import json
 import sys
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from agent import docgen
 from agent.errors import ProtocolError
@@ -51,6 +52,11 @@ class Dir(enum.StrEnum):
 Message = Kind | Op
 """A data kind (RAM_BATCH, DISK_BATCH, QEMU_STREAM) or a control op."""
 Event = tuple[State, Dir, Message]
+AnyState = enum.StrEnum
+"""A conversation's state: a migration's State, or another conversation's own (an import's:
+agent.importer.talk)."""
+Table = dict[tuple[Any, Dir, Message], Any]
+"""(state, direction, message) -> next state, for any conversation's states."""
 
 DATA = (Kind.RAM_BATCH, Kind.DISK_BATCH, Kind.QEMU_STREAM)
 # Before COMMITTED either side may give up: the source with ABORT, either with ERROR.
@@ -110,13 +116,16 @@ TABLES: dict[Role, dict[Event, State]] = {role: _table(role) for role in Role}
 
 
 class Conversation:
-    """One side's conversation: consulted before every message is acted on."""
+    """One side's conversation: consulted before every message is acted on. A migration's
+    by default; another conversation (an import) passes its own table and first state."""
 
-    def __init__(self, role: Role) -> None:
+    def __init__(self, role: Role, table: Table | None = None,
+                 initial: AnyState = State.IDLE, name: str = "migration") -> None:
         self.role = role
-        self.state = State.IDLE
+        self.state: AnyState = initial
         self.last_step = ""            # the last transition that changed state
-        self._table = TABLES[role]
+        self.name = name
+        self._table: Table = TABLES[role] if table is None else table
 
     def sent(self, message: Message) -> None:
         self._advance(Dir.SEND, message)
@@ -128,8 +137,8 @@ class Conversation:
         nxt = self._table.get((self.state, direction, message))
         if nxt is None:
             verb = "send" if direction is Dir.SEND else "receive"
-            raise ProtocolError(f"the {self.role.value} may not {verb} "
-                                f"{_name(message)} in state {self.state.value}")
+            raise ProtocolError(f"the {self.role.value} of {_article(self.name)} may not "
+                                f"{verb} {message_name(message)} in state {self.state.value}")
         if nxt is not self.state:
             self.last_step = step_name(self.role, direction, message)
         self.state = nxt
@@ -137,7 +146,7 @@ class Conversation:
 
 def step_name(role: Role, direction: Dir, message: Message) -> str:
     """A transition's name, e.g. source:recv:loaded (test hooks and the fault matrix)."""
-    return f"{role.value}:{direction.value}:{_name(message)}"
+    return f"{role.value}:{direction.value}:{message_name(message)}"
 
 
 def steps(role: Role) -> list[str]:
@@ -150,7 +159,12 @@ def steps(role: Role) -> list[str]:
     return seen
 
 
-def _name(message: Message) -> str:
+def _article(noun: str) -> str:
+    return f"an {noun}" if noun[:1] in "aeiou" else f"a {noun}"
+
+
+def message_name(message: Message) -> str:
+    """A message as the tables and step names write it: an op's value, a kind's name."""
     return message.value if isinstance(message, Op) else message.name.lower().replace("_", "-")
 
 
@@ -192,11 +206,16 @@ class CheckedLink:
 
     async def receive(self) -> tuple[int, bytes | memoryview]:
         kind, payload = await self.link.receive()
+        await self.accept(kind, payload)
+        return kind, payload
+
+    async def accept(self, kind: int, payload: bytes | memoryview) -> None:
+        """Check a message received from the link (receive does; the daemon too, for a
+        connection's first message, read before it knows which conversation it begins)."""
         message = message_of(kind, payload)
         self.conversation.received(message)
         if self._hold is not None:
             await self._hold(step_name(self.conversation.role, Dir.RECV, message))
-        return kind, payload
 
     async def close(self) -> None:
         await self.link.close()
@@ -216,7 +235,7 @@ def markdown() -> str:
                   "| state | sends / receives | message | next state |",
                   "|---|---|---|---|"]
         for (state, direction, message), nxt in TABLES[role].items():
-            lines.append(f"| {state.value} | {direction.value} | {_name(message)} | "
+            lines.append(f"| {state.value} | {direction.value} | {message_name(message)} | "
                          f"{nxt.value} |")
         lines.append("")
     lines.append(DOC_END)

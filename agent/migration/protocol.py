@@ -21,6 +21,13 @@ On a new connection after the link was lost in pre-copy:
   RESUME {job}                              RESUMED {received} | ERROR
 On a new connection, about an earlier job:
   STATUS {job}                              STATUS {job, outcome}
+An import (`ferry import --to PEER`) is a conversation of its own on a new connection,
+with its own tables (agent.importer.talk), sharing these kinds and ops:
+  IMPORT {job, definition, disks, ...}      IMPORT_READY {targets, vm_dir} | ERROR
+  DISK_BATCH* of one disk, DISK_END {disk}  HASHES* {disk, first, count, hashes}
+                                            DISK_WRITTEN {disk, ...}
+  FINISH {create, start}                    FINISHED {name, vm_dir, created, started}
+  ABORT {reason}                            ABORTED {removed}
 """
 
 from __future__ import annotations
@@ -67,6 +74,14 @@ class Op(enum.StrEnum):
     RESUMED = "resumed"            # the destination holds the first N messages: resend the rest
     ACK = "ack"                    # the destination has received the first N messages
     HEALTH = "health"              # the guest's pace at the destination after the resume
+    # An import's (agent.importer.talk):
+    IMPORT = "import"              # here is an imported VM's definition: make its targets
+    IMPORT_READY = "import-ready"  # the targets exist (or are kept from a warm pass)
+    DISK_END = "disk-end"          # every block of this disk's pass is sent
+    HASHES = "hashes"              # the target's per-block hashes, one run of blocks
+    DISK_WRITTEN = "disk-written"  # the disk is flushed and every hash sent
+    FINISH = "finish"              # the pass is over: create the VM (or keep the targets)
+    FINISHED = "finished"          # the VM is recorded (stopped or started)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,15 +18,20 @@ from agent import __version__
 from agent import identity as identity_mod
 from agent.errors import FerryError, PeerError, ProtocolError, TrustError, UserError
 from agent.hostnet import attach
+from agent.importer import talk
+from agent.importer.definition import VmDefinition
+from agent.importer.remote_sink import ImportSink
+from agent.importer.remote_source import ImportJob, ImportOptions
 from agent.migration import faults, recovery
 from agent.migration.claims import Claims
-from agent.migration.convergence import CompressSetting, Pacer, TimeoutAction
+from agent.migration.convergence import Compression, CompressSetting, Pacer, TimeoutAction
 from agent.migration.conversation import CheckedLink, Conversation, Role
 from agent.migration.destination import DestinationJob
 from agent.migration.link import Link, parse_message, send_control
 from agent.migration.protocol import Op
 from agent.migration.source import MigrationOptions, SourceJob
 from agent.net import channel as channel_mod
+from agent.qemu.hostrules import require_allowed
 from agent.service import jobs as jobs_mod
 from agent.service import metrics as metrics_mod
 from agent.service import systemd
@@ -44,6 +49,9 @@ HISTORY_DEFAULT = 20            # `history` without a limit
 RESOLVE_FIRST_S = 1.0
 RESOLVE_MAX_S = 60.0
 LOCAL = "local"                 # a job's direction when it stays on this host (disk move)
+IMPORT = "import"               # `ferry import --to PEER` on the agent reading the images
+IMPORT_IN = "import-in"         # ... and on the peer writing them
+NOT_MIGRATIONS = (LOCAL, IMPORT, IMPORT_IN)   # jobs the migration metrics do not count
 INBOUND_PROGRESS_S = 0.5        # how often an incoming job's progress is published
 # The control ops that change nothing, which [access] readers may use (`job` with follow
 # too: a follower's cancel only stops its following). Every other op needs an operator.
@@ -143,7 +151,7 @@ class Agent:
         self.bandwidth = Pacer(self.config.bandwidth)
         # Migrations only: a disk move is no migration, and not counted as one.
         self.metrics = metrics_mod.AgentMetrics(
-            lambda: [r for r in self.records.values() if r.direction != LOCAL])
+            lambda: [r for r in self.records.values() if r.direction not in NOT_MIGRATIONS])
 
     async def start(self) -> None:
         """Bind the servers (metrics first: a bad metrics_listen refuses the start before
@@ -165,7 +173,7 @@ class Agent:
         return {"ping": self._ping, "vm-list": self._vm_list, "migrate": self._migrate,
                 "jobs": self._jobs, "status": self._status, "job": self._job,
                 "cancel": self._cancel, "history": self._history, "report": self._report,
-                "limit": self._limit, "disk-move": self._disk_move}
+                "limit": self._limit, "disk-move": self._disk_move, "import": self._import}
 
     @property
     def port(self) -> int:
@@ -195,7 +203,7 @@ class Agent:
                 for job in self.jobs.values():
                     job.cancel.set()          # a source job rolls back unless committing
                 for record in self.records.values():
-                    if record.direction == LOCAL:
+                    if record.direction in (LOCAL, IMPORT):
                         record.cancel.set()   # a disk move not yet switched rolls back
                 for task in still & self.incoming:
                     task.cancel()             # rolls back an uncommitted incoming VM
@@ -212,16 +220,33 @@ class Agent:
     async def _serve_peer(self, channel: channel_mod.Channel) -> None:
         """A peer's connection: a migration (PREPARE) or a question about one (STATUS)."""
         peer = channel.peer_name
-        link = CheckedLink(ChannelLink(channel, self.config.link_timeout_s,
-                                       receive_timeout=True),
-                           Conversation(Role.DESTINATION),
-                           faults.hold(self.config.home))
+        raw = ChannelLink(channel, self.config.link_timeout_s, receive_timeout=True)
         task = asyncio.current_task()
         assert task is not None
         self.incoming.add(task)
         try:
-            kind, payload = await link.receive()
+            # The first message says which conversation this connection is.
+            kind, payload = await raw.receive()
             first = parse_message(kind, payload)
+            if first is not None and first.op is Op.IMPORT:
+                # An import's source may read for long without sending (a warm pass over
+                # unchanged data): the link is lost when the channel says so.
+                raw.receive_wait = None
+                link = CheckedLink(raw, talk.conversation(Role.DESTINATION),
+                                   faults.hold(self.config.home))
+                await link.accept(kind, payload)
+                busy = [r for r in self.records.values()
+                        if r.direction in ("inbound", IMPORT_IN)]
+                if len(busy) >= self.config.max_inbound:
+                    await send_control(link, Op.ERROR, error_type="UserError", removed=[],
+                                       message=f"busy: {len(busy)} incoming migrations and "
+                                               f"imports running (max_inbound)")
+                    return
+                await self._run_import_in(link, first, peer)
+                return
+            link = CheckedLink(raw, Conversation(Role.DESTINATION),
+                               faults.hold(self.config.home))
+            await link.accept(kind, payload)
             if first is not None and first.op is Op.STATUS:
                 job_id = str(first.body.get("job", ""))
                 await send_control(link, Op.STATUS, job=job_id, outcome=self.status_of(job_id))
@@ -233,7 +258,7 @@ class Agent:
                 await send_control(link, Op.ERROR, message="a migration must begin with "
                                    "PREPARE", error_type="ProtocolError")
                 return
-            inbound = [r for r in self.records.values() if r.direction == "inbound"]
+            inbound = [r for r in self.records.values() if r.direction in ("inbound", IMPORT_IN)]
             if len(inbound) >= self.config.max_inbound:
                 await send_control(link, Op.ERROR, error_type="UserError",
                                    outcome=outcomes.Outcome.REMOVED.value,
@@ -361,13 +386,68 @@ class Agent:
                       "error_reason": None if job.committed else job.error_reason or "other"}
             self._finish(record, report)
 
+    async def _run_import_in(self, link: CheckedLink, first: Any, peer: str) -> None:
+        """Serve an incoming import pass (agent/importer/remote_sink.py), shown in `jobs`
+        while it runs and kept in the history."""
+        defn = first.body.get("definition")
+        name = defn.get("name") if isinstance(defn, dict) else None
+        job = str(first.body.get("job") or "")
+        record = jobs_mod.JobRecord(job_id=job if talk.JOB_ID.fullmatch(job)
+                                    else os.urandom(6).hex(),
+                                    direction=IMPORT_IN,
+                                    vm=str(name)[:64] if isinstance(name, str) else None,
+                                    peer=peer, state="running", phase="receiving",
+                                    running_at=time.time())
+        if record.job_id in self.records:
+            record.job_id = f"{record.job_id}-in"    # an import between our own homes
+        self.records[record.job_id] = record
+        started = time.monotonic()
+        sink = ImportSink(config=self.config, link=link, peer=peer,
+                          start_vm=self._start_imported, claims=self.claims)
+
+        async def watch() -> None:
+            while True:
+                await asyncio.sleep(INBOUND_PROGRESS_S)
+                elapsed = time.monotonic() - started
+                record.publish({"event": "progress", "phase": "receiving",
+                                "step": link.conversation.state.value,
+                                "elapsed_s": round(elapsed, 3),
+                                "disks_done": sink.disks_done,
+                                "wire_bytes": sink.received_bytes,
+                                "throughput_bps": round(sink.received_bytes / elapsed)})
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await sink.run(first)
+        finally:
+            watcher.cancel()
+            done = sink.finished is not None
+            report: Reply = {"event": "result", "status": "completed" if done else "failed",
+                             "phase": "completed" if done else "removed",
+                             "job": record.job_id, "vm": record.vm, "peer": peer,
+                             "kind": "import", "direction": IMPORT_IN,
+                             "total_ms": round((time.monotonic() - started) * 1000, 1),
+                             "wire_bytes": sink.received_bytes, "disks_done": sink.disks_done,
+                             **(sink.finished or {}),
+                             "error": sink.error,
+                             "error_reason": None if done else sink.error_reason or "other"}
+            self._finish(record, report)
+
+    async def _start_imported(self, definition: VmDefinition, private: bool) -> vms.VmRecord:
+        """Start an imported VM here as `ferry vm start` does (QEMU in its own session,
+        recorded), in a thread: it waits for QEMU's QMP socket."""
+        # The commands layer holds `vm start`; imported here only, when a VM starts.
+        from agent.commands.vm_cmds import start_imported
+        return await asyncio.to_thread(start_imported, self.config, definition,
+                                       private=private)
+
     def _finish(self, record: jobs_mod.JobRecord, report: Reply) -> None:
         """A job ended: into the history and the metrics, then tell whoever follows it."""
         log.info("%s: %s%s", job_label(record, report.get("vm")), report.get("status"),
                  f" ({report['error']})" if report.get("error") else "")
         record.ended_at = time.time()
         self.history.append(jobs_mod.history_entry(record, report))
-        if record.direction != LOCAL:
+        if record.direction not in NOT_MIGRATIONS:
             self.metrics.job_finished(record, report)
         self.records.pop(record.job_id, None)
         record.finish(report)
@@ -445,9 +525,10 @@ class Agent:
             if entry is not None:
                 raise UserError(f"job {entry.get('job')} already ended ({entry.get('status')})")
             raise UserError(f"no job {request.get('id') or request.get('job')!r} here")
-        if record.direction not in ("outbound", LOCAL):
-            raise UserError(f"job {record.job_id} is an incoming migration: cancel it on its "
-                            f"source, {record.peer}")
+        if record.direction not in ("outbound", LOCAL, IMPORT):
+            raise UserError(f"job {record.job_id} is an incoming "
+                            f"{'import' if record.direction == IMPORT_IN else 'migration'}: "
+                            f"cancel it on its source, {record.peer}")
         record.cancel.set()
         return {"ok": True, "job": record.job_id, "state": record.state,
                 "phase": record.phase}
@@ -602,6 +683,85 @@ class Agent:
             return {"ok": True, "job": job_id, "state": record.state}
         return await _attached(record, send, cancel)
 
+    async def _import(self, request: dict[str, Any], send: Any,
+                      cancel: asyncio.Event) -> Reply:
+        """`ferry import SOURCE --to PEER`: one pass of an import job
+        (agent/importer/remote_source.py), shown in `jobs`, cancellable, its report in the
+        history. The CLI read SOURCE and printed its notes; the definition is checked here
+        again as a peer checks it, its images under this agent's allowed paths."""
+        if self.stopping.is_set():
+            raise UserError("the agent is shutting down")
+        peer = str(request.get("to") or "")
+        self.trusted_peer(peer)           # refuse an unknown peer before reading anything
+        try:
+            definition = talk.check_definition(request.get("definition"))
+        except ProtocolError as exc:
+            raise UserError(f"import: {exc}") from None
+        for disk in definition.disks:
+            if disk.media == "disk":
+                require_allowed(str(disk.path), self.config.roots, "import source")
+        refusals = definition.refusals()
+        if refusals:
+            raise UserError(f"import of {definition.name} refused: "
+                            + "; ".join(n.line() for n in refusals))
+        fmt = request.get("format") or "qcow2"
+        if fmt not in ("qcow2", "raw"):
+            raise UserError(f'import: "format" must be qcow2 or raw, not {fmt!r}')
+        directory = request.get("dir")
+        if directory is not None and (not isinstance(directory, str)
+                                      or not directory.startswith("/")):
+            raise UserError(f'import: "dir" must be an absolute path on {peer}, not '
+                            f'{directory!r}')
+        flags = {k: request.get(k, False) for k in ("warm", "cutover", "start", "private")}
+        if not all(isinstance(v, bool) for v in flags.values()) or \
+                (flags["warm"] and flags["cutover"]):
+            raise UserError("import: warm, cutover, start and private are true/false, and "
+                            "not warm and cutover at once")
+        try:
+            compress = CompressSetting.parse(str(request.get("compress") or "off"))
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        options = ImportOptions(target_format=fmt, directory=directory, warm=flags["warm"],
+                                cutover=flags["cutover"], start=flags["start"],
+                                private_ram=flags["private"],
+                                compress_level=compress.level if compress.mode is not
+                                Compression.AUTO else None)
+        job_id = uuid.uuid4().hex[:12]
+        self.claims.claim(f"import:{peer}:{definition.name}", job_id,
+                          f"import of {definition.name} to {peer}")
+        record = jobs_mod.JobRecord(job_id=job_id, direction=IMPORT, vm=definition.name,
+                                    peer=peer, state="running", phase="running",
+                                    running_at=time.time(),
+                                    detached=bool(request.get("detach")))
+        self.records[job_id] = record
+        log.info("%s: started", job_label(record))
+
+        async def progress(event: Reply) -> None:
+            record.phase = str(event.get("phase") or record.phase)
+            record.publish(event)
+
+        job = ImportJob(config=self.config, definition=definition, peer=peer,
+                        options=options, connect_peer=self.connect_peer, job_id=job_id,
+                        progress=progress, cancel=record.cancel)
+        task = asyncio.create_task(self._run_import(record, job), name=f"job-{job_id}")
+        self.job_tasks.add(task)
+        task.add_done_callback(self.job_tasks.discard)
+        if record.detached:
+            return {"ok": True, "job": job_id, "state": record.state}
+        return await _attached(record, send, cancel)
+
+    async def _run_import(self, record: jobs_mod.JobRecord, job: ImportJob) -> None:
+        report: Reply | None = None
+        try:
+            report = await job.run()
+        finally:
+            self.claims.release(record.job_id)
+            if report is None:
+                report = queued_report(record, "the agent stopped the job")
+                report.update(status="failed", error_reason="shutdown")
+            report["direction"] = IMPORT
+            self._finish(record, report)
+
     async def _run_local(self, record: jobs_mod.JobRecord, move: DiskMove) -> None:
         report: Reply | None = None
         try:
@@ -682,6 +842,10 @@ def job_label(record: jobs_mod.JobRecord, vm_name: str | None = None) -> str:
     vm_name = vm_name or record.vm or "?"
     if record.direction == LOCAL:
         return f"disk move {record.job_id} of {vm_name}"
+    if record.direction == IMPORT:
+        return f"import {record.job_id} of {vm_name} to {record.peer}"
+    if record.direction == IMPORT_IN:
+        return f"incoming import {record.job_id} of {vm_name} from {record.peer}"
     if record.direction == "outbound":
         return f"migration {record.job_id} of {vm_name} to {record.peer}"
     return f"incoming {record.job_id} of {vm_name} from {record.peer}"

@@ -246,7 +246,7 @@ class AgentConfig:
     max_outbound: int = setting(
         Count(least=1), "outbound jobs running at once; more wait in a FIFO queue", 2)
     max_inbound: int = setting(
-        Count(least=0), "incoming migrations at once; more are refused (busy)", 2)
+        Count(least=0), "incoming migrations and imports at once; more are refused (busy)", 2)
     history_limit: int = setting(
         Count(least=1), "finished jobs' reports kept in HOME/history.jsonl", 500)
     bandwidth: int | None = setting(
