@@ -193,6 +193,25 @@ def test_refusals_copy_nothing(home: Path, tmp_path: Path) -> None:
     assert nowhere.returncode == 1 and "--local" in nowhere.stderr
 
 
+def test_disks_put_elsewhere_with_dir_still_start_by_name(home: Path, tmp_path: Path) -> None:
+    """--dir holds the disks; the VM's record stays where `ferry vm start NAME` looks."""
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    toml = home / "agent.toml"
+    toml.write_text(f'allow_paths = ["{pool}"]\n' + toml.read_text())   # before any table
+    image = tmp_path / "app.qcow2"
+    make_image(image, "qcow2", [(0x44, 0, 1)])
+    done = ferry(home, str(image), "--local", "--memory", "64M", "--name", "app",
+                 "--dir", str(pool))
+    assert done.returncode == 0, done.stderr
+    assert [p.name for p in pool.iterdir()] == ["app-disk0.qcow2"]
+    started = subprocess.run([sys.executable, "-m", "agent", "vm", "start", "app", "--home",
+                              str(home)], capture_output=True, text=True, check=False)
+    assert started.returncode == 0, started.stderr
+    record = vms.load(load_config(home), "app")
+    assert record.alive() and str(pool / "app-disk0.qcow2") in block_devices(record)
+
+
 def test_ova_disks_are_copied_in_place_from_the_package(home: Path, tmp_path: Path) -> None:
     from tests.test_import_parse import DATA, build_ova, manifest, set_file_sizes
     disks = tmp_path / "disks"

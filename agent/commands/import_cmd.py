@@ -209,14 +209,17 @@ def run_import(definition: VmDefinition, args: argparse.Namespace) -> int:
         default_state_file(target).unlink(missing_ok=True)
     imported = dataclasses.replace(definition, name=name, disks=tuple(
         dataclasses.replace(d, path=t, format=f) for d, t, f in targets))
-    (directory / RECORD_FILE).write_text(json.dumps(imported.to_json(), indent=2) + "\n")
+    # The record goes where `ferry vm start NAME` looks, whatever --dir the disks went to.
+    home_dir = config.vms_dir / name
+    home_dir.mkdir(parents=True, exist_ok=True)
+    (home_dir / RECORD_FILE).write_text(json.dumps(imported.to_json(), indent=2) + "\n")
     print(f"imported {name}: {len(targets)} disk(s) in {directory}")
     if args.start:
         start_imported(config, imported, private=args.ram == "private")
     else:
         # Known here, stopped: `ferry vm start NAME` starts it, `ferry export` writes it out.
         vms.register(config, vms.VmRecord(name=name, pid=0, qmp_path="", ram_path="",
-                                          vm_dir=str(directory)))
+                                          vm_dir=str(home_dir)))
         print(f"start it with: ferry vm start {name}")
     return 0
 
