@@ -33,8 +33,8 @@ MIGRATION = [  # (who says it, message)
     (Role.SOURCE, Op.COMMIT), (Role.DESTINATION, Op.COMMITTED)]
 
 
-def play(script) -> tuple[Conversation, Conversation]:
-    src, dst = Conversation(Role.SOURCE), Conversation(Role.DESTINATION)
+def exchange(src: Conversation, dst: Conversation, script) -> tuple[Conversation, Conversation]:
+    """Each (speaker, message) of the script sent by one side and received by the other."""
     for speaker, message in script:
         if speaker is Role.SOURCE:
             src.sent(message)
@@ -43,6 +43,10 @@ def play(script) -> tuple[Conversation, Conversation]:
             dst.sent(message)
             src.received(message)
     return src, dst
+
+
+def play(script) -> tuple[Conversation, Conversation]:
+    return exchange(Conversation(Role.SOURCE), Conversation(Role.DESTINATION), script)
 
 
 def test_a_whole_migration_is_legal_on_both_sides() -> None:

@@ -5,6 +5,7 @@ move that fails or is cancelled half way leaves the VM on its old image."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -301,6 +302,22 @@ def wait_for_phase(agent: Any, phase: str, timeout: float = 30) -> dict[str, Any
     return wait_for_progress(agent, lambda p: p.get("phase") == phase, timeout)
 
 
+@contextlib.contextmanager
+def slow_move(agent: Any, guest: RunningGuest, target: Path
+              ) -> Iterator[tuple[subprocess.Popen[str], dict[str, Any]]]:
+    """`ferry disk move` of d0 to a raw `target` at 1 MiB/s, once QEMU mirrors it: (the CLI
+    process, the agent's job); the CLI is killed on the way out if still there."""
+    proc = subprocess.Popen(move_argv(agent, "--qmp", str(guest.qmp_path), "d0", str(target),
+                                      "--format", "raw", "--speed", "1M"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc, wait_for_phase(agent, "mirroring")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 def left_on_old_image(guest: RunningGuest, files: dict[str, str], target: Path) -> None:
     assert files_of(guest.qmp_path) == files
     assert not target.exists()
@@ -327,19 +344,11 @@ def test_a_cli_stopped_mid_move_cancels_it_and_the_vm_stays_on_its_old_image(
     guest, _, _, _ = boot(start_guest, root)
     files = files_of(guest.qmp_path)
     target = root / "fast" / "d0.img"
-    proc = subprocess.Popen(move_argv(agent, "--qmp", str(guest.qmp_path), "d0", str(target),
-                                      "--format", "raw", "--speed", "1M"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        job = wait_for_phase(agent, "mirroring")
+    with slow_move(agent, guest, target) as (proc, job):
         assert job["direction"] == "local" and target.exists()
         assert job["progress"]["bytes_total"] > 0
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     if sig == signal.SIGINT:   # Ctrl-C: the CLI asks for the cancel and prints the report
         report = json.loads(out.strip().splitlines()[-1])
         assert proc.returncode == 1 and report["status"] == "cancelled", (report, err)
@@ -357,17 +366,9 @@ def test_the_agent_stopping_mid_move_rolls_it_back(agent, start_guest, root) -> 
     guest, _, _, _ = boot(start_guest, root)
     files = files_of(guest.qmp_path)
     target = root / "fast" / "d0.img"
-    proc = subprocess.Popen(move_argv(agent, "--qmp", str(guest.qmp_path), "d0", str(target),
-                                      "--format", "raw", "--speed", "1M"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for_phase(agent, "mirroring")
+    with slow_move(agent, guest, target) as (proc, _):
         agent.proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     assert agent.proc.wait(timeout=30) == 0, agent.log()
     report = json.loads(out.strip().splitlines()[-1])
     assert proc.returncode == 1 and report["status"] == "cancelled", (report, err)
@@ -384,18 +385,10 @@ def test_an_agent_killed_mid_move_undoes_it_when_restarted(agent, start_guest, r
     guest, _, _, _ = boot(start_guest, root)
     files = files_of(guest.qmp_path)
     target = root / "fast" / "d0.img"
-    proc = subprocess.Popen(move_argv(agent, "--qmp", str(guest.qmp_path), "d0", str(target),
-                                      "--format", "raw", "--speed", "1M"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        job = wait_for_phase(agent, "mirroring")
+    with slow_move(agent, guest, target) as (proc, job):
         agent.proc.send_signal(signal.SIGKILL)
         agent.proc.wait(timeout=30)
         proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
     # What the dead agent left: QEMU still mirrors, the target grows.
     assert [j["id"] for j in ask(guest.qmp_path, "query-jobs")] == [f"ferry-mv-{job['job']}"]
     assert target.exists() and ferry_nodes(guest.qmp_path)

@@ -24,6 +24,7 @@ from agent.migration.conversation import CheckedLink, Role
 from agent.migration.protocol import Control, Kind, Op, control
 from agent.state.config import AgentConfig
 from agent.storage.disk_source import DISK_HEADER
+from tests.test_conversation import exchange
 
 MIB = 1 << 20
 
@@ -38,15 +39,8 @@ PASS = [  # (who says it, message): a two-disk pass
 
 
 def play(script: list[tuple[Role, Kind | Op]]) -> tuple[Any, Any]:
-    src, dst = talk.conversation(Role.SOURCE), talk.conversation(Role.DESTINATION)
-    for speaker, message in script:
-        if speaker is Role.SOURCE:
-            src.sent(message)
-            dst.received(message)
-        else:
-            dst.sent(message)
-            src.received(message)
-    return src, dst
+    return exchange(talk.conversation(Role.SOURCE), talk.conversation(Role.DESTINATION),
+                    script)
 
 
 def test_a_pass_walks_both_tables_to_closed() -> None:

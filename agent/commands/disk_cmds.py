@@ -4,16 +4,12 @@ this host (QEMU's mirror job), show progress, print the report."""
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
 from agent.commands.common import add_home_argument, human_bytes, resolve_home
-from agent.commands.migrate import follow_replies
-from agent.commands.render import ProgressView
+from agent.commands.jobrun import add_output_arguments, run_job
 from agent.errors import UserError
-from agent.service.control import ControlClient
 from agent.units import parse_rate
 
 
@@ -34,10 +30,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--qmp", metavar="PATH", help="QMP socket of a VM started by other tools")
     p.add_argument("--speed", metavar="RATE", help="cap on the copy rate, e.g. 200M")
     add_home_argument(p)
-    p.add_argument("--detach", action="store_true",
-                   help="print the job id and return at once (watch it with `ferry job ID "
-                        "--follow`)")
-    p.add_argument("--json", action="store_true", help="print the report as one JSON line")
+    add_output_arguments(p, detach="print the job id and return at once (watch it with "
+                                   "`ferry job ID --follow`)")
     p.set_defaults(func=run)
 
 
@@ -71,20 +65,5 @@ def report_text(report: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    request = request_from_args(args)
-    home = resolve_home(args)
-    if args.detach:
-        request["detach"] = True
-        with ControlClient(home / "control.sock") as client:
-            reply = client.call(request)
-        print(json.dumps(reply) if args.json else reply["job"])
-        return 0
-    with ControlClient(home / "control.sock", timeout=None) as client, \
-            ProgressView(sys.stderr, enabled=not args.json) as view:
-        client.send(request)
-        report = follow_replies(client, view, cancelling="the VM stays on its old image")
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print(report_text(report))
-    return 0 if report.get("status") == "completed" else 1
+    return run_job(resolve_home(args), request_from_args(args), args, render=report_text,
+                   cancelling="the VM stays on its old image")

@@ -25,8 +25,7 @@ from agent.commands.common import (
     load_agent_config,
     resolve_home,
 )
-from agent.commands.migrate import follow_replies
-from agent.commands.render import ProgressView
+from agent.commands.jobrun import run_attached
 from agent.commands.vm_cmds import start_imported
 from agent.errors import UserError
 from agent.importer.common import normalize_mac
@@ -36,7 +35,6 @@ from agent.importer.inspect import read_source
 from agent.qemu import firmware
 from agent.qemu.nics import parse_net_map
 from agent.qemu.vmspec import keyval_get, parse_keyval, parse_size
-from agent.service.control import ControlClient
 from agent.state import vms
 
 NIC_OPTION_MODELS = ("virtio-net-pci", "e1000", "e1000e", "vmxnet3", "rtl8139")
@@ -251,17 +249,9 @@ def run_remote(definition: VmDefinition, args: argparse.Namespace) -> int:
                "private": args.ram == "private", "compress": args.compress}
     if args.dir is not None and not args.dir.is_absolute():
         raise UserError(f"--dir {args.dir}: give an absolute path on {args.to}")
-    home = resolve_home(args)
-    with ControlClient(home / "control.sock", timeout=None) as client, \
-            ProgressView(sys.stderr, enabled=not args.json) as view:
-        client.send(request)
-        report = follow_replies(client, view,
-                                cancelling=f"{args.to} removes what this pass created")
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print(remote_report_text(report))
-    return 0 if report.get("status") == "completed" else 1
+    return run_attached(resolve_home(args), request, as_json=args.json,
+                        render=remote_report_text,
+                        cancelling=f"{args.to} removes what this pass created")
 
 
 def remote_report_text(report: dict[str, Any]) -> str:

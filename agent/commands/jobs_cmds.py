@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from agent.commands.common import add_home_argument, human_bytes, resolve_home
-from agent.commands.migrate import follow_replies, report_text
+from agent.commands.jobrun import run_attached
+from agent.commands.migrate import report_text
 from agent.commands.plot import draw_timeline
-from agent.commands.render import ProgressView, ago, print_table, progress_line, when
+from agent.commands.render import ago, print_table, progress_line, when
 from agent.service.control import ControlClient
 from agent.units import parse_rate
 
@@ -137,16 +138,10 @@ def run_jobs(args: argparse.Namespace) -> int:
 
 def run_job(args: argparse.Namespace) -> int:
     if args.follow:
-        with ControlClient(resolve_home(args) / "control.sock", timeout=None) as client, \
-                ProgressView(sys.stderr if args.json else sys.stdout,
-                             enabled=not args.json) as view:
-            client.send({"op": "job", "id": args.id, "follow": True})
-            report = follow_replies(client, view)
-        if args.json:
-            _print_json(report)
-        else:
-            print(report_text(report))
-        return 0 if report.get("status") == "completed" else 1
+        return run_attached(resolve_home(args), {"op": "job", "id": args.id, "follow": True},
+                            as_json=args.json, render=report_text,
+                            cancelling=None,
+                            progress_to=sys.stderr if args.json else sys.stdout)
     reply = _call(args, {"op": "job", "id": args.id})
     if args.json:
         _print_json(reply)

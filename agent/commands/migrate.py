@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from typing import Any
 
 from agent.commands.common import add_home_argument, human_bytes, resolve_home
-from agent.commands.render import ProgressView
+from agent.commands.jobrun import add_output_arguments, run_job
 from agent.errors import UserError
 from agent.migration.timeline import health_line
-from agent.service.control import ControlClient
 from agent.units import parse_rate
 
 
@@ -42,10 +39,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--net-map", action="append", metavar="SRC=NETWORK", default=[],
                    help="put the NIC SRC (its netdev id, its bridge here, or its network "
                         "here) on the destination's network NETWORK (repeatable)")
-    p.add_argument("--detach", action="store_true",
-                   help="print the job id and return at once; the agent runs the job on "
-                        "(watch it with `ferry job ID --follow`)")
-    p.add_argument("--json", action="store_true", help="print the report as one JSON line")
+    add_output_arguments(p, detach="print the job id and return at once; the agent runs "
+                                   "the job on (watch it with `ferry job ID --follow`)")
     p.set_defaults(func=run)
 
 
@@ -103,50 +98,6 @@ def report_text(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def follow_replies(client: ControlClient, view: ProgressView, *,
-                   cancelling: str = "the source VM keeps running") -> dict[str, Any]:
-    """Show the progress events of a job as they come and return its report; Ctrl-C asks
-    the agent to cancel it (on a `migrate` connection) and keeps reading."""
-    while True:
-        try:
-            # A fresh iterator after each Ctrl-C: the interrupted one is finished.
-            for reply in client.replies():
-                if reply.get("event") in ("progress", "queued"):
-                    view.update(reply)
-                    continue
-                if reply.get("event") == "result":
-                    return reply
-                if reply.get("ok") is False:
-                    raise UserError(reply.get("error", "the agent refused the request"))
-                return reply
-            raise UserError("the agent closed the connection before the report")
-        except KeyboardInterrupt:
-            # Ask the agent to roll back and keep reading: the report says how it ended.
-            view.close()
-            sys.stderr.write(f"\nferry: cancelling ({cancelling})...\n")
-            client.send({"op": "cancel"})
-
-
 def run(args: argparse.Namespace) -> int:
-    request = request_from_args(args)
-    home = resolve_home(args)
-    if args.detach:
-        request["detach"] = True
-        with ControlClient(home / "control.sock") as client:
-            reply = client.call(request)
-        if args.json:
-            print(json.dumps(reply))
-        else:
-            where = (f", queued at position {reply['position']}"
-                     if reply.get("state") == "queued" else "")
-            print(f"{reply['job']}{where}")
-        return 0
-    with ControlClient(home / "control.sock", timeout=None) as client, \
-            ProgressView(sys.stderr, enabled=not args.json) as view:
-        client.send(request)
-        report = follow_replies(client, view)
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print(report_text(report))
-    return 0 if report.get("status") == "completed" else 1
+    return run_job(resolve_home(args), request_from_args(args), args, render=report_text,
+                   cancelling="the source VM keeps running")

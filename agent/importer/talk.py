@@ -36,7 +36,13 @@ from agent.errors import ProtocolError
 from agent.importer.common import MAX_CPUS, MAX_DISK, MAX_MEMORY
 from agent.importer.definition import DISK_BUSES, NIC_MODELS, VmDefinition
 from agent.importer.images import TARGET_FORMATS
-from agent.migration.conversation import Conversation, Dir, Role, Table, message_name
+from agent.migration.conversation import (
+    Conversation,
+    Dir,
+    Role,
+    Table,
+    tables_markdown,
+)
 from agent.migration.protocol import MAX_CONTROL_BYTES, Control, Kind, Op
 
 
@@ -297,18 +303,8 @@ DOC_END = "<!-- end of import tables -->"
 
 
 def markdown() -> str:
-    """Both roles' tables as markdown, one row per (state, direction, message)."""
-    lines = [DOC_BEGIN, ""]
-    for role in Role:
-        lines += [f"**import {role.value}** (anything not listed is a protocol error):", "",
-                  "| state | sends / receives | message | next state |",
-                  "|---|---|---|---|"]
-        for (state, direction, message), nxt in TABLES[role].items():
-            lines.append(f"| {state.value} | {direction.value} | {message_name(message)} | "
-                         f"{nxt.value} |")
-        lines.append("")
-    lines.append(DOC_END)
-    return "\n".join(lines)
+    """Both roles' tables as markdown."""
+    return tables_markdown(TABLES, DOC_BEGIN, DOC_END, title="import ")
 
 
 def with_tables(doc: str) -> str:
