@@ -10,6 +10,7 @@ import os
 import signal
 import time
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -676,12 +677,7 @@ class Agent:
                         roots=self.config.roots, job_id=job_id, progress=progress,
                         cancel=record.cancel, vm_name=str(name) if name else None,
                         speed=speed, before_create=journal_target)
-        task = asyncio.create_task(self._run_local(record, move), name=f"job-{job_id}")
-        self.job_tasks.add(task)
-        task.add_done_callback(self.job_tasks.discard)
-        if record.detached:
-            return {"ok": True, "job": job_id, "state": record.state}
-        return await _attached(record, send, cancel)
+        return await self._start_job(record, self._run_local(record, move), send, cancel)
 
     async def _import(self, request: dict[str, Any], send: Any,
                       cancel: asyncio.Event) -> Reply:
@@ -743,11 +739,17 @@ class Agent:
         job = ImportJob(config=self.config, definition=definition, peer=peer,
                         options=options, connect_peer=self.connect_peer, job_id=job_id,
                         progress=progress, cancel=record.cancel)
-        task = asyncio.create_task(self._run_import(record, job), name=f"job-{job_id}")
+        return await self._start_job(record, self._run_import(record, job), send, cancel)
+
+    async def _start_job(self, record: jobs_mod.JobRecord, work: Coroutine[Any, Any, None],
+                         send: Any, cancel: asyncio.Event) -> Reply:
+        """Run a local job as the agent's own task; answer at once when detached, else
+        follow it to its report (the caller going away cancels it)."""
+        task = asyncio.create_task(work, name=f"job-{record.job_id}")
         self.job_tasks.add(task)
         task.add_done_callback(self.job_tasks.discard)
         if record.detached:
-            return {"ok": True, "job": job_id, "state": record.state}
+            return {"ok": True, "job": record.job_id, "state": record.state}
         return await _attached(record, send, cancel)
 
     async def _run_import(self, record: jobs_mod.JobRecord, job: ImportJob) -> None:
