@@ -582,6 +582,14 @@ BODIES: dict[Op, dict[str, Any]] = {
     Op.ACK: {"received": 4096},
     Op.HEALTH: {"pace": 0.98, "window_s": 3.0,
                 "samples": [[-0.8, 0.0, 0.2, 0.1], [0.2, 0.97, 1.1, 0.02]]},
+    # The import conversation (agent.importer.talk checks the fields themselves).
+    Op.IMPORT: {"job": "0123456789ab", "name": "web01", "format": "qcow2", "warm": False},
+    Op.IMPORT_READY: {"disks": [{"index": 0, "target": "/srv/vms/web01-disk0.qcow2"}]},
+    Op.DISK_END: {"disk": 0, "blocks": 16},
+    Op.HASHES: {"disk": 0, "first": 0, "hashes": "AAAA"},
+    Op.DISK_WRITTEN: {"disk": 0, "bytes": 65536},
+    Op.FINISH: {"start": False},
+    Op.FINISHED: {"vm": "web01"},
 }
 
 
