@@ -4,6 +4,8 @@
 set -euo pipefail
 
 PACKAGES=(qemu-system-x86 qemu-system-common qemu-utils libxxhash-dev gcc make binutils iproute2)
+# bench linux: its guest's workload is compiled static (libc.a comes with libc6-dev).
+PACKAGES+=(libc6-dev)
 # The tests: systemd-analyze verify of the unit, throwaway users for the control socket.
 PACKAGES+=(systemd passwd)
 

@@ -1,0 +1,251 @@
+"""`python -m bench linux`: the Linux guest built from Debian's packages and booted, its
+checker caught on a page corrupted from outside and on a stale page (negative controls),
+and the table, JSON, verdicts and plots built from rows."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import mmap
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.qemu import vm
+from bench import linux, linuxguest
+
+GUEST_MIB = 256
+WS_MIB = 24
+BOOT_S = 50.0
+
+
+# ---------------------------------------------------------------------------- the guest
+
+@pytest.fixture(scope="module")
+def guest() -> linuxguest.LinuxGuest:
+    """The bench guest (downloads Debian's packages into the cache the first time)."""
+    missing = [t for t in ("apt-get", "apt-cache", "dpkg-deb", "gcc") if not shutil.which(t)]
+    if missing:
+        pytest.skip(f"building the Linux guest needs {', '.join(missing)}")
+    try:
+        return linuxguest.build()
+    except linuxguest.GuestBuildError as exc:
+        if "downloading" in str(exc) or "apt-cache depends" in str(exc):
+            pytest.skip(f"Debian's mirror is not reachable from here: {exc}")
+        raise
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="ferry-lx-"))      # unix socket paths stay short
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def boot(guest: linuxguest.LinuxGuest, directory: Path, dirty: float,
+         selftest: str = "") -> vm.QemuProcess:
+    """The guest in a QEMU whose RAM is a shared file on /dev/shm (the host can write it)."""
+    spec = vm.LaunchSpec(
+        name="lx", ram_size=GUEST_MIB * linux.MIB + linux.RAM_EXTRA,
+        ram_path=Path(tempfile.mkdtemp(prefix="ferry-lx-", dir=vm.SHM_DIR)) / "lx.ram",
+        qmp_path=directory / "qmp.sock", serial_path=directory / "serial.log",
+        pidfile=directory / "qemu.pid", log_path=directory / "qemu.log",
+        extra_args=tuple(guest.qemu_args(WS_MIB, dirty, selftest)))
+    return asyncio.run(vm.launch(spec))
+
+
+def stop(proc: vm.QemuProcess) -> None:
+    proc.cleanup()
+    shutil.rmtree(proc.spec.ram_path.parent, ignore_errors=True)
+
+
+def wait_status(proc: vm.QemuProcess, done: Any, timeout: float = BOOT_S) -> str:
+    return linuxguest.wait_console(proc.spec.serial_path, done, timeout,
+                                   lambda: proc.returncode is None)
+
+
+@pytest.mark.qemu
+def test_guest_boots_and_reports_clean_passes(guest: linuxguest.LinuxGuest,
+                                              short_dir: Path) -> None:
+    proc = boot(guest, short_dir, dirty=8)
+    try:
+        text = wait_status(proc, lambda t: any(s.passes >= 2 for s in linuxguest.statuses(t)))
+    finally:
+        stop(proc)
+    lines = linuxguest.statuses(text)
+    assert lines and all(s.errors == 0 for s in lines), text[-800:]
+    assert lines[-1].written > lines[0].written     # it dirties pages while it checks
+    assert not linuxguest.error_lines(text)
+    assert f"ws_pages={WS_MIB * 256}" in text
+
+
+@pytest.mark.qemu
+def test_checker_catches_a_page_corrupted_from_outside(guest: linuxguest.LinuxGuest,
+                                                       short_dir: Path) -> None:
+    """Negative control: one byte of working-set page 0 changed in the RAM file by the
+    host (no rewrites at dirty rate 0) makes the next pass report an error."""
+    proc = boot(guest, short_dir, dirty=0)
+    try:
+        text = wait_status(proc, lambda t: any(s.passes >= 1 for s in linuxguest.statuses(t)))
+        assert all(s.errors == 0 for s in linuxguest.statuses(text)), text[-800:]
+        phys = linuxguest.probe_address(text)
+        assert phys is not None, text[-800:]
+        with open(proc.spec.ram_path, "r+b") as f, mmap.mmap(f.fileno(), 0) as ram:
+            ram[phys + 100] ^= 0x5A
+        text = wait_status(proc, lambda t: any(s.errors for s in linuxguest.statuses(t)),
+                           timeout=20)
+    finally:
+        stop(proc)
+    assert any("ERROR page 0 " in line for line in linuxguest.error_lines(text)), text[-800:]
+
+
+@pytest.mark.qemu
+def test_checker_catches_a_stale_page(guest: linuxguest.LinuxGuest, short_dir: Path) -> None:
+    """Negative control: a page put back to its previous generation (a page a migration
+    failed to resend) is reported, not only a garbled one."""
+    proc = boot(guest, short_dir, dirty=8, selftest="stale")
+    try:
+        text = wait_status(proc, lambda t: any(s.errors for s in linuxguest.statuses(t)))
+    finally:
+        stop(proc)
+    assert "FERRY-WL selftest stale: page" in text
+    assert linuxguest.error_lines(text), text[-800:]
+
+
+def test_page_mix_compresses_like_memory_not_like_zeros(guest: linuxguest.LinuxGuest) -> None:
+    mix = linuxguest.mix_ratio(guest, pages=2048)
+    assert 0.15 <= mix["zero_share"] <= 0.25 and 0.05 <= mix["duplicate_share"] <= 0.15
+    # Text and records compress, random pages do not: well above 1, far below all-zero.
+    assert 1.3 <= mix["zstd_ratio_nonzero_pages"] <= 4.0, mix
+
+
+def test_initramfs_is_newc_with_console_and_init(guest: linuxguest.LinuxGuest) -> None:
+    raw = gzip.decompress(guest.initrd.read_bytes())
+    assert raw.startswith(b"070701")
+    for name in (b"init\0", b"bin/busybox\0", b"workload\0", b"dev/console\0", b"TRAILER!!!\0"):
+        assert name in raw
+
+
+def test_workload_refuses_bad_arguments(guest: linuxguest.LinuxGuest) -> None:
+    binary = linuxguest.workload_binary(guest)
+    done = subprocess.run([str(binary)], capture_output=True, text=True, check=False)
+    assert done.returncode == 2 and "usage" in done.stderr
+    done = subprocess.run([str(binary), "0", "5"], capture_output=True, text=True, check=False)
+    assert done.returncode == 2 and "out of range" in done.stderr
+
+
+def test_append_line_refuses_nonsense() -> None:
+    assert "ferry.ws_mib=8 ferry.dirty_mib_s=2.5" in linuxguest.append_line(8, 2.5)
+    with pytest.raises(ValueError, match="working set"):
+        linuxguest.append_line(0, 1)
+
+
+# ---------------------------------------------------------------------------- rows and output
+
+SCENARIO = next(s for s in linux.QUICK if s.link == "1gbit")
+LOOP = next(s for s in linux.QUICK if s.link == linux.LOOPBACK)
+
+
+def row(scenario: linux.Scenario, name: str, total: float, downtime: float, wire: int,
+        ok: bool = True, **extra: Any) -> dict[str, Any]:
+    return linux.make_row(scenario, name, total_ms=total, downtime_ms=downtime,
+                          wire_bytes=wire, converged=ok, guest_ok=ok, iterations=4, **extra)
+
+
+def report(phases: list[str]) -> dict[str, Any]:
+    fields = ["t", "phase", "wire_bps", "remaining_bytes", "dirty_bps", "throttle",
+              "vcpu_pace", "qemu_cpu", "agent_cpu"]
+    samples = [[i + 1.0, p, 50 * linux.MIB, 100, 10 * linux.MIB, 0, 1.0, 0.5, 0.25]
+               for i, p in enumerate(phases)]
+    return {"job": "j1", "vm": "bench", "peer": "hostb", "status": "completed",
+            "downtime_ms": 90, "rounds": 3, "total_ms": 3000.0,
+            "timeline": {"fields": fields, "samples": samples, "interval_s": 1.0,
+                         "marks": {"stop_s": 2.5, "resume_s": 2.6}}}
+
+
+def test_verdicts_judge_ratios_against_the_right_baselines() -> None:
+    rows = [row(SCENARIO, "ferry-default", 4000, 100, 400 * linux.MIB, report=report(["a"])),
+            row(SCENARIO, "qemu-plain", 10000, 300, 1000 * linux.MIB),
+            row(SCENARIO, "qemu-xbzrle", 12000, 80, 900 * linux.MIB),
+            row(LOOP, "ferry-default", 3000, 50, 10),
+            row(LOOP, "qemu-plain", 2000, 60, 10)]
+    found = {(v["scenario"], v["target"]): v for v in linux.verdicts(rows)}
+    total = found[(SCENARIO.name, "total")]
+    assert total["met"] and total["ratio"] == 0.4
+    assert found[(SCENARIO.name, "wire")]["met"]
+    downtime = found[(SCENARIO.name, "downtime")]
+    assert not downtime["met"] and downtime["baseline"] == "best (xbzrle)"
+    assert downtime["qemu"] == 80
+    assert not found[(LOOP.name, "total")]["met"] and found[(LOOP.name, "total")]["ratio"] == 1.5
+    table = linux.markdown(rows, {"cpus": 2, "accel": "tcg", "load_before": [1.0],
+                                  "load_after": [1.0]})
+    assert table.count("| ferry default |") == 2 and "| qemu xbzrle |" in table
+    assert "NOT met: ratio 1.25" in table and "met: ratio 0.40" in table
+    assert f"ferry's profile in {SCENARIO.name}" in table    # the downtime target missed
+    assert not linux.results_json(rows, {})["targets_met"]
+
+
+def test_a_failed_row_fails_its_targets_and_says_why() -> None:
+    rows = [linux.make_row(SCENARIO, "ferry-default", error="ferry migrate: boom"),
+            row(SCENARIO, "qemu-plain", 10000, 300, 1000)]
+    found = linux.verdicts(rows)
+    assert found and not any(v["met"] for v in found)
+    assert all("boom" in v["why"] for v in found)
+    rows = [row(SCENARIO, "ferry-default", 1000, 10, 10),
+            row(SCENARIO, "qemu-plain", 10000, 300, 1000, ok=False)]
+    assert {v["why"] for v in linux.verdicts(rows)
+            if v["target"] == "total"} == {"no QEMU baseline came through"}
+    assert "NO: errors" in linux.markdown(rows, {"load_before": [0.0]})
+
+
+def test_console_verdict_needs_passes_and_zero_errors() -> None:
+    line = "FERRY-WL t={} pass={} checked=1 written=1 errors={}\n"
+    before = line.format(1, 1, 0)
+    good = "".join(line.format(t, t, 0) for t in range(1, 5))
+    assert linux.console_verdict(before, good)["guest_ok"]
+    assert not linux.console_verdict(before, line.format(1, 1, 0) + line.format(2, 1, 0)
+                                     + line.format(3, 2, 0))["guest_ok"]   # one pass only
+    bad = good + line.format(5, 5, 1)
+    verdict = linux.console_verdict(before, bad)
+    assert not verdict["guest_ok"] and verdict["guest_errors"] == 1
+    assert not linux.console_verdict("", good)["guest_ok"]   # source never seen running
+
+
+def test_profile_sums_time_and_cpu_per_phase() -> None:
+    prof = linux.profile(report(["precopy", "precopy", "stop-and-copy"]))
+    assert prof["phases"]["precopy"] == {"seconds": 2.0, "wire_mib_s": 50.0,
+                                         "dirty_mib_s": 10.0, "src_agent_cpu_s": 0.5,
+                                         "src_qemu_cpu_s": 1.0}
+    assert prof["ms_per_round"] == 1000.0
+
+
+def test_outputs_are_written(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    rows = [row(SCENARIO, "ferry-default", 4000, 100, 400, report=report(["precopy"])),
+            row(SCENARIO, "qemu-plain", 10000, 300, 1000)]
+    written = linux.write_outputs(tmp_path / "out", rows, {"load_before": [0.0]})
+    names = {p.name for p in written}
+    assert names == {"results.json", "table.md", "bars.png", "ferry-timeline.png"}
+    for path in written:
+        assert path.stat().st_size > 0
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["tool"] for r in data["rows"]] == ["ferry", "qemu"]
+    assert (tmp_path / "out" / "bars.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_command_line_refuses_an_unknown_scenario(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        linux.parse_args(["--quick", "--scenario", "nope"])
+    assert "1024M-1gbit-d50" in capsys.readouterr().err
+    args = linux.parse_args(["--quick", "--scenario", SCENARIO.name])
+    assert [s.name for s in args.scenarios] == [SCENARIO.name]
+    assert os.fspath(linux.RESULTS_DIR).endswith("bench/results")
