@@ -78,7 +78,9 @@ def test_guest_boots_and_reports_clean_passes(guest: linuxguest.LinuxGuest,
                                               short_dir: Path) -> None:
     proc = boot(guest, short_dir, dirty=8)
     try:
-        text = wait_status(proc, lambda t: any(s.passes >= 2 for s in linuxguest.statuses(t)))
+        # Three status lines (three seconds of it), at least two full passes.
+        text = wait_status(proc, lambda t: len(lines := linuxguest.statuses(t)) >= 3
+                           and lines[-1].passes >= 2)
     finally:
         stop(proc)
     lines = linuxguest.statuses(text)
