@@ -3,7 +3,7 @@
     python -m bench linux [--quick] [--json] [--out DIR] [--only ROW] [--scenario NAME]
 
 The guest (bench.linuxguest: Debian's kernel, busybox and a static C workload) fills 3/4
-of its RAM with pages of realistic compressibility, rewrites them at the scenario's dirty
+of its RAM (at least 128 MiB left to the kernel) with pages of realistic compressibility, rewrites them at the scenario's dirty
 rate and verifies every page against the generation it must hold, printing a status line
 a second on its serial console. Every row boots a fresh guest with private RAM (`-m`),
 waits for its first full pass, migrates it, and reads the destination's console until
@@ -96,7 +96,8 @@ QEMU_MAX_BANDWIDTH = 100 * 10**9
 DOWNTIME_LIMIT_MS = 300
 MULTIFD_CHANNELS = 2
 XBZRLE_CACHE_SHARE = 4              # the cache is RAM / this
-WS_SHARE = (3, 4)                   # the working set is 3/4 of the guest's RAM
+WS_SHARE = (3, 4)                   # the working set is 3/4 of the guest's RAM,
+KERNEL_RESERVE_MIB = 128            # leaving at least this to the kernel (a smaller guest)
 BOOT_TIMEOUT_S = 60.0
 FIRST_PASS_TIMEOUT_S = 60.0
 MIGRATE_TIMEOUT_S = 300.0
@@ -129,7 +130,8 @@ class Scenario:
 
     @property
     def ws_mib(self) -> int:
-        return self.guest_mib * WS_SHARE[0] // WS_SHARE[1]
+        return max(1, min(self.guest_mib * WS_SHARE[0] // WS_SHARE[1],
+                          self.guest_mib - KERNEL_RESERVE_MIB))
 
     @property
     def ram_size(self) -> int:
@@ -265,8 +267,10 @@ async def launch_on(net: RowNet, side: int, spec: vm.LaunchSpec) -> vm.QemuProce
 async def _qemu_leg(scenario: Scenario, mode: str, net: RowNet, src: vm.QemuProcess,
                     src_q: qmp.Qmp, dst_spec: vm.LaunchSpec, dst_side: int,
                     stack: contextlib.ExitStack, sessions: contextlib.AsyncExitStack, leg: str,
-                    note: Callable[[str], None]) -> tuple[dict[str, Any], vm.QemuProcess]:
-    """One migration from `src` to a QEMU launched from dst_spec; its row and the new QEMU."""
+                    note: Callable[[str], None]
+                    ) -> tuple[dict[str, Any], vm.QemuProcess, qmp.Qmp]:
+    """One migration from `src` to a QEMU launched from dst_spec; its row, the new QEMU
+    and the QMP session to it (QEMU serves one at a time)."""
     before = linuxguest.read_console(src.spec.serial_path)
     note(f"qemu {mode}: migrating {leg} over {scenario.link}")
     started = time.monotonic()
@@ -315,7 +319,7 @@ async def _qemu_leg(scenario: Scenario, mode: str, net: RowNet, src: vm.QemuProc
         qemu_total_ms=info.get("total-time"), qemu_downtime_ms=info.get("downtime"),
         qemu_ram_transferred=ram.get("transferred"),
         xbzrle=info.get("xbzrle-cache"))
-    return row, dst
+    return row, dst, dst_q
 
 
 @contextlib.asynccontextmanager
@@ -349,14 +353,13 @@ async def _qemu_rows(scenario: Scenario, mode: str, guest: LinuxGuest, work: Pat
     # QMP sessions close here, before `stack` kills the QEMUs.
     async with contextlib.AsyncExitStack() as sessions:
         src_q = await sessions.enter_async_context(session(src_spec.qmp_path))
-        row, dst = await _qemu_leg(scenario, mode, net, src, src_q,
+        row, dst, dst_q = await _qemu_leg(scenario, mode, net, src, src_q,
                                    qemu_spec(work / "b1", scenario, guest, accel,
                                              "-incoming", "defer"), 1, stack, sessions,
                                    "A->B", note)
         rows = [row]
         if scenario.round_trip and row["guest_ok"]:
-            dst_q = await sessions.enter_async_context(session(dst.spec.qmp_path))
-            back, _ = await _qemu_leg(scenario, mode, net, dst, dst_q,
+            back, _, _ = await _qemu_leg(scenario, mode, net, dst, dst_q,
                                       qemu_spec(work / "a2", scenario, guest, accel,
                                                 "-incoming", "defer"), 0, stack, sessions,
                                       "B->A", note)
