@@ -13,7 +13,9 @@ text-like, 25% binary-like records, 15% random, 20% zero, 10% copies of 16 templ
 mix_ratio() measures what zstd makes of it (the workload's own pages, dumped on the host).
 
 Every second the guest prints `FERRY-WL t=S pass=P checked=C written=W errors=E`: P full
-verification passes over the working set, W pages rewritten so far, E pages found wrong.
+verification passes over the working set, W pages rewritten so far, E pages found wrong;
+with a disk (`ferry.disk_mib_s=R`: /dev/vda, blocks rewritten with O_DIRECT at R MiB/s and
+read back with O_DIRECT) also `disk_pass= disk_written= disk_errors=`.
 """
 
 from __future__ import annotations
@@ -42,13 +44,18 @@ KERNEL_META = "linux-image-amd64"
 BUSYBOX_PACKAGE = "busybox-static"
 PAGE_SIZE = 4096
 KEY_CHARS = 16
-STATUS = re.compile(r"FERRY-WL t=(\d+) pass=(\d+) checked=(\d+) written=(\d+) errors=(\d+)")
+STATUS = re.compile(r"FERRY-WL t=(\d+) pass=(\d+) checked=(\d+) written=(\d+) errors=(\d+)"
+                    r"(?: disk_pass=(\d+) disk_written=(\d+) disk_errors=(\d+))?")
 ERROR_LINE = re.compile(r"FERRY-WL ERROR .*")
 PROBE = re.compile(r"FERRY-WL probe page=0 phys=0x([0-9a-f]+)")
+EXITED = "FERRY-WL exited"
 READY = re.compile(r"FERRY-WL ready ws_pages=(\d+) fill_s=([\d.]+)")
 # Console on the serial port, little kernel chatter (it would slow TCG's serial), no
 # reboot loop on a panic, and the TCG guest spared the speculation mitigations.
 BASE_APPEND = "console=ttyS0 quiet loglevel=1 panic=-1 mitigations=off"
+# The virtio disk's drivers, modules in Debian's kernel, in the order init.sh loads them.
+DISK_MODULES = ("virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev",
+                "virtio_pci", "virtio_blk")
 MIX_PAGES = 8192            # pages dumped to measure the mix (32 MiB)
 ZSTD_LEVEL = 3
 
@@ -65,18 +72,23 @@ class LinuxGuest:
     initrd: Path
     version: str                # the kernel package's version
 
-    def qemu_args(self, ws_mib: int, dirty_mib_s: float, selftest: str = "") -> list[str]:
-        """`-kernel`, `-initrd` and `-append` for a workload of `ws_mib` dirtied at the rate."""
+    def qemu_args(self, ws_mib: int, dirty_mib_s: float, selftest: str = "",
+                  disk_mib_s: float | None = None) -> list[str]:
+        """`-kernel`, `-initrd` and `-append` for a workload of `ws_mib` dirtied at the rate
+        (and with disk_mib_s, the first virtio disk rewritten at that rate)."""
         return ["-kernel", str(self.kernel), "-initrd", str(self.initrd),
-                "-append", append_line(ws_mib, dirty_mib_s, selftest)]
+                "-append", append_line(ws_mib, dirty_mib_s, selftest, disk_mib_s)]
 
 
-def append_line(ws_mib: int, dirty_mib_s: float, selftest: str = "") -> str:
-    if ws_mib < 1 or dirty_mib_s < 0:
-        raise ValueError(f"working set {ws_mib} MiB and dirty rate {dirty_mib_s} MiB/s: "
-                         f"need at least 1 MiB and a rate >= 0")
+def append_line(ws_mib: int, dirty_mib_s: float, selftest: str = "",
+                disk_mib_s: float | None = None) -> str:
+    if ws_mib < 1 or dirty_mib_s < 0 or (disk_mib_s is not None and disk_mib_s < 0):
+        raise ValueError(f"working set {ws_mib} MiB, dirty rate {dirty_mib_s} MiB/s, disk "
+                         f"rate {disk_mib_s}: need at least 1 MiB and rates >= 0")
     line = f"{BASE_APPEND} ferry.ws_mib={ws_mib} ferry.dirty_mib_s={dirty_mib_s:g}"
-    return line + (f" ferry.selftest={selftest}" if selftest else "")
+    if selftest:
+        line += f" ferry.selftest={selftest}"
+    return line + ("" if disk_mib_s is None else f" ferry.disk_mib_s={disk_mib_s:g}")
 
 
 def cache_dir() -> Path:
@@ -185,6 +197,13 @@ def build(cache: Path | None = None) -> LinuxGuest:
     kernels = sorted((kernel_tree / "boot").glob("vmlinuz-*"))
     if not kernels:
         raise GuestBuildError(f"{kernel_deb.name} holds no boot/vmlinuz-*")
+    modules = {}
+    for name in DISK_MODULES:
+        found = sorted(kernel_tree.glob(f"lib/modules/*/kernel/drivers/**/{name}.ko"))
+        if not found:
+            raise GuestBuildError(f"{kernel_deb.name} holds no {name}.ko (the disk scenario "
+                                  f"loads it)")
+        modules[f"lib/modules/{name}.ko"] = found[0].read_bytes()
     busybox = busybox_tree / "bin" / "busybox"
     if not busybox.is_file():
         raise GuestBuildError(f"{busybox_deb.name} holds no bin/busybox")
@@ -199,8 +218,8 @@ def build(cache: Path | None = None) -> LinuxGuest:
         workload = compile_workload(out / "workload")
         write_initramfs(initrd, {"init": INIT_SCRIPT.read_bytes(),
                                  "bin/busybox": busybox.read_bytes(),
-                                 "workload": workload.read_bytes()},
-                        dirs=("bin", "dev", "proc", "sys", "tmp"))
+                                 "workload": workload.read_bytes(), **modules},
+                        dirs=("bin", "dev", "proc", "sys", "tmp", "lib", "lib/modules"))
     version = kernel_deb.stem.split("_")[1] if "_" in kernel_deb.stem else package
     return LinuxGuest(kernel=kernels[-1], initrd=initrd, version=version)
 
@@ -241,10 +260,19 @@ class Status:
     checked: int
     written: int
     errors: int
+    disk_passes: int | None = None       # with a disk only
+    disk_written: int | None = None
+    disk_errors: int | None = None
+
+    @property
+    def bad(self) -> int:
+        """Pages and blocks found wrong so far."""
+        return self.errors + (self.disk_errors or 0)
 
 
 def statuses(text: str) -> list[Status]:
-    return [Status(*map(int, m.groups())) for m in STATUS.finditer(text)]
+    return [Status(*(None if g is None else int(g) for g in m.groups()))  # type: ignore[arg-type]
+            for m in STATUS.finditer(text)]
 
 
 def error_lines(text: str) -> list[str]:
@@ -267,12 +295,14 @@ def read_console(path: Path | str) -> str:
 def wait_console(path: Path | str, done: Callable[[str], bool], timeout: float,
                  alive: Callable[[], bool] | None = None, poll: float = 0.1) -> str:
     """The console text once `done(text)` holds; TimeoutError (with the console's tail)
-    after `timeout` s, RuntimeError when `alive()` turns False first."""
+    after `timeout` s, RuntimeError when `alive()` turns False or the workload exits first."""
     deadline = time.monotonic() + timeout
     while True:
         text = read_console(path)
         if done(text):
             return text
+        if EXITED in text:
+            raise RuntimeError(f"the guest's workload exited; console ends: {text[-600:]!r}")
         if alive is not None and not alive():
             raise RuntimeError(f"QEMU exited; console ends: {text[-600:]!r}")
         if time.monotonic() > deadline:

@@ -23,6 +23,7 @@ from bench import linux, linuxguest
 
 GUEST_MIB = 256
 WS_MIB = 24
+DISK_MIB = 16
 BOOT_S = 50.0
 
 
@@ -52,14 +53,19 @@ def short_dir() -> Iterator[Path]:
 
 
 def boot(guest: linuxguest.LinuxGuest, directory: Path, dirty: float,
-         selftest: str = "") -> vm.QemuProcess:
-    """The guest in a QEMU whose RAM is a shared file on /dev/shm (the host can write it)."""
+         selftest: str = "", disk: Path | None = None) -> vm.QemuProcess:
+    """The guest in a QEMU whose RAM is a shared file on /dev/shm (the host can write it);
+    with `disk` (a raw image) its workload also checks that disk, rewriting nothing."""
+    args = guest.qemu_args(WS_MIB, dirty, selftest, disk_mib_s=None if disk is None else 0)
+    if disk is not None:
+        args += ["-drive", f"file={disk},format=raw,if=none,id=d0",
+                 "-device", "virtio-blk-pci,drive=d0"]
     spec = vm.LaunchSpec(
         name="lx", ram_size=GUEST_MIB * linux.MIB + linux.RAM_EXTRA,
         ram_path=Path(tempfile.mkdtemp(prefix="ferry-lx-", dir=vm.SHM_DIR)) / "lx.ram",
         qmp_path=directory / "qmp.sock", serial_path=directory / "serial.log",
         pidfile=directory / "qemu.pid", log_path=directory / "qemu.log",
-        extra_args=tuple(guest.qemu_args(WS_MIB, dirty, selftest)))
+        extra_args=tuple(args))
     return asyncio.run(vm.launch(spec))
 
 
@@ -111,6 +117,30 @@ def test_checker_catches_a_page_corrupted_from_outside(guest: linuxguest.LinuxGu
 
 
 @pytest.mark.qemu
+def test_disk_checker_catches_a_block_changed_under_it(guest: linuxguest.LinuxGuest,
+                                                       short_dir: Path) -> None:
+    """The disk workload loads virtio_blk from the initramfs, fills /dev/vda and verifies it
+    by O_DIRECT reads: a block the host overwrites is reported (the negative control)."""
+    disk = short_dir / "disk.img"
+    with open(disk, "wb") as f:
+        f.truncate(DISK_MIB * linux.MIB)
+    proc = boot(guest, short_dir, dirty=0, disk=disk)
+    try:
+        text = wait_status(proc, lambda t: any((s.disk_passes or 0) >= 1
+                                               for s in linuxguest.statuses(t)))
+        assert all(s.bad == 0 for s in linuxguest.statuses(text)), text[-800:]
+        with open(disk, "r+b") as f:
+            f.seek(5 * linuxguest.PAGE_SIZE + 200)
+            f.write(os.urandom(16))
+        text = wait_status(proc, lambda t: any(s.disk_errors for s in linuxguest.statuses(t)),
+                           timeout=20)
+    finally:
+        stop(proc)
+    assert any("ERROR disk block 5 " in line for line in linuxguest.error_lines(text)), text
+    assert all(s.errors == 0 for s in linuxguest.statuses(text))   # memory still intact
+
+
+@pytest.mark.qemu
 def test_checker_catches_a_stale_page(guest: linuxguest.LinuxGuest, short_dir: Path) -> None:
     """Negative control: a page put back to its previous generation (a page a migration
     failed to resend) is reported, not only a garbled one."""
@@ -133,7 +163,8 @@ def test_page_mix_compresses_like_memory_not_like_zeros(guest: linuxguest.LinuxG
 def test_initramfs_is_newc_with_console_and_init(guest: linuxguest.LinuxGuest) -> None:
     raw = gzip.decompress(guest.initrd.read_bytes())
     assert raw.startswith(b"070701")
-    for name in (b"init\0", b"bin/busybox\0", b"workload\0", b"dev/console\0", b"TRAILER!!!\0"):
+    for name in (b"init\0", b"bin/busybox\0", b"workload\0", b"dev/console\0",
+                 b"lib/modules/virtio_blk.ko\0", b"TRAILER!!!\0"):
         assert name in raw
 
 
@@ -207,6 +238,18 @@ def test_a_failed_row_fails_its_targets_and_says_why() -> None:
     assert {v["why"] for v in linux.verdicts(rows)
             if v["target"] == "total"} == {"no QEMU baseline came through"}
     assert "NO: errors" in linux.markdown(rows, {"load_before": [0.0]})
+
+
+def test_console_verdict_counts_the_disk_when_there_is_one() -> None:
+    line = ("FERRY-WL t={} pass={} checked=1 written=1 errors=0 disk_pass={} disk_written=1 "
+            "disk_errors={}\n")
+    before = line.format(1, 1, 0, 0)
+    good = "".join(line.format(t, t, t // 2, 0) for t in range(1, 5))
+    assert linux.console_verdict(before, good)["guest_ok"]
+    assert not linux.console_verdict(before, "".join(line.format(t, t, 0, 0)
+                                                     for t in range(1, 5)))["guest_ok"]
+    verdict = linux.console_verdict(before, good + line.format(5, 5, 3, 2))
+    assert not verdict["guest_ok"] and verdict["guest_errors"] == 2
 
 
 def test_console_verdict_needs_passes_and_zero_errors() -> None:

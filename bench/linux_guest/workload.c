@@ -3,7 +3,7 @@
  * compressibility, rewrites them at a given rate, and verifies every page against what
  * it must hold now, printing one status line a second on the console.
  *
- *   workload WS_MIB DIRTY_MIB_S [SELFTEST]        (in the guest: started by /init)
+ *   workload WS_MIB DIRTY_MIB_S [SELFTEST|none [DISK DISK_MIB_S]]   (in the guest)
  *   workload --dump PAGES                         (on the host: the mix to stdout)
  *
  * Page i's content is a pure function of (i, its generation g): the writer rewrites
@@ -15,6 +15,8 @@
  *   30% text-like (words and numbers in lines), 25% binary-like (kernel-struct-like
  *   records: pointers, small counters, flags), 15% random, 20% zero, 10% a copy of one
  *   of 16 template pages (duplicates).
+ * With DISK (a block device, e.g. /dev/vda) its blocks get the same treatment through
+ * O_DIRECT writes at DISK_MIB_S and O_DIRECT reads verified against their generation.
  * SELFTEST "garble" flips a byte of one page after the first full pass, "stale" puts one
  * page back to its previous generation: the checker must report an error (the negative
  * control of the tests).
@@ -192,6 +194,22 @@ static uint64_t gen_after(uint64_t page, uint64_t writes)
     return (writes + n_pages - 1 - pos_of(page)) / n_pages;
 }
 
+/* The disk: blocks of one page, rewritten and verified (O_DIRECT: from the device, not
+   the page cache) in the same scheme, with their own order and counters. Block b's
+   content is that of page DISK_BASE + b. */
+#define DISK_BASE (1ull << 40)
+#define DISK_CHUNK 16u            /* blocks per verifying read */
+#define DISK_FILL_CHUNK 256u      /* blocks per write while filling */
+static int disk_fd = -1;
+static uint64_t d_blocks, d_stride, d_inv, d_errors, d_writes, d_passes, d_cursor;
+static uint8_t *d_buf;
+
+static uint64_t d_block_at(uint64_t pos) { return pos * d_stride % d_blocks; }
+static uint64_t d_gen_after(uint64_t block, uint64_t writes)
+{
+    return (writes + d_blocks - 1 - block * d_inv % d_blocks) / d_blocks;
+}
+
 static double now_s(void)
 {
     struct timespec ts;
@@ -224,6 +242,78 @@ static void check_page(uint64_t page, uint64_t writes, uint8_t *scratch)
     printf("FERRY-WL ERROR page %llu gen %llu (%s): first difference at byte %u%s\n",
            (unsigned long long)page, (unsigned long long)gen, kind_names[k], at, what);
     fflush(stdout);
+}
+
+static void disk_error(uint64_t block, uint64_t gen, const char *what)
+{
+    d_errors++;
+    if (d_errors <= MAX_REPORTED) {
+        printf("FERRY-WL ERROR disk block %llu gen %llu: %s\n", (unsigned long long)block,
+               (unsigned long long)gen, what);
+        fflush(stdout);
+    }
+}
+
+static int disk_open(const char *dev)
+{
+    disk_fd = open(dev, O_RDWR | O_DIRECT);
+    if (disk_fd < 0) {
+        perror("workload: open disk");
+        return -1;
+    }
+    off_t size = lseek(disk_fd, 0, SEEK_END);
+    d_blocks = size > 0 ? (uint64_t)size / PAGE : 0;
+    if (d_blocks < DISK_FILL_CHUNK || d_blocks % DISK_FILL_CHUNK || d_blocks >= (1ull << 32)) {
+        fprintf(stderr, "workload: disk %s of %lld bytes: need a multiple of 1 MiB\n", dev,
+                (long long)size);
+        return -1;
+    }
+    d_stride = ((uint64_t)((double)d_blocks * 0.6180339887) | 1) % d_blocks;
+    while (gcd(d_stride, d_blocks) != 1)
+        d_stride += 2;
+    d_inv = inverse_mod(d_stride, d_blocks);
+    if (posix_memalign((void **)&d_buf, PAGE, DISK_FILL_CHUNK * PAGE))
+        return -1;
+    for (uint64_t b = 0; b < d_blocks; b += DISK_FILL_CHUNK) {
+        for (unsigned k = 0; k < DISK_FILL_CHUNK; k++)
+            make_page(d_buf + k * PAGE, DISK_BASE + b + k, 0);
+        if (pwrite(disk_fd, d_buf, DISK_FILL_CHUNK * PAGE, (off_t)(b * PAGE)) !=
+            (ssize_t)(DISK_FILL_CHUNK * PAGE)) {
+            perror("workload: filling the disk");
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static void disk_write_one(void)
+{
+    uint64_t block = d_block_at(d_writes % d_blocks), gen = d_writes / d_blocks + 1;
+    make_page(d_buf, DISK_BASE + block, gen);
+    if (pwrite(disk_fd, d_buf, PAGE, (off_t)(block * PAGE)) != PAGE)
+        disk_error(block, gen, "write failed");
+    d_writes++;
+}
+
+static void disk_check_chunk(uint8_t *scratch)
+{
+    uint64_t first = d_cursor;
+    if (pread(disk_fd, d_buf, DISK_CHUNK * PAGE, (off_t)(first * PAGE)) !=
+        (ssize_t)(DISK_CHUNK * PAGE)) {
+        disk_error(first, 0, "read failed");
+    } else {
+        for (unsigned k = 0; k < DISK_CHUNK; k++) {
+            uint64_t gen = d_gen_after(first + k, d_writes);
+            make_page(scratch, DISK_BASE + first + k, gen);
+            if (memcmp(d_buf + k * PAGE, scratch, PAGE) != 0)
+                disk_error(first + k, gen, "content differs (lost, stale or garbled)");
+        }
+    }
+    d_cursor += DISK_CHUNK;
+    if (d_cursor >= d_blocks) {
+        d_cursor = 0;
+        d_passes++;
+    }
 }
 
 /* One page whose current content differs between generations: for the self-tests. */
@@ -276,12 +366,15 @@ int main(int argc, char **argv)
     if (argc == 3 && strcmp(argv[1], "--dump") == 0)
         return dump(strtoull(argv[2], NULL, 10));
     if (argc < 3) {
-        fprintf(stderr, "usage: workload WS_MIB DIRTY_MIB_S [garble|stale] | --dump PAGES\n");
+        fprintf(stderr, "usage: workload WS_MIB DIRTY_MIB_S [garble|stale|none [DISK "
+                        "DISK_MIB_S]] | --dump PAGES\n");
         return 2;
     }
     uint64_t ws_mib = strtoull(argv[1], NULL, 10);
     double dirty_mib_s = strtod(argv[2], NULL);
-    const char *test = argc > 3 ? argv[3] : "";
+    const char *test = argc > 3 && strcmp(argv[3], "none") != 0 ? argv[3] : "";
+    const char *disk = argc > 4 ? argv[4] : NULL;
+    double disk_mib_s = argc > 5 ? strtod(argv[5], NULL) : 0;
     n_pages = ws_mib * (1u << 20) / PAGE;
     if (n_pages < 2 || n_pages >= (1ull << 32)) {
         fprintf(stderr, "workload: a working set of %llu MiB is out of range (8 KiB to 16 TiB)\n",
@@ -306,6 +399,8 @@ int main(int argc, char **argv)
     double t0 = now_s();
     for (uint64_t page = 0; page < n_pages; page++)
         make_page(ws + page * PAGE, page, 0);
+    if (disk && disk_open(disk) != 0)
+        return 1;
     printf("FERRY-WL ready ws_pages=%llu fill_s=%.2f\n", (unsigned long long)n_pages,
            now_s() - t0);
     /* Where page 0 lives in guest-physical memory, for a host that corrupts it. */
@@ -322,6 +417,7 @@ int main(int argc, char **argv)
 
     static uint8_t scratch[PAGE];
     double rate = dirty_mib_s * (1 << 20) / PAGE;    /* pages per second */
+    double d_rate = disk_mib_s * (1 << 20) / PAGE, d_paced = 0;
     uint64_t writes = 0, checked = 0, passes = 0, cursor = 0, tick = 0;
     double start = now_s(), paced = 0, next_status = start + 1;
     int tested = 0;
@@ -337,6 +433,16 @@ int main(int argc, char **argv)
             writes++;
         }
         paced += (double)due;
+        if (disk_fd >= 0) {
+            double d_due_total = d_rate * (now - start);
+            if (d_due_total - d_paced > d_rate * MAX_CATCHUP_S)
+                d_paced = d_due_total - d_rate * MAX_CATCHUP_S;
+            uint64_t d_due = (uint64_t)(d_due_total - d_paced);
+            for (uint64_t k = 0; k < d_due; k++)
+                disk_write_one();
+            d_paced += (double)d_due;
+            disk_check_chunk(scratch);
+        }
         for (unsigned k = 0; k < CHECK_CHUNK; k++) {
             check_page(cursor, writes, scratch);
             checked++;
@@ -351,10 +457,15 @@ int main(int argc, char **argv)
         }
         if (now >= next_status) {
             tick++;
-            printf("FERRY-WL t=%llu pass=%llu checked=%llu written=%llu errors=%llu\n",
+            printf("FERRY-WL t=%llu pass=%llu checked=%llu written=%llu errors=%llu",
                    (unsigned long long)tick, (unsigned long long)passes,
                    (unsigned long long)checked, (unsigned long long)writes,
                    (unsigned long long)errors);
+            if (disk_fd >= 0)
+                printf(" disk_pass=%llu disk_written=%llu disk_errors=%llu",
+                       (unsigned long long)d_passes, (unsigned long long)d_writes,
+                       (unsigned long long)d_errors);
+            printf("\n");
             fflush(stdout);
             next_status += 1;
             if (next_status < now)
