@@ -35,8 +35,10 @@ Per row: total_ms (ferry: its report, job start to resume; QEMU: launching the d
 to RESUME), downtime_ms (QMP STOP on the source to RESUME on the destination, QEMU's event
 timestamps, for every tool), wire_bytes (the namespace's loopback or the veth counters,
 both directions, for every tool), CPU seconds of each agent and QEMU, iterations (ferry's
-rounds; QEMU's dirty-sync-count), converged (completed without a forced switchover), and
-guest_ok (the destination console: two full passes after the resume, every line 0 errors).
+rounds; QEMU's dirty-sync-count), converged (completed within the pre-copy budget: ferry's
+default --timeout of 120 s, after which it rolls back; QEMU's migration is cancelled after
+as long), and guest_ok (the destination console: two full passes after the resume, every
+line 0 errors; with a disk also a full pass over it).
 
 Targets (same run, 1 GiB guest, 50 MiB/s): on 1 Gbit/s ferry's total and wire bytes <=
 0.5x qemu-plain's and its downtime <= the best QEMU mode's; on loopback ferry's total <=
@@ -66,7 +68,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.errors import FerryError
+from agent.errors import FerryError, QmpTimeoutError
 from agent.guest.build import default_cache_dir
 from agent.localpair import AgentPair, free_port, rate_bits
 from agent.procfs import cpu_seconds as proc_cpu_seconds
@@ -103,7 +105,10 @@ WS_SHARE = (3, 4)                   # the working set is 3/4 of the guest's RAM,
 KERNEL_RESERVE_MIB = 128            # leaving at least this to the kernel (a smaller guest)
 BOOT_TIMEOUT_S = 60.0
 FIRST_PASS_TIMEOUT_S = 60.0
-MIGRATE_TIMEOUT_S = 300.0
+MIGRATE_TIMEOUT_S = 300.0           # ferry migrate's process, whatever happens
+# QEMU's pre-copy budget: ferry's default --timeout (120 s), then QEMU's migration is
+# cancelled and the row says it did not converge.
+QEMU_CONVERGE_TIMEOUT_S = 120.0
 RESUME_TIMEOUT_S = 15.0
 SOURCE_EXIT_TIMEOUT_S = 10.0
 VERIFY_PASSES = 2                   # the pass cut by the switchover, then a whole one
@@ -324,9 +329,20 @@ async def _qemu_leg(scenario: Scenario, mode: str, net: RowNet, src: vm.QemuProc
     wire_before = net.wire_bytes()
     src_mark, dst_mark = src_q.event_mark(), dst_q.event_mark()
     await src_q.execute("migrate", {"uri": uri})
-    end = await src_q.wait_event(
-        "MIGRATION", after=src_mark, timeout=MIGRATE_TIMEOUT_S,
-        match=lambda ev: ev.data.get("status") in ("completed", "failed", "cancelled"))
+    try:
+        end = await src_q.wait_event(
+            "MIGRATION", after=src_mark, timeout=QEMU_CONVERGE_TIMEOUT_S,
+            match=lambda ev: ev.data.get("status") in ("completed", "failed", "cancelled"))
+    except QmpTimeoutError:
+        info = await src_q.execute("query-migrate")
+        await src_q.execute("migrate_cancel")
+        ram = info.get("ram", {})
+        return make_row(scenario, f"qemu-{mode}", leg=leg, converged=False,
+                        iterations=ram.get("dirty-sync-count"),
+                        not_converged=True,
+                        error=f"did not converge within {QEMU_CONVERGE_TIMEOUT_S:g} s "
+                              f"(still {ram.get('remaining', '?')} bytes to send; cancelled)",
+                        ), dst, dst_q
     if end.data["status"] != "completed":
         info = await src_q.execute("query-migrate")
         raise BenchError(f"QEMU migration {end.data['status']}: "
@@ -462,7 +478,10 @@ def _ferry_leg(scenario: Scenario, mode: str, pair: AgentPair, net: RowNet, leg:
     if rc != 0 or report.get("status") != "completed":
         why = (report.get("error") or " ".join(stderr.strip().splitlines()[-1:])
                or f"exit {rc}")
+        # ferry's pre-copy budget (--timeout, 120 s) ran out: rolled back, not a loss.
         return make_row(scenario, f"ferry-{mode}", leg=leg, **cpu, report=report,
+                        iterations=report.get("rounds"),
+                        not_converged=report.get("error_reason") == "timeout",
                         error=f"ferry migrate: {why}")
     src_after = wait_exit_cpu(src_pid, SOURCE_EXIT_TIMEOUT_S) if adopted else None
     cpu["src_qemu_cpu_s"] = cpu_delta(src_after if src_after is not None
@@ -688,9 +707,10 @@ def markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
              "(src/dst) | QEMU CPU s (src/dst) | iterations | converged | guest intact |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
-        intact = "yes" if r["guest_ok"] else ("NO: " + (r.get("error") or
-                                                        f"errors {r.get('guest_errors')}, "
-                                                        f"passes after {r.get('passes_after')}"))
+        intact = "yes" if r["guest_ok"] else (
+            f"not migrated: {r['error']}" if r.get("not_converged") else "NO: " + (
+                r.get("error") or
+                f"errors {r.get('guest_errors')}, passes after {r.get('passes_after')}"))
         agents = ("-" if r["tool"] == "qemu" else
                   f"{_num(r['src_agent_cpu_s'])}/{_num(r['dst_agent_cpu_s'])}")
         lines.append(

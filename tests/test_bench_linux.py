@@ -240,6 +240,15 @@ def test_a_failed_row_fails_its_targets_and_says_why() -> None:
     assert "NO: errors" in linux.markdown(rows, {"load_before": [0.0]})
 
 
+def test_a_migration_that_did_not_converge_is_not_called_a_lost_guest() -> None:
+    rows = [linux.make_row(SCENARIO, "qemu-plain", not_converged=True, iterations=9,
+                           error="did not converge within 120 s"),
+            linux.make_row(SCENARIO, "qemu-xbzrle", error="QEMU migration failed")]
+    table = linux.markdown(rows, {"load_before": [0.0]})
+    assert "| no | not migrated: did not converge within 120 s |" in table
+    assert "| no | NO: QEMU migration failed |" in table
+
+
 def test_console_verdict_counts_the_disk_when_there_is_one() -> None:
     line = ("FERRY-WL t={} pass={} checked=1 written=1 errors=0 disk_pass={} disk_written=1 "
             "disk_errors={}\n")
