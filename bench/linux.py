@@ -237,7 +237,10 @@ def dirty_achieved(text: str) -> float | None:
 
 
 def first_pass(text: str) -> bool:
-    return any(s.passes >= 1 for s in linuxguest.statuses(text))
+    """The guest verified its whole working set once, and has run long enough for its
+    dirty rate to show (VERIFY_LINES status lines)."""
+    lines = linuxguest.statuses(text)
+    return len(lines) >= VERIFY_LINES and lines[-1].passes >= 1
 
 
 def wait_source(serial: Path, alive: Callable[[], bool]) -> str:
@@ -802,8 +805,9 @@ def write_outputs(out: Path, rows: Sequence[dict[str, Any]], meta: dict[str, Any
         import matplotlib  # noqa: F401
     except ImportError:
         return written
-    draw_bars(rows, out / "bars.png")
-    written.append(out / "bars.png")
+    if any(r["leg"] == "A->B" for r in rows):
+        draw_bars(rows, out / "bars.png")
+        written.append(out / "bars.png")
     from agent.commands.plot import draw_timeline
     ferry = next((r for r in rows if r["tool"] == "ferry" and r["guest_ok"]
                   and (r.get("report") or {}).get("timeline")), None)
@@ -838,6 +842,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             parser.error(f"--scenario {unknown[0]}: not a scenario of this run "
                          f"({', '.join(sorted(names))})")
         chosen = tuple(s for s in chosen if s.name in args.scenario)
+    offered = {name for s in chosen for name in s.rows}
+    absent = [name for name in args.only if name not in offered]
+    if absent:
+        parser.error(f"--only {absent[0]}: no scenario of this run has that row "
+                     f"(they have {', '.join(n for n in ROW_NAMES if n in offered)})")
     for s in chosen:
         if s.rate is not None:
             rate_bits(s.rate)

@@ -300,6 +300,9 @@ def test_command_line_refuses_an_unknown_scenario(capsys: pytest.CaptureFixture[
     with pytest.raises(SystemExit):
         linux.parse_args(["--quick", "--scenario", "nope"])
     assert "1024M-1gbit-d50" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        linux.parse_args(["--quick", "--only", "ferry-dedup-off"])
+    assert "no scenario of this run has that row" in capsys.readouterr().err
     args = linux.parse_args(["--quick", "--scenario", SCENARIO.name])
     assert [s.name for s in args.scenarios] == [SCENARIO.name]
     assert os.fspath(linux.RESULTS_DIR).endswith("bench/results")
