@@ -519,7 +519,8 @@ def disk_map(scenario: Scenario, pair: AgentPair, leg: str) -> tuple[str, ...]:
     if not scenario.disk_mib:
         return ()
     a, b = disk_paths(pair)
-    return ("--disk-map", f"{a}={b}" if leg == "A->B" else f"{b}={a}")
+    # Back on a, the copy goes beside the original (ferry leaves a source's disk in place).
+    return ("--disk-map", f"{a}={b}" if leg == "A->B" else f"{b}={a.with_name('back.qcow2')}")
 
 
 def ferry_rows(scenario: Scenario, mode: str, guest: LinuxGuest,
