@@ -45,7 +45,7 @@ test: lint
 	@$(PY) -m pytest $(PYTEST_ARGS)
 
 # Every benchmark runs even if one misses its target; the exit status says if any did.
-BENCHES := codec channel "migrate --quick" disk import
+BENCHES := codec channel "migrate --quick" disk import "linux --quick"
 bench: setup
 	@status=0; for b in $(BENCHES); do echo "== bench $$b"; $(PY) -m bench $$b || status=1; done; exit $$status
 

@@ -1,7 +1,8 @@
 """ferry's benchmark harness: `python -m bench SUBCOMMAND`, ratios measured in the same run.
 
-Subcommands: codec, channel, migrate, disk (benchmarks), and fuzz: the wire, migration
-message, page-batch and QEMU-stream decoders on 1,000,000 seeded, mutated inputs each
+Subcommands: codec, channel, migrate, disk, import, linux (benchmarks; linux migrates a
+real Linux guest, bench.linux), and fuzz: the wire, migration message, page-batch and
+QEMU-stream decoders on 1,000,000 seeded, mutated inputs each
 (`python -m bench fuzz [--target T] [--count N] [--seed S] [--json] [--replay FILE]`).
 """
 

@@ -14,6 +14,7 @@ SUBCOMMANDS: dict[str, str] = {
     "disk": "bench.disk",
     "fuzz": "bench.fuzz",
     "import": "bench.importer",
+    "linux": "bench.linux",
 }
 
 

@@ -5,6 +5,8 @@ set -euo pipefail
 
 # ovmf: UEFI firmware for imported UEFI guests (agent/qemu/firmware.py).
 PACKAGES=(qemu-system-x86 qemu-system-common qemu-utils ovmf libxxhash-dev gcc make binutils iproute2)
+# bench linux: its guest's workload is compiled static (libc.a comes with libc6-dev).
+PACKAGES+=(libc6-dev)
 # The tests: systemd-analyze verify of the unit, throwaway users for the control socket.
 PACKAGES+=(systemd passwd)
 
