@@ -34,6 +34,7 @@ pytestmark = pytest.mark.qemu
 
 MIB = 1 << 20
 LINK_TIMEOUT_S = 3          # agents give up on a stalled link after this
+RESUME_WINDOW_S = 4         # a destination waits this long for the source to reconnect
 SETTLE_S = 40.0
 GUEST = GuestConfig(ws_pages=500, rate=2000, fill_pages=1024)
 SIDE_MESSAGES = (Op.ABORT, Op.ABORTED, Op.ERROR, Op.STATUS, Op.RESUME, Op.RESUMED, Op.ACK)
@@ -83,7 +84,8 @@ def held(request, monkeypatch) -> Iterator[tuple[AgentPair, CuttableProxy]]:
     pair = AgentPair.create(root, allow=(default_cache_dir(),))
     for agent in (pair.a, pair.b):
         with open(agent.home / "agent.toml", "a") as f:
-            f.write(f"link_timeout_s = {LINK_TIMEOUT_S}\n")
+            f.write(f"link_timeout_s = {LINK_TIMEOUT_S}\n"
+                    f"resume_window_s = {RESUME_WINDOW_S}\n")
     pair.start()
     proxy = CuttableProxy(pair.b.port)
     peer = identity.load_peers(pair.a.home).by_name("hostb")

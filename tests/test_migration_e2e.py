@@ -24,7 +24,6 @@ from agent.guest import GuestConfig, MailboxState, RunningGuest
 from agent.guest.build import build_guest, default_cache_dir
 from agent.guest.remote import read_mailbox_over_qmp
 from agent.migration import faults
-from agent.migration.resume import RESUME_WINDOW_S
 from agent.qemu import qmp
 from agent.qemu.vm import TCG_RAM_PADDING
 from tests.agents import AgentPair, CuttableProxy, pid_alive, read_guest
@@ -209,7 +208,7 @@ def test_connection_lost_for_good_during_precopy_rolls_back(agents, start_guest)
     assert "not restored after 5 attempts" in report["error"], report["error"]
     assert_source_intact(guest)
     # The destination waited for the source to come back, then rolled back.
-    assert_destination_clean(agents, dest_pid, timeout=RESUME_WINDOW_S + 10)
+    assert_destination_clean(agents, dest_pid, timeout=agents.b.config.resume_window_s + 10)
 
 
 def _retarget(agents: AgentPair, port: int) -> None:

@@ -38,7 +38,7 @@ from agent.migration.claims import Claims
 from agent.migration.conversation import CheckedLink, State
 from agent.migration.link import parse_message, send_control
 from agent.migration.protocol import Control, Kind, Op
-from agent.migration.resume import ACK_EVERY_BYTES, RESUME_WINDOW_S
+from agent.migration.resume import ACK_EVERY_BYTES
 from agent.migration.timeline import DESTINATION_FIELDS, Sampler
 from agent.procfs import CpuMeter
 from agent.qemu import firmware, vm
@@ -383,9 +383,10 @@ class DestinationJob:
                 await receive
         if not self._new_link.done():
             log.warning("%s: link lost in pre-copy (%s); waiting %g s for the "
-                        "source to resume", self.label, lost, RESUME_WINDOW_S)
+                        "source to resume", self.label, lost, self.config.resume_window_s)
             try:
-                await asyncio.wait_for(asyncio.shield(self._new_link), RESUME_WINDOW_S)
+                await asyncio.wait_for(asyncio.shield(self._new_link),
+                                       self.config.resume_window_s)
             except TimeoutError:
                 assert lost is not None
                 raise lost from None

@@ -7,8 +7,8 @@ ones only (message buffers are reused once sent, hence the copies). When a send 
 receive fails while the conversation is in pre-copy (TRANSFER: the guest still runs on
 the source), ResumableLink reconnects (bounded retries, backoff), says RESUME {job} on
 the new connection, hears RESUMED {received} and resends every message from there; then
-the job goes on as if nothing happened. The destination waits for that connection for a
-while before it rolls back (DestinationJob).
+the job goes on as if nothing happened. The destination waits for that connection for its
+`resume_window_s` before it rolls back (DestinationJob).
 """
 
 from __future__ import annotations
@@ -30,9 +30,6 @@ log = logging.getLogger(__name__)
 RECONNECT_ATTEMPTS = 5
 RECONNECT_FIRST_S = 0.25
 RECONNECT_MAX_S = 4.0
-RESUME_WINDOW_S = 15.0
-"""How long a destination waits for the source to come back after losing the link in
-pre-copy (the source's reconnect attempts take about 8 s) before it rolls back."""
 ACK_EVERY_BYTES = 4 << 20
 """The destination acknowledges after this much more received: what the source keeps of
 unacknowledged messages stays near this size plus what is in flight (its page-batch

@@ -233,6 +233,10 @@ class AgentConfig:
         Seconds(), "on SIGTERM, running jobs may end within this; then they roll back", 30.0)
     link_timeout_s: float = setting(
         Seconds(positive=True), "a link on which nothing moves this long is lost", 60.0)
+    resume_window_s: float = setting(
+        Seconds(positive=True), "a destination that lost its link in pre-copy waits this "
+        "long for the source to reconnect and resume before it rolls back (the source's "
+        "reconnect attempts take about 8 s)", 15.0)
     accept: Accept = setting(
         Table(parser=Accept.from_table, shown="the built-in rules"),
         "what a destination accepts of a source's QEMU arguments beyond its built-in "
