@@ -8,7 +8,6 @@ from pathlib import Path
 from agent.commands.common import add_config_argument, add_home_argument, load_agent_config
 from agent.identity import parse_address
 from agent.net.channel import run as run_on_uvloop
-from agent.service.daemon import run_agent
 from agent.state.config import parse_metrics_listen
 
 
@@ -41,5 +40,7 @@ def run(args: argparse.Namespace) -> int:
         metrics_listen=parse_metrics_listen(args.metrics, "--metrics") if args.metrics
         else None)
     config.qemu_path()  # fail now, not at the first migration
+    # The daemon (and all it serves) loads only to run it: every other command stays quick.
+    from agent.service.daemon import run_agent
     run_on_uvloop(run_agent(config))
     return 0
