@@ -15,8 +15,8 @@ from agent.state.config import SETTINGS, AgentConfig, load_config, markdown, wit
 DOC = Path(__file__).parent.parent / "docs" / "config.md"
 # Every key agent.toml had before the table: none may go or change its name.
 KEYS = ("listen", "allow_paths", "qemu_binary", "ram_dir", "control_group", "networks",
-        "shutdown_grace_s", "link_timeout_s", "resume_window_s", "accept", "max_outbound", "max_inbound",
-        "history_limit", "bandwidth", "metrics_listen", "health_window_s", "access")
+        "shutdown_grace_s", "link_timeout_s", "resume_window_s", "accept", "max_outbound",
+        "max_inbound", "history_limit", "bandwidth", "metrics_listen", "health_window_s", "access")
 
 
 def write(tmp_path: Path, text: str) -> Path:
