@@ -109,8 +109,10 @@ def draw_timeline(report: dict[str, Any], path: Path) -> None:
         for ax in axes:
             # A downtime of milliseconds would not show as a span: at least a hairline.
             ax.axvspan(stop, max(resume, stop + 0.02), color="grey", alpha=0.35, lw=0)
+        # Above the frame: inside it the legends (upper right, where the stop is) cover it.
         axes[0].annotate("downtime", (stop, 1.0), xycoords=("data", "axes fraction"),
-                         xytext=(3, -12), textcoords="offset points", fontsize="small")
+                         xytext=(0, 3), textcoords="offset points", fontsize="small",
+                         ha="center", va="bottom")
     health = report.get("health") or {}
     if health.get("verdict"):
         axes[2].set_title(f"guest pace after the resume: {health['verdict']}",
