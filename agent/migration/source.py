@@ -44,6 +44,7 @@ from agent.errors import (
 )
 from agent.migration import faults
 from agent.migration.convergence import (
+    MIN_RAM_SHARE,
     Compression,
     CompressionPolicy,
     CompressSetting,
@@ -89,6 +90,10 @@ from agent.state.outcomes import Outcome
 from agent.storage.disk_source import StorageSource, copyable_disks
 
 log = logging.getLogger(__name__)
+
+MAX_DISK_ROUNDS_BEFORE_RAM = 12
+"""Disk rounds before RAM's pre-copy starts, at most: with the writes capped each leaves at
+most half of the one before, so a dozen bring any disk close to in sync."""
 
 ABORT_TIMEOUT_S = 5.0
 ACCEPT_TIMEOUT_S = 10.0
@@ -435,7 +440,7 @@ class SourceJob:
         disk rounds, progress and the time budget are watched alongside."""
         assert self.qmp is not None and self.storage is not None
         if self.storage.disks:
-            await self._send_disk_round(first=True, final=False)
+            await self._disks_before_ram()
         listener = self._listen()
         tasks: list[asyncio.Task[None]] = []
         try:
@@ -771,6 +776,23 @@ class SourceJob:
         await self._send_disk_round(first=False, final=True)
         self._disks_final.set()
 
+    async def _disks_before_ram(self) -> None:
+        """Round 0, then rounds (the guest's writes capped where they outpace the copy)
+        until what the disks leave fits their share of the pause: RAM's pre-copy then
+        starts with the disks nearly in sync, and its switchover does not wait on a long
+        final disk round (QEMU's downtime limit cannot hold it in pre-copy for long)."""
+        assert self.storage is not None
+        pause = (1 - MIN_RAM_SHARE) * self.options.downtime_ms / 1000
+        rate, first = 0.0, True
+        for _ in range(MAX_DISK_ROUNDS_BEFORE_RAM):
+            started = time.monotonic()
+            rate = max(rate, await self._send_disk_round(first=first, final=False))
+            first = False
+            await self.storage.converge(time.monotonic() - started, rate, pause)
+            dirty = await self.storage.dirty_bytes()
+            if dirty == 0 or (rate > 0 and dirty / rate <= pause):
+                return
+
     async def _disk_rounds(self) -> None:
         """Bitmap rounds while QEMU iterates; QEMU's downtime limit leaves room for the
         final round (held at its minimum while that would take most of the pause)."""
@@ -778,7 +800,13 @@ class SourceJob:
         rate = 0.0
         requested = self.options.downtime_ms / 1000
         while not self._switchover_started.is_set():
+            started = time.monotonic()
             rate = max(rate, await self._send_disk_round(first=False, final=False))
+            if not self._switchover_started.is_set():
+                # A guest that dirties its disk faster than the rounds copy it gets its
+                # writes capped, as auto-converge slows its vCPUs (disk_throttle).
+                await self.storage.converge(time.monotonic() - started, rate,
+                                            (1 - MIN_RAM_SHARE) * requested)
             dirty = await self.storage.dirty_bytes()
             self._disk_budget_s = ram_downtime_s(requested, dirty, rate)
             await self._update_downtime_limit()

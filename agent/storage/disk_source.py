@@ -28,6 +28,7 @@ from agent.errors import FerryError, QemuError, UserError
 from agent.memory import scan
 from agent.qemu import qmp as qmp_mod
 from agent.qemu.vmspec import DISK_FORMATS, DiskSpec
+from agent.storage.disk_throttle import WriteThrottle, disk_write_cap
 from agent.storage.nbd import NbdClient
 from agent.storage.nbd_proto import BASE_ALLOCATION, DIRTY, DIRTY_BITMAP_PREFIX, AllocationFlag
 
@@ -117,6 +118,8 @@ class DiskRounds:
     dedup: bool = True
     compress_level: int | None = None
     counters: DiskCounters = field(default_factory=DiskCounters)
+    throttle: WriteThrottle | None = None      # the guest's write cap, once one was needed
+    previous_dirty: int | None = None          # what the round before this one left dirty
     _bitmap_seq: int = 0
     _bitmaps: list[str] = field(default_factory=list)
     _exports: list[str] = field(default_factory=list)
@@ -417,6 +420,25 @@ class StorageSource:
     async def dirty_bytes(self) -> int:
         return sum([await r.dirty_bytes() for r in self.rounds])
 
+    async def converge(self, round_s: float, rate: float, pause_s: float) -> None:
+        """After a round (`round_s` long, disks read at `rate`): cap the writes of each
+        disk whose next final round would not fit `pause_s` and whose rounds stopped
+        shrinking (disk_write_cap)."""
+        for rounds in self.rounds:
+            dirty = await rounds.dirty_bytes()
+            previous, rounds.previous_dirty = rounds.previous_dirty, dirty
+            if rounds.throttle is None:
+                rounds.throttle = WriteThrottle(self.qmp, rounds.disk.node, DISK_BLOCK)
+            throttle = rounds.throttle
+            ops = disk_write_cap(dirty, previous, round_s, rate, pause_s, DISK_BLOCK,
+                                 throttle.ops)
+            if ops is not None and ops != throttle.ops:
+                ops = await throttle.cap(ops)
+                log.info("%s: writes capped at %d/s (%.1f MiB/s) so that its copy converges "
+                         "(%.0f MiB dirtied in %.1f s, copied at %.0f MiB/s)", rounds.disk.path,
+                         ops, ops * DISK_BLOCK / (1 << 20), dirty / (1 << 20), round_s,
+                         rate / (1 << 20))
+
     async def seal_final_round(self) -> None:
         """Disable every disk's current bitmap (in QEMU's pre-switchover pause)."""
         for rounds in self.rounds:
@@ -428,10 +450,13 @@ class StorageSource:
                 yield payload
 
     async def close(self) -> None:
-        """Leave the source QEMU as it was: no export, bitmap or NBD server of ours."""
+        """Leave the source QEMU as it was: no export, bitmap, write cap or NBD server of
+        ours."""
         for rounds in self.rounds:
             with contextlib.suppress(FerryError):
                 await rounds.close()
+            if rounds.throttle is not None:
+                await rounds.throttle.release()
         if self._server:
             self._server = False
             with contextlib.suppress(QemuError):
@@ -444,5 +469,6 @@ class StorageSource:
                  "rounds": r.counters.rounds, "blocks_read": r.counters.blocks_read,
                  "data_blocks": r.counters.data_blocks, "zero_blocks": r.counters.zero_blocks,
                  "dedup_blocks": r.counters.dedup_blocks, "wire_bytes": r.counters.wire_bytes,
-                 "seconds": round(r.counters.seconds, 3)}
+                 "seconds": round(r.counters.seconds, 3),
+                 "write_cap_ops": r.throttle.lowest if r.throttle else None}
                 for r in self.rounds]
