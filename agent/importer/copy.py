@@ -31,7 +31,7 @@ import numpy as np
 from agent.batch import codec
 from agent.batch.format import HASH_SIZE
 from agent.errors import LocalError, NbdCommandError, UserError
-from agent.importer import blockjob, verify, warmstate
+from agent.importer import qemuimg, verify, warmstate
 from agent.importer.images import (
     EXPORT,
     TARGET_FORMATS,
@@ -125,8 +125,8 @@ async def import_disk(source: Path, target: Path, *, roots: Sequence[Path],
     into a new `target` image (or, with a `state_file` from an earlier pass, bring that
     pass's target up to date); verify it; the pass's report.
 
-    engine "auto" copies a one-shot import (no `state_file`) with QEMU's own block job
-    (agent.importer.blockjob: several times faster on one host) and warm passes with
+    engine "auto" copies a one-shot import (no `state_file`) with `qemu-img convert`
+    (agent.importer.qemuimg: several times faster on one host) and warm passes with
     ferry's codec, which keeps their block hashes; "ferry" always takes ferry's codec.
 
     Refuses, before creating anything: a source QEMU cannot read, a target outside `roots`,
@@ -144,7 +144,7 @@ async def import_disk(source: Path, target: Path, *, roots: Sequence[Path],
     target = check_target(target, roots)
     if state_file is None and engine == "auto":
         return await _job_copy(info, target, target_format, window, started,
-                               verify_copy=verify_copy, progress=progress, run_dir=run_dir)
+                               verify_copy=verify_copy, progress=progress)
     state, kept = _prior_state(state_file, target, info, target_format)
     work = Path(tempfile.mkdtemp(prefix="ferry-import-", dir=run_dir))
     created = False
@@ -198,9 +198,8 @@ async def import_disk(source: Path, target: Path, *, roots: Sequence[Path],
 
 async def _job_copy(info: ImageInfo, target: Path, target_format: str,
                     window: Window | None, started: float, *, verify_copy: bool,
-                    progress: ProgressCallback | None,
-                    run_dir: Path | None) -> DiskImportReport:
-    """A one-shot copy by QEMU's block job in one daemon, compared by `qemu-img compare`.
+                    progress: ProgressCallback | None) -> DiskImportReport:
+    """A one-shot copy by `qemu-img convert`, compared by `qemu-img compare`.
 
     It is written as TARGET.ferry-partial and takes the target's name only once compared
     equal: a failure removes it, and one a killed import left is replaced by the next."""
@@ -211,28 +210,36 @@ async def _job_copy(info: ImageInfo, target: Path, target_format: str,
     if partial.exists():
         log.warning("removing %s, left by an import that did not finish", partial)
         partial.unlink()
-    spec = blockjob.source_spec(info, window)
-    allocated = await asyncio.to_thread(blockjob.data_bytes, spec)
-    check_space(target, allocated, target_format, info.virtual_size)
-    work = Path(tempfile.mkdtemp(prefix="ferry-import-", dir=run_dir))
+    spec = qemuimg.source_spec(info, window)
+    # The source's data map sizes the space check, the progress and the report. Where
+    # the whole virtual disk fits anyway, convert starts beside it (it is most of the
+    # fixed cost of a small import).
+    mapped = asyncio.ensure_future(asyncio.to_thread(qemuimg.data_bytes, spec))
+    try:
+        if shutil.disk_usage(target.parent).free < space_needed(
+                info.virtual_size, target_format, info.virtual_size):
+            check_space(target, await mapped, target_format, info.virtual_size)
+    except BaseException:
+        mapped.cancel()
+        raise
     copy_start = time.monotonic()
 
-    def on_job(p: blockjob.JobProgress) -> None:
-        if progress is not None and p.total:
-            progress(Progress(allocated * p.done // p.total, allocated,
+    def on_share(share: float) -> None:
+        if progress is not None and mapped.done() and not mapped.exception():
+            allocated = mapped.result()
+            progress(Progress(int(allocated * share), allocated,
                               time.monotonic() - copy_start))
     try:
-        create_target(partial, target_format, info.virtual_size)
-        argv = blockjob.daemon_argv(info, window, partial, target_format, work / "qmp.sock")
-        async with blockjob.CopyDaemon(argv, work / "qmp.sock", str(info.path)) as daemon:
-            await daemon.copy(on_job)
+        await qemuimg.convert(spec, partial, target_format, on_share)
+        allocated = await mapped
+        on_share(1.0)
         copy_seconds = time.monotonic() - copy_start
         verify_start = time.monotonic()
         # The target's data map (the report's bytes written) is read beside the compare.
         difference, written = await asyncio.gather(
-            asyncio.to_thread(blockjob.compare, spec, partial, target_format)
+            asyncio.to_thread(qemuimg.compare, spec, partial, target_format)
             if verify_copy else _nothing(),
-            asyncio.to_thread(blockjob.data_bytes, str(partial)))
+            asyncio.to_thread(qemuimg.data_bytes, str(partial)))
         verify_seconds = time.monotonic() - verify_start if verify_copy else 0.0
         if difference is not None:
             raise LocalError(f"disk {target}: verification failed: {difference}")
@@ -244,9 +251,9 @@ async def _job_copy(info: ImageInfo, target: Path, target_format: str,
         partial.unlink()
     except BaseException:
         partial.unlink(missing_ok=True)
+        if not mapped.done():
+            mapped.cancel()
         raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     seconds = time.monotonic() - started
     blocks = -(-allocated // DISK_BLOCK)
     return DiskImportReport(
