@@ -12,8 +12,11 @@ from typing import Any
 import pytest
 
 from agent.guest import GuestConfig
+from agent.migration import recovery
 from agent.qemu import qmp
 from agent.qemu.vm import TCG_RAM_PADDING
+from agent.state import journal
+from agent.state.config import AgentConfig
 from agent.storage.disk_throttle import LIMITS, MIN_WRITE_OPS, WriteThrottle, disk_write_cap
 
 MIB = 1 << 20
@@ -112,3 +115,39 @@ def test_the_cap_lowers_writes_only_and_release_puts_the_devices_limits_back(
     assert capped["n1"]["bps_wr"] == MIN_WRITE_OPS * GRANULE
     assert after == before
     guest.wait_until(lambda s: s.passes >= 1, timeout=30, what="the guest to keep running")
+
+
+async def _stop_and_cap(sock: Path, node: str) -> dict[str, Any]:
+    async with qmp.connect(sock) as monitor:
+        throttle = WriteThrottle(monitor, node, GRANULE)
+        undo = await throttle.prepare()
+        await throttle.cap(50)
+        await monitor.execute("stop")
+        return undo
+
+
+@pytest.mark.qemu
+def test_a_restarted_agent_lifts_the_cap_of_a_job_its_crash_left(start_guest,
+                                                                 tmp_path: Path) -> None:
+    """The source agent died in pre-copy with a disk capped: recovery resumes the VM and
+    puts the device's own limits back, from what the job journaled before capping."""
+    image = tmp_path / "d0.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "16M"], check=True)
+    guest = start_guest(config=GuestConfig(ws_pages=100, rate=100),
+                        ram_size=32 * MIB + TCG_RAM_PADDING, name="thr", extra_args=(
+        "-drive", f"file={image},format=qcow2,if=none,id=d0,node-name=n0,"
+                  "throttling.bps-read=3000000",
+        "-device", "virtio-blk-pci,drive=d0,id=vd0"))
+    before = asyncio.run(_read_limits(guest.qmp_path))
+    undo = asyncio.run(_stop_and_cap(guest.qmp_path, "n0"))
+    assert asyncio.run(_read_limits(guest.qmp_path))["n0"]["iops_wr"] == 50
+    config = AgentConfig(home=tmp_path / "home", ram_dir=tmp_path)
+    journal.write(config, journal.Entry(job="j1", role="source", step=journal.Step.PRECOPY,
+                                        vm="thr", qmp_path=str(guest.qmp_path), peer="hostb",
+                                        disk_limits=[undo]))
+    assert asyncio.run(recovery.recover(config)) == []
+    assert asyncio.run(_read_limits(guest.qmp_path)) == before
+    assert journal.entries(config) == []
+    before_pass = guest.mailbox().passes
+    guest.wait_until(lambda s: s.passes > before_pass, timeout=30,
+                     what="the resumed guest to go on")

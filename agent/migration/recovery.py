@@ -32,7 +32,7 @@ from agent.qemu import vm
 from agent.state import journal, outcomes, vms
 from agent.state.config import AgentConfig
 from agent.state.journal import Entry, Step
-from agent.storage import disk_move
+from agent.storage import disk_move, disk_throttle
 
 log = logging.getLogger(__name__)
 
@@ -142,13 +142,27 @@ async def resume_source(entry: Entry) -> str:
         async with qmp_mod.connect(entry.qmp_path) as q:
             with contextlib.suppress(QemuError):
                 await q.execute("migrate_cancel")
+            uncapped = await _lift_disk_caps(q, entry)
             status = (await q.execute("query-status")).get("status")
             if status == "running":
-                return "source VM was running"
+                return f"source VM was running{uncapped}"
             await q.execute("cont")
-            return f"source VM resumed (was {status})"
+            return f"source VM resumed (was {status}){uncapped}"
     except QemuError as exc:
         return f"could not reach the source VM to resume it: {exc}"
+
+
+async def _lift_disk_caps(q: qmp_mod.Qmp, entry: Entry) -> str:
+    """Put back the own limits of the disks whose writes the job capped."""
+    lifted = 0
+    for args in entry.disk_limits:
+        try:
+            await disk_throttle.restore(q, args)
+            lifted += 1
+        except QemuError as exc:
+            log.error("job %s (vm %s): could not lift the write cap of %s: %s", entry.job,
+                      entry.vm, args.get("device") or args.get("id"), exc)
+    return f"; write caps lifted on {lifted} disk(s)" if lifted else ""
 
 
 async def quit_source(config: AgentConfig, entry: Entry) -> str:

@@ -13,6 +13,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from agent.state.config import AgentConfig
 
@@ -47,6 +48,9 @@ class Entry:
     disks: list[str] = field(default_factory=list)   # images it created (dest., disk move)
     links: list[str] = field(default_factory=list)   # destination: macvtaps (outlive QEMU)
     nics: list[dict[str, str]] = field(default_factory=list)   # destination: for its record
+    # source: block_set_io_throttle arguments that put back the own limits of disks whose
+    # writes the job capped (agent.storage.disk_throttle)
+    disk_limits: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _path(config: AgentConfig, job: str) -> Path:

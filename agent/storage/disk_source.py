@@ -420,10 +420,17 @@ class StorageSource:
     async def dirty_bytes(self) -> int:
         return sum([await r.dirty_bytes() for r in self.rounds])
 
-    async def converge(self, round_s: float, rate: float, pause_s: float) -> None:
+    def saved_limits(self) -> list[dict[str, Any]]:
+        """What puts back the own limits of every disk ferry capped (for the journal)."""
+        return [r.throttle.restore_args() for r in self.rounds
+                if r.throttle is not None and r.throttle.lowest is not None]
+
+    async def converge(self, round_s: float, rate: float, pause_s: float,
+                       before_first_cap: Callable[[list[dict[str, Any]]], None]) -> None:
         """After a round (`round_s` long, disks read at `rate`): cap the writes of each
         disk whose next final round would not fit `pause_s` and whose rounds stopped
-        shrinking (disk_write_cap)."""
+        shrinking (disk_write_cap). Before a disk's first cap, `before_first_cap` hears
+        what would undo every cap (the job journals it: a crash must not leave it on)."""
         for rounds in self.rounds:
             dirty = await rounds.dirty_bytes()
             previous, rounds.previous_dirty = rounds.previous_dirty, dirty
@@ -433,6 +440,9 @@ class StorageSource:
             ops = disk_write_cap(dirty, previous, round_s, rate, pause_s, DISK_BLOCK,
                                  throttle.ops)
             if ops is not None and ops != throttle.ops:
+                if throttle.lowest is None:
+                    undo = await throttle.prepare()
+                    before_first_cap([*self.saved_limits(), undo])
                 ops = await throttle.cap(ops)
                 log.info("%s: writes capped at %d/s (%.1f MiB/s) so that its copy converges "
                          "(%.0f MiB dirtied in %.1f s, copied at %.0f MiB/s)", rounds.disk.path,

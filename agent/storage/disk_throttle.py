@@ -71,6 +71,16 @@ class WriteThrottle:
     _original: dict[str, Any] = field(default_factory=dict)
     _device: dict[str, str] = field(default_factory=dict)
 
+    async def prepare(self) -> dict[str, Any]:
+        """Find the device and read its own limits (before any cap); what puts them back
+        (`restore`), for the journal of a job that may crash while the cap is on."""
+        if not self._device:
+            await self._find()
+        return self.restore_args()
+
+    def restore_args(self) -> dict[str, Any]:
+        return {**self._device, **{k: 0 for k in LIMITS}, **self._original}
+
     async def _find(self) -> None:
         for block in await self.qmp.execute("query-block"):
             inserted = block.get("inserted") or {}
@@ -86,8 +96,7 @@ class WriteThrottle:
         dirties about a granule, a large one its size), or the device's total limit of
         that kind if it has one; never above the device's own limits. Returns the cap."""
         ops = max(MIN_WRITE_OPS, ops)
-        if not self._device:
-            await self._find()
+        await self.prepare()
         args: dict[str, Any] = {**{k: 0 for k in LIMITS}, **self._original}
         for key, total, value in (("iops_wr", "iops", ops),
                                   ("bps_wr", "bps", ops * self.granule)):
@@ -106,9 +115,14 @@ class WriteThrottle:
         if self.ops is None:
             return
         self.ops = None
-        args = {**{k: 0 for k in LIMITS}, **self._original}
         try:
-            await self.qmp.execute("block_set_io_throttle", {**self._device, **args})
+            await restore(self.qmp, self.restore_args())
         except (FerryError, OSError) as exc:
             # The source QEMU quits once the VM runs at the destination: nothing to undo.
             log.debug("disk node %s: write cap not lifted: %s", self.node, exc)
+
+
+async def restore(qmp: qmp_mod.Qmp, args: dict[str, Any]) -> None:
+    """Put a device's own limits back (`WriteThrottle.restore_args`: none, if it had none);
+    also what a restarted agent does for a job its crash left capped."""
+    await qmp.execute("block_set_io_throttle", args)
