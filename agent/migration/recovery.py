@@ -6,7 +6,8 @@
   destination, COMMIT_RECEIVED  the VM is ours, the source stopped for good: keep it,
                                 `cont` it if it is paused, record it; outcome RESUMED (if
                                 its QEMU is gone, REMOVED: the source may resume)
-  source, PRECOPY / STOPPED     COMMIT never left: resume the source VM
+  source, PRECOPY / STOPPED     COMMIT never left: resume the source VM, its disks' write
+                                caps lifted (the journal holds their own limits)
   source, COMMITTING            COMMIT may have left: ask the destination (STATUS) and
                                 resume or quit as it answers; until it answers, the VM
                                 stays stopped and the agent keeps asking
