@@ -801,7 +801,8 @@ class SourceJob:
             await self.storage.converge(time.monotonic() - started, rate, pause,
                                         self._journal_limits)
             dirty = await self.storage.dirty_bytes()
-            if dirty == 0 or (rate > 0 and dirty / rate <= pause):
+            # A rate of 0: the rounds moved too little to time (under 1 MiB): close enough.
+            if dirty == 0 or rate == 0 or dirty / rate <= pause:
                 return
 
     async def _disk_rounds(self) -> None:
