@@ -13,11 +13,11 @@ they stay holes and `zero_runs_as_data` says so). Then, per repeat, in alternati
 - qemu_img: `qemu-img convert -f FMT -O qcow2 SRC DST` into a new file, wall time of the
   process;
 - ferry: `import_disk(SRC, DST, target_format="qcow2")` in this process (on uvloop, as
-  the agent runs): a one-shot `--local` import, copied by QEMU's mirror job inside one
-  qemu-storage-daemon (agent.importer.blockjob). Timed: the whole call (probing, `qemu-img
-  map`, the daemon, the copy, the flush; then the verification by `qemu-img compare`,
-  which convert does not do) and the report's copy and verify seconds apart. The target
-  is judged on the call without the verification (`ferry_copy`): the work convert does;
+  the agent runs): a one-shot `--local` import, copied by `qemu-img convert` run by
+  agent.importer.qemuimg. Timed: the whole call (probing, `qemu-img map`, the copy; then
+  the verification by `qemu-img compare`, which a bare convert does not do) and the
+  report's copy and verify seconds apart. The target is judged on the call without the
+  verification (`ferry_copy`): the work convert does;
   the ratio with it is printed too;
 - ferry codec (information): the same call with engine "ferry", ferry's own path through
   two NBD exports and the batch codec, which warm passes and imports to a peer take; wall
@@ -162,7 +162,7 @@ def one_format(seed: Path, work: Path, name: str, runs: Sequence[Run], repeat: i
                                           engine="ferry")[0])
         assert report is not None
         qemu_s, ferry_s = statistics.median(qemu_times), statistics.median(ferry_times)
-        # The call less its verification: probing, map, daemon, copy and flush.
+        # The call less its verification: probing, map and copy.
         copy_s = statistics.median(f - v for f, v in zip(ferry_times, verify_times,
                                                           strict=True))
         data = report.allocated_bytes
