@@ -120,7 +120,8 @@ def test_the_cap_lowers_writes_only_and_release_puts_the_devices_limits_back(
 async def _stop_and_cap(sock: Path, node: str) -> dict[str, Any]:
     async with qmp.connect(sock) as monitor:
         throttle = WriteThrottle(monitor, node, GRANULE)
-        undo = await throttle.prepare()
+        await throttle.prepare()
+        undo = throttle.restore_args()
         await throttle.cap(50)
         await monitor.execute("stop")
         return undo

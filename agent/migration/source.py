@@ -227,7 +227,6 @@ class SourceJob:
     _switchover_started: asyncio.Event = field(default_factory=asyncio.Event)
     _downtime_ms_set: int | None = None
     _step: journal.Step = journal.Step.PRECOPY   # the last one journaled
-    _disk_limits: list[dict[str, Any]] = field(default_factory=list)
     _disk_budget_s: float | None = None     # what the disks leave of the pause; None: no disks
     _forced: bool = False
     _eta: Eta = field(default_factory=Eta)
@@ -416,19 +415,14 @@ class SourceJob:
         setting = self.options.compress
         return setting.level if setting.mode is Compression.FIXED else None
 
-    def _journal(self, step: journal.Step | None = None,
-                 disk_limits: list[dict[str, Any]] | None = None) -> None:
+    def _journal(self, step: journal.Step | None = None) -> None:
         """Record how far the job got (`step`, else the last one), and what undoes its
         disks' write caps, for an agent restarted after a crash."""
         self._step = step or self._step
-        if disk_limits is not None:
-            self._disk_limits = disk_limits
         journal.write(self.config, journal.Entry(
             job=self.job_id, role="source", step=self._step, vm=self.vm_name or "",
-            qmp_path=str(self.qmp_path), peer=self.peer, disk_limits=self._disk_limits))
-
-    def _journal_limits(self, disk_limits: list[dict[str, Any]]) -> None:
-        self._journal(disk_limits=disk_limits)
+            qmp_path=str(self.qmp_path), peer=self.peer,
+            disk_limits=self.storage.saved_limits() if self.storage else []))
 
     async def _update_downtime_limit(self) -> None:
         """QEMU's downtime-limit: the pause the iteration count allows so far, no more than
@@ -799,7 +793,7 @@ class SourceJob:
             rate = max(rate, await self._send_disk_round(first=first, final=False))
             first = False
             await self.storage.converge(time.monotonic() - started, rate, pause,
-                                        self._journal_limits)
+                                        self._journal)
             dirty = await self.storage.dirty_bytes()
             # A rate of 0: the rounds moved too little to time (under 1 MiB): close enough.
             if dirty == 0 or rate == 0 or dirty / rate <= pause:
@@ -819,7 +813,7 @@ class SourceJob:
                 # writes capped, as auto-converge slows its vCPUs (disk_throttle).
                 await self.storage.converge(time.monotonic() - started, rate,
                                             (1 - MIN_RAM_SHARE) * requested,
-                                            self._journal_limits)
+                                            self._journal)
             dirty = await self.storage.dirty_bytes()
             self._disk_budget_s = ram_downtime_s(requested, dirty, rate)
             await self._update_downtime_limit()

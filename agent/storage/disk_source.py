@@ -421,16 +421,18 @@ class StorageSource:
         return sum([await r.dirty_bytes() for r in self.rounds])
 
     def saved_limits(self) -> list[dict[str, Any]]:
-        """What puts back the own limits of every disk ferry capped (for the journal)."""
+        """What puts back the own limits of every disk ferry capped or is about to (for
+        the journal)."""
         return [r.throttle.restore_args() for r in self.rounds
-                if r.throttle is not None and r.throttle.lowest is not None]
+                if r.throttle is not None and r.throttle.prepared]
 
     async def converge(self, round_s: float, rate: float, pause_s: float,
-                       before_first_cap: Callable[[list[dict[str, Any]]], None]) -> None:
+                       before_first_cap: Callable[[], None]) -> None:
         """After a round (`round_s` long, disks read at `rate`): cap the writes of each
         disk whose next final round would not fit `pause_s` and whose rounds stopped
-        shrinking (disk_write_cap). Before a disk's first cap, `before_first_cap` hears
-        what would undo every cap (the job journals it: a crash must not leave it on)."""
+        shrinking (disk_write_cap). `before_first_cap` runs before a disk's first cap,
+        with its limits already in `saved_limits` (the job journals them: a crash must
+        not leave the cap on)."""
         for rounds in self.rounds:
             dirty = await rounds.dirty_bytes()
             previous, rounds.previous_dirty = rounds.previous_dirty, dirty
@@ -440,9 +442,9 @@ class StorageSource:
             ops = disk_write_cap(dirty, previous, round_s, rate, pause_s, DISK_BLOCK,
                                  throttle.ops)
             if ops is not None and ops != throttle.ops:
-                if throttle.lowest is None:
-                    undo = await throttle.prepare()
-                    before_first_cap([*self.saved_limits(), undo])
+                if not throttle.prepared:
+                    await throttle.prepare()
+                    before_first_cap()
                 ops = await throttle.cap(ops)
                 log.info("%s: writes capped at %d/s (%.1f MiB/s) so that its copy converges "
                          "(%.0f MiB dirtied in %.1f s, copied at %.0f MiB/s)", rounds.disk.path,

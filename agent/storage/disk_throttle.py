@@ -41,7 +41,8 @@ def disk_write_cap(dirty_bytes: int, previous_dirty: int | None, round_s: float,
     Nothing changes while the final round would fit `pause_s` (what the disks may take of
     the pause), or while the rounds still shrink by a quarter each. Otherwise the guest
     may dirty at most half of what a round copies per second, and half of what it dirtied
-    (of the cap it had): each later round then leaves at most half of the one before."""
+    (of the cap it had), never below MIN_WRITE_OPS: each later round then leaves at most
+    half of the one before."""
     if rate <= 0 or round_s <= 0 or dirty_bytes <= 0:
         return cap
     if dirty_bytes / rate <= pause_s:
@@ -49,7 +50,7 @@ def disk_write_cap(dirty_bytes: int, previous_dirty: int | None, round_s: float,
     if previous_dirty is not None and dirty_bytes < 0.75 * previous_dirty:
         return cap
     dirtied_ops = dirty_bytes / granule / round_s
-    return max(1, int(min(rate / granule, dirtied_ops if cap is None else cap) / 2))
+    return max(MIN_WRITE_OPS, int(min(rate / granule, dirtied_ops if cap is None else cap) / 2))
 
 
 def _target(block: dict[str, Any]) -> dict[str, str]:
@@ -71,12 +72,15 @@ class WriteThrottle:
     _original: dict[str, Any] = field(default_factory=dict)
     _device: dict[str, str] = field(default_factory=dict)
 
-    async def prepare(self) -> dict[str, Any]:
-        """Find the device and read its own limits (before any cap); what puts them back
-        (`restore`), for the journal of a job that may crash while the cap is on."""
+    @property
+    def prepared(self) -> bool:
+        return bool(self._device)
+
+    async def prepare(self) -> None:
+        """Find the device and read its own limits (before any cap): from then on
+        `restore_args` puts them back, for the journal of a job that may crash capped."""
         if not self._device:
             await self._find()
-        return self.restore_args()
 
     def restore_args(self) -> dict[str, Any]:
         return {**self._device, **{k: 0 for k in LIMITS}, **self._original}
@@ -97,7 +101,7 @@ class WriteThrottle:
         that kind if it has one; never above the device's own limits. Returns the cap."""
         ops = max(MIN_WRITE_OPS, ops)
         await self.prepare()
-        args: dict[str, Any] = {**{k: 0 for k in LIMITS}, **self._original}
+        args = self.restore_args()
         for key, total, value in (("iops_wr", "iops", ops),
                                   ("bps_wr", "bps", ops * self.granule)):
             # QEMU refuses a write limit beside a total one: then the total is capped
@@ -105,7 +109,7 @@ class WriteThrottle:
             key = total if args.get(total) else key
             own = int(args.get(key) or 0)
             args[key] = min(own, value) if own else value
-        await self.qmp.execute("block_set_io_throttle", {**self._device, **args})
+        await self.qmp.execute("block_set_io_throttle", args)
         self.ops = ops
         self.lowest = ops if self.lowest is None else min(self.lowest, ops)
         return ops
