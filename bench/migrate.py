@@ -388,7 +388,8 @@ def table(rows: Sequence[dict[str, Any]], cases: Sequence[Case],
             notes.append(f"QEMU's own: total {row['qemu_total_ms']} ms, "
                          f"downtime {row['qemu_downtime_ms']} ms")
         if row["tool"] == "ferry" and row.get("rounds") is not None:
-            notes.append(f"{row['rounds']} rounds, source RAM {row.get('source_ram')}")
+            notes.append(f"{row['rounds']} rounds, source RAM {row.get('source_ram')}"
+                         + (f", {row['ferry_args']}" if row.get("ferry_args") else ""))
         if row.get("error"):
             notes.append(f"error: {row['error']}")
         elif not row["ok"]:
@@ -894,7 +895,7 @@ async def source_ready(record: vms.VmRecord, config: GuestConfig, scratch: Path)
 
 
 def ferry_row(case: Case, note: Callable[[str], None], rate: str | None = None,
-              ram: str = "private") -> dict[str, Any]:
+              ram: str = "private", ferry_args: Sequence[str] = ()) -> dict[str, Any]:
     """ferry's migration of a fresh guest between two agents (loopback or across the link)."""
     config = case.config()
     link = link_label(rate)
@@ -933,7 +934,7 @@ def ferry_row(case: Case, note: Callable[[str], None], rate: str | None = None,
 
             agents_before, src_before = pair.cpu_seconds(), proc_cpu_seconds(source.pid)
             wire_before = net.wire_bytes()
-            rc, report, stderr = pair.migrate(VM_NAME, timeout=MIGRATE_TIMEOUT_S)
+            rc, report, stderr = pair.migrate(VM_NAME, *ferry_args, timeout=MIGRATE_TIMEOUT_S)
             wire_after = net.wire_bytes()
             agents_after = pair.cpu_seconds()
             cpu = {"src_agent_cpu_s": cpu_delta(agents_after[0], agents_before[0]),
@@ -962,6 +963,7 @@ def ferry_row(case: Case, note: Callable[[str], None], rate: str | None = None,
                 downtime_ms=report.get("downtime_ms"),
                 wire_bytes=wire if wire is not None else report.get("wire_bytes"),
                 ok=check.pop("guest_ok"), cpu=cpu, source_ram=ram,
+                ferry_args=" ".join(ferry_args),
                 wire_bytes_from=net.wire_from if wire is not None else "ferry report",
                 ferry_wire_bytes=report.get("wire_bytes"), rounds=report.get("rounds"),
                 compression_ratio=report.get("compression_ratio"),
@@ -988,7 +990,8 @@ def ferry_row(case: Case, note: Callable[[str], None], rate: str | None = None,
 
 def run_rows(cases: Sequence[Case], only: Sequence[str], note: Callable[[str], None],
              repeat: int = 1, rate: str | None = None,
-             ferry_ram: str = "private") -> Iterator[dict[str, Any]]:
+             ferry_ram: str = "private",
+             ferry_args: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
     """Every row of every case, `repeat` times, in ROW_NAMES order (ferry between QEMU modes).
 
     Repeats are interleaved (all kinds, then all kinds again) so that load from other work
@@ -1000,7 +1003,7 @@ def run_rows(cases: Sequence[Case], only: Sequence[str], note: Callable[[str], N
                 if only and name not in only:
                     continue
                 tool, mode = name.split("-", 1)
-                row = (ferry_row(case, note, rate, ferry_ram) if tool == "ferry"
+                row = (ferry_row(case, note, rate, ferry_ram, ferry_args) if tool == "ferry"
                        else qemu_row(case, mode, note, rate))
                 row["run"] = run
                 yield row
@@ -1040,6 +1043,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--ferry-ram", choices=FERRY_RAM_CHOICES, default="private",
                         help="RAM of ferry's source guest: plain -m private memory, as qemu "
                              "plain-private (default), or a shared file")
+    parser.add_argument("--ferry-arg", action="append", default=[], metavar="ARG",
+                        help="pass ARG on to `ferry migrate` (repeatable; e.g. "
+                             "--ferry-arg=--compress --ferry-arg=zstd:1): the ferry row then "
+                             "measures that setting instead of the defaults")
     parser.add_argument("--no-save", action="store_true",
                         help=f"do not write the results to {RESULTS_DIR}/")
     args = parser.parse_args(argv)
@@ -1077,7 +1084,7 @@ def main(argv: Sequence[str]) -> int:
     try:
         with sigterm_as_interrupt():
             for row in run_rows(cases, args.only, note, args.repeat, args.link,
-                                args.ferry_ram):
+                                args.ferry_ram, args.ferry_arg):
                 rows.append(row)
                 note(f"{row['tool']} {row['mode']}: total {row['total_ms']} ms, downtime "
                      f"{row['downtime_ms']} ms, ok {row['ok']}"

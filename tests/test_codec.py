@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import mmap
 import random
 import struct
@@ -804,3 +805,42 @@ def test_read_only_mmap_source_and_shared_mmap_destination(backend, tmp_path):
         encoder = codec.BatchEncoder(src, bs, fresh_sent(nblocks, bs), max_data_bytes=8 * bs)
         sync(encoder, array("Q", range(nblocks)), dst, nblocks, bs)
         assert dst[:] == content
+
+
+def test_compress_batch_later_in_worker_threads_gives_the_same_bytes(backend):
+    """A batch encoded raw and packed afterwards (in another thread, as the source's zstd
+    workers do) is byte for byte what encoding it compressed gives, and decodes to it."""
+    bs, nblocks = 4096, 64
+    rng = random.Random(11)
+    src = bytearray(b"".join(text_block(rng, bs) if k % 3 else rng.randbytes(bs)
+                             for k in range(nblocks)))
+    prefix = b"PFX!"
+
+    def encode(compress: bool) -> codec.EncodedBatch:
+        encoder = codec.BatchEncoder(src, bs, fresh_sent(nblocks, bs))
+        batch, end = encoder.encode(array("Q", range(nblocks)), prefix=prefix,
+                                    into=bytearray(encoder.buffer_size(prefix)),
+                                    compress=compress)
+        assert end == nblocks
+        return batch
+
+    inline = encode(True)
+    raw = encode(False)
+    assert inline.compressed and not raw.compressed
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        packed = list(pool.map(lambda _: codec.compress_batch(raw, 1, len(prefix)), range(8)))
+    for batch in packed:
+        assert batch.compressed and bytes(batch.payload) == bytes(inline.payload)
+        assert (batch.entry_count, batch.raw_data_bytes) == (raw.entry_count,
+                                                             raw.raw_data_bytes)
+    dst = bytearray(nblocks * bs)
+    codec.decode_and_apply(memoryview(packed[0].payload)[len(prefix):], dst, nblocks, bs)
+    assert dst == src
+    # Nothing to gain, nothing to do: incompressible, already packed, or no DATA at all.
+    noise = bytearray(rng.randbytes(4 * bs))
+    encoder = codec.BatchEncoder(noise, bs, fresh_sent(4, bs))
+    random_batch, _ = encoder.encode(array("Q", range(4)), compress=False)
+    assert codec.compress_batch(random_batch, 1) is random_batch
+    assert codec.compress_batch(packed[0], 1, len(prefix)) is packed[0]
+    empty, _ = encoder.encode(array("Q", range(4)), compress=False)   # all UNCHANGED now
+    assert codec.compress_batch(empty, 1) is empty

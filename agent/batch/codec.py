@@ -21,8 +21,10 @@ source decided each COPY against what the destination holds after the entries be
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import struct
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
@@ -63,7 +65,7 @@ block_hash = _backend.block_hash
 
 __all__ = [
     "BACKEND", "BatchEncoder", "BatchEntry", "DecodedBatch", "DedupIndex", "EncodedBatch",
-    "EntryKind", "apply_batch", "block_hash", "decode_and_apply", "decode_batch",
+    "EntryKind", "apply_batch", "block_hash", "compress_batch", "decode_and_apply", "decode_batch",
     "zero_block_hash",
 ]
 
@@ -95,6 +97,37 @@ class EncodedBatch:
 
     def __bytes__(self) -> bytes:
         return bytes(self.payload)
+
+
+_compressors = threading.local()
+
+
+def compress_batch(batch: EncodedBatch, level: int, prefix_len: int = 0) -> EncodedBatch:
+    """The batch with its DATA as one zstd frame at `level`, or the batch itself when that
+    saves nothing (an incompressible batch goes raw: the receiver has less to do).
+
+    Thread-safe, and zstd runs without the GIL: senders call it from worker threads, one
+    zstd context per thread. The result no longer views the uncompressed batch's buffer.
+    """
+    raw_len = batch.raw_data_bytes
+    if batch.compressed or not raw_len:
+        return batch
+    by_level: dict[int, zstandard.ZstdCompressor] = _compressors.__dict__.setdefault(
+        "by_level", {})
+    compressor = by_level.get(level)
+    if compressor is None:
+        compressor = by_level[level] = zstandard.ZstdCompressor(level=level)
+    with memoryview(batch.payload) as view:
+        data_start = len(view) - raw_len
+        packed = compressor.compress(view[data_start:])
+        if len(packed) >= raw_len:
+            return batch
+        magic, version, shift, flags, entries, copy, _, _ = HEADER.unpack_from(view, prefix_len)
+        header = HEADER.pack(magic, version, shift, flags | FLAG_COMPRESSED, entries, copy,
+                             raw_len, len(packed))
+        payload = b"".join((view[:prefix_len], header,
+                            view[prefix_len + HEADER_SIZE:data_start], packed))
+    return dataclasses.replace(batch, payload=payload, compressed=True)
 
 
 def _u64_view(indices: ReadableBuffer) -> memoryview:
@@ -135,8 +168,7 @@ class BatchEncoder:
         self._max_entries = max_entries
         self._impl = _backend  # an encoder keeps the backend it started with (index and loops)
         self.index = self._impl.DedupIndex(self.nblocks) if dedup else None
-        self._compressor = (zstandard.ZstdCompressor(level=compress_level)
-                            if compress_level is not None else None)
+        self.compress_level = compress_level
 
     def buffer_size(self, prefix: bytes = b"") -> int:
         """Bytes an `into` buffer of encode() needs for any batch with this prefix."""
@@ -170,7 +202,8 @@ class BatchEncoder:
         The payload starts with `prefix` (a message header of the caller's). With `into`
         (buffer_size(prefix) bytes at least, reused by the caller once nothing views the
         last payload) an uncompressed payload is a view of it: no allocation, no copy.
-        compress=False sends this batch uncompressed even if the encoder has a level.
+        compress=False sends this batch uncompressed even if the encoder has a level
+        (compress_batch() may pack it later, in another thread).
         """
         source = self._src if src is None else src
         if source is None:
@@ -181,35 +214,24 @@ class BatchEncoder:
             self._max_entries, self._data_capacity, into, len(prefix),
             None if offsets is None else _u64_view(offsets))
         raw_len = data_end - data_start
-        packed = None
-        if compress and self._compressor is not None and raw_len:
-            with memoryview(buf) as view:
-                packed = self._compressor.compress(view[data_start:data_end])
-            if len(packed) >= raw_len:  # incompressible: send it raw, save the receiver work
-                packed = None
-        flags, wire_len = (0, raw_len) if packed is None else (FLAG_COMPRESSED, len(packed))
-        fields = (MAGIC, VERSION, self._shift, flags, entries, copy, raw_len, wire_len)
+        fields = (MAGIC, VERSION, self._shift, 0, entries, copy, raw_len, raw_len)
+        HEADER.pack_into(buf, head, *fields)
+        start_at = head - len(prefix)
+        buf[start_at:head] = prefix
         payload: memoryview | bytes
-        if packed is None:
-            HEADER.pack_into(buf, head, *fields)
-            start_at = head - len(prefix)
-            buf[start_at:head] = prefix
-            if into is not None:
-                # The unused room around the batch is outside the view.
-                payload = memoryview(buf)[start_at:data_end].toreadonly()
-            else:
-                # Trim in place, so the data stays where encode_blocks put it and the unused
-                # (uninitialised) room around it cannot be reached through the payload;
-                # cutting the front of a bytearray only moves its start.
-                del buf[data_end:]
-                del buf[:start_at]
-                payload = memoryview(buf).toreadonly()
+        if into is not None:
+            # The unused room around the batch is outside the view.
+            payload = memoryview(buf)[start_at:data_end].toreadonly()
         else:
-            with memoryview(buf) as view:
-                payload = b"".join((prefix, HEADER.pack(*fields),
-                                    view[head + HEADER_SIZE:data_start], packed))
-        batch = EncodedBatch(payload, entries, zero, copy, data, unchanged, raw_len,
-                             packed is not None)
+            # Trim in place, so the data stays where encode_blocks put it and the unused
+            # (uninitialised) room around it cannot be reached through the payload;
+            # cutting the front of a bytearray only moves its start.
+            del buf[data_end:]
+            del buf[:start_at]
+            payload = memoryview(buf).toreadonly()
+        batch = EncodedBatch(payload, entries, zero, copy, data, unchanged, raw_len, False)
+        if compress and self.compress_level is not None:
+            batch = compress_batch(batch, self.compress_level, len(prefix))
         return batch, next_start
 
 

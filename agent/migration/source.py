@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import array
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
+import os
 import socket
 import time
 import uuid
@@ -106,6 +108,8 @@ WATCH_FOREVER_S = 7 * 24 * 3600.0
 BATCH_POOL = 128
 # Stream bytes translated at once, at most (when that much has arrived).
 RECEIVE_TARGET = 2 << 20
+# zstd worker threads per job: compression overlaps reading, hashing and sealing.
+ZSTD_THREADS = max(1, min(4, len(os.sched_getaffinity(0))))
 
 
 class ConvergenceTimeout(UserError):
@@ -182,8 +186,17 @@ class _RamDone:
     """Marker in the outgoing messages: RAM's last section was forwarded."""
 
 
+@dataclass(slots=True)
+class _RamBatch:
+    """A page batch on its way out: encoded, or still being compressed in a worker thread
+    (sent in its place in the stream all the same)."""
+
+    batch: codec.EncodedBatch | asyncio.Future[codec.EncodedBatch]
+    records: int
+
+
 _RAM_DONE = _RamDone()
-Outgoing = tuple[Kind, bytes | memoryview] | _RamDone
+Outgoing = tuple[Kind, bytes | memoryview] | _RamBatch | _RamDone
 
 
 @dataclass
@@ -222,6 +235,7 @@ class SourceJob:
     throttle_pct: int = 0                 # QEMU's auto-converge now, and the most it took
     throttle_max: int = 0
     _compression: CompressionPolicy | None = None
+    _zstd: concurrent.futures.ThreadPoolExecutor | None = None
     _pool: BufferPool = field(default_factory=lambda: BufferPool(BATCH_POOL))
     _disks_final: asyncio.Event = field(default_factory=asyncio.Event)
     _switchover_started: asyncio.Event = field(default_factory=asyncio.Event)
@@ -360,6 +374,9 @@ class SourceJob:
         self.encoder = codec.BatchEncoder(
             None, PAGE_SIZE, self._sent_hashes,
             dedup=self.options.dedup, compress_level=self.options.compress.level)
+        if self.options.compress.level is not None:
+            self._zstd = concurrent.futures.ThreadPoolExecutor(
+                ZSTD_THREADS, thread_name_prefix=f"zstd-{self.job_id}")
         pause = bool(disks) or faults.Fault.PRE_SWITCHOVER in self.faults
         await self.qmp.execute("migrate-set-capabilities",
                                qemu_migrate.source_capabilities(pause=pause))
@@ -608,21 +625,26 @@ class SourceJob:
         return out
 
     def _encode(self, pages: Pages) -> list[Outgoing]:
+        """The pages as batches. Hashing and dedup run here, in stream order; a batch to
+        compress goes to a worker thread (zstd, GIL released) while this thread reads,
+        hashes, seals and sends on."""
         assert self.encoder is not None and self._compression is not None
         if faults.Fault.DROP_LATE_PAGE in self.faults and pages.section is Section.END:
             pages = self._drop_a_page(pages)
         out: list[Outgoing] = []
+        level = self.encoder.compress_level
+        loop = asyncio.get_running_loop()
         position, total = 0, len(pages)
         while position < total:
             compress = self._compression.compress_next()
             start = position
             batch, position = self.encoder.encode(
                 pages.indices, position, src=pages.data, offsets=pages.offsets,
-                into=self._pool.take(self.encoder.buffer_size()), compress=compress)
-            self._compression.encoded(batch.raw_data_bytes, batch.nbytes, batch.compressed)
-            self.counters.add(batch, position - start)
-            if batch.entry_count:
-                out.append((Kind.RAM_BATCH, batch.payload))
+                into=self._pool.take(self.encoder.buffer_size()), compress=False)
+            pending: codec.EncodedBatch | asyncio.Future[codec.EncodedBatch] = batch
+            if compress and batch.raw_data_bytes and level is not None and self._zstd:
+                pending = loop.run_in_executor(self._zstd, codec.compress_batch, batch, level)
+            out.append(_RamBatch(pending, position - start))
         return out
 
     def _drop_a_page(self, pages: Pages) -> Pages:
@@ -646,13 +668,22 @@ class SourceJob:
         return pages
 
     async def _send_all(self, out: list[Outgoing]) -> None:
+        assert self._compression is not None
         for item in out:
             if isinstance(item, _RamDone):
                 await self._ram_done()
                 continue
-            kind, payload = item
-            await self._send(kind, payload)
-            if kind is not Kind.RAM_BATCH:
+            if isinstance(item, _RamBatch):
+                batch = (item.batch if isinstance(item.batch, codec.EncodedBatch)
+                         else await item.batch)
+                self._compression.encoded(batch.raw_data_bytes, batch.nbytes,
+                                          batch.compressed)
+                self.counters.add(batch, item.records)
+                if batch.entry_count:
+                    await self._send(Kind.RAM_BATCH, batch.payload)
+            else:
+                kind, payload = item
+                await self._send(kind, payload)
                 self.counters.forward_bytes += len(payload)
             await self._emit()
 
@@ -932,6 +963,8 @@ class SourceJob:
         self.phases.advance(outcome)
 
     async def _release(self) -> None:
+        if self._zstd is not None:
+            self._zstd.shutdown(wait=False, cancel_futures=True)
         if self.inbox is not None:
             await self.inbox.close()
         if self.link is not None:
