@@ -1,7 +1,8 @@
 """ferry's live migration against QEMU's own, same guest, same machine, measured in one run.
 
     python -m bench migrate [--quick] [--case MIB] [--link RATE] [--only ROW] [--json]
-                            [--repeat N] [--ferry-ram private|file] [--no-save]
+                            [--repeat N] [--ferry-ram private|file] [--ferry-arg ARG]
+                            [--no-save]
 
 Each row boots a fresh self-checking test guest (agent.guest) that fills part of its RAM
 at boot and then rewrites a working set at a fixed rate, waits until it completed a pass,
@@ -23,6 +24,8 @@ Rows, for every guest:
   `-m` RAM, the setup of qemu plain-private; `--ferry-ram file` for a shared file) and
   `ferry migrate NAME --to hostb --json`. The destination is always ferry's shared RAM file.
   Total and downtime come from ferry's report.
+- ferry custom (`--ferry-arg ARG`, repeatable): the ferry row with other `ferry migrate`
+  options, e.g. `--compress zstd:1`; shown with them in its notes, never judged.
 - qemu multifd-zstd: as plain, plus multifd with 2 channels and zstd on both sides.
 - qemu plain-private: as plain, with QEMU's usual private anonymous RAM (`-m` only) on both
   sides. The shared file costs QEMU's own migration time here (2-4x the total on loopback,
@@ -122,6 +125,7 @@ KIB = 1 << 10
 RAM_EXTRA = 8 * KIB
 VM_NAME = "bench"
 FERRY_MODE = "default"
+CUSTOM_MODE = "custom"          # a ferry row run with --ferry-arg: shown, never judged
 FERRY_RAM_CHOICES = ("private", "file")
 LOOPBACK_LINK = "loopback"
 QEMU_MODES = ("plain", "multifd-zstd", "plain-private")
@@ -896,7 +900,9 @@ async def source_ready(record: vms.VmRecord, config: GuestConfig, scratch: Path)
 
 def ferry_row(case: Case, note: Callable[[str], None], rate: str | None = None,
               ram: str = "private", ferry_args: Sequence[str] = ()) -> dict[str, Any]:
-    """ferry's migration of a fresh guest between two agents (loopback or across the link)."""
+    """ferry's migration of a fresh guest between two agents (loopback or across the link).
+    With `ferry_args` the row is mode CUSTOM_MODE: the targets judge ferry's defaults only."""
+    mode = CUSTOM_MODE if ferry_args else FERRY_MODE
     config = case.config()
     link = link_label(rate)
     root = Path(tempfile.mkdtemp(prefix="ferry-bench-"))
@@ -917,7 +923,7 @@ def ferry_row(case: Case, note: Callable[[str], None], rate: str | None = None,
             with open(pair.b.home / "agent.toml", "a") as f:
                 f.write("health_window_s = 0\n")
             pair.start()
-            note(f"ferry {FERRY_MODE}: booting a {case.label} guest ({ram} RAM)")
+            note(f"ferry {mode}: booting a {case.label} guest ({ram} RAM)")
             started = subprocess.run(
                 net.prefix(0) + ferry_argv(
                     "vm", "start", VM_NAME, "--memory", case.memory_arg, "--ram", ram,
@@ -930,7 +936,7 @@ def ferry_row(case: Case, note: Callable[[str], None], rate: str | None = None,
             adopted_pids.append(source.pid)
             pair.extra_pids.append(source.pid)    # its record goes once it migrated
             digest = run_async(source_ready(source, config, scratch))
-            note(f"ferry {FERRY_MODE}: migrating over {link}")
+            note(f"ferry {mode}: migrating over {link}")
 
             agents_before, src_before = pair.cpu_seconds(), proc_cpu_seconds(source.pid)
             wire_before = net.wire_bytes()
@@ -944,7 +950,7 @@ def ferry_row(case: Case, note: Callable[[str], None], rate: str | None = None,
                 cpu["src_qemu_cpu_s"] = cpu_delta(proc_cpu_seconds(source.pid), src_before)
                 why = (report.get("error") or " ".join(stderr.strip().splitlines()[-1:])
                        or f"exit {rc}")
-                return failed_row("ferry", FERRY_MODE, case, f"ferry migrate: {why}",
+                return failed_row("ferry", mode, case, f"ferry migrate: {why}",
                                   link=link, cpu=cpu, report=report, agent_log=logged,
                                   source_ram=ram)
             src_after = wait_exit_cpu(source.pid, SOURCE_EXIT_TIMEOUT_S) if adopted else None
@@ -959,7 +965,7 @@ def ferry_row(case: Case, note: Callable[[str], None], rate: str | None = None,
             wire = (None if wire_before is None or wire_after is None
                     else wire_after - wire_before)
             return make_row(
-                "ferry", FERRY_MODE, case, link=link, total_ms=report.get("total_ms"),
+                "ferry", mode, case, link=link, total_ms=report.get("total_ms"),
                 downtime_ms=report.get("downtime_ms"),
                 wire_bytes=wire if wire is not None else report.get("wire_bytes"),
                 ok=check.pop("guest_ok"), cpu=cpu, source_ram=ram,
@@ -976,9 +982,9 @@ def ferry_row(case: Case, note: Callable[[str], None], rate: str | None = None,
                 dst_qemu_cpu_verified_s=None if dst_verified is None else round(dst_verified, 2),
                 report=report, agent_log=logged, **check)
     except (FerryError, RuntimeError) as exc:     # RuntimeError: an agent did not start
-        return failed_row("ferry", FERRY_MODE, case, str(exc), link=link, source_ram=ram)
+        return failed_row("ferry", mode, case, str(exc), link=link, source_ram=ram)
     except subprocess.TimeoutExpired:
-        return failed_row("ferry", FERRY_MODE, case,
+        return failed_row("ferry", mode, case,
                           f"ferry migrate did not finish within {MIGRATE_TIMEOUT_S:g} s",
                           link=link, source_ram=ram)
     finally:
@@ -1045,8 +1051,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                              "plain-private (default), or a shared file")
     parser.add_argument("--ferry-arg", action="append", default=[], metavar="ARG",
                         help="pass ARG on to `ferry migrate` (repeatable; e.g. "
-                             "--ferry-arg=--compress --ferry-arg=zstd:1): the ferry row then "
-                             "measures that setting instead of the defaults")
+                             "--ferry-arg=--compress --ferry-arg=zstd:1): the ferry row is then "
+                             "'ferry custom', shown but not judged against the targets")
     parser.add_argument("--no-save", action="store_true",
                         help=f"do not write the results to {RESULTS_DIR}/")
     args = parser.parse_args(argv)

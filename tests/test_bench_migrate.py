@@ -219,6 +219,17 @@ def test_arguments_pick_guests_link_and_ferry_ram():
     assert args.link == "1gbit" and args.only == ["ferry-default"] and args.json
     assert args.ferry_ram == "file" and bm.link_label(args.link) == "1gbit"
     assert bm.link_label(None) == "loopback"
+    args = bm.parse_args(["--quick", "--ferry-arg=--compress", "--ferry-arg=zstd:1"])
+    assert args.ferry_arg == ["--compress", "zstd:1"]
+
+
+def test_a_ferry_row_with_other_options_is_shown_but_never_judged():
+    rows = [row("ferry", bm.CUSTOM_MODE, 1000.0, 10.0, rounds=4, source_ram="private",
+                ferry_args="--compress zstd:1"),
+            row("qemu", "plain-private", 2000.0, 20.0)]
+    assert bm.verdicts(rows, [CASE]) == []
+    assert not bm.targets_met(rows, [CASE])
+    assert "--compress zstd:1" in bm.table(rows, [CASE])
 
 
 @pytest.mark.parametrize("argv", [["--case", "333"], ["--link", "fast"], ["--repeat", "0"],
