@@ -2,7 +2,7 @@
 """Native per-block loops of the page-batch codec (twin: agent/batch/_codec_py.py), GIL released."""
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize
-from libc.stdint cimport int64_t, uint64_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
 from libc.errno cimport EINTR, errno
 from libc.string cimport memcpy, memmove, memset, strerror
@@ -21,6 +21,7 @@ cdef size_t WORD_SIZE = _fmt.WORD_SIZE
 cdef size_t MAX_WORDS_PER_ENTRY = _fmt.MAX_WORDS_PER_ENTRY
 cdef unsigned KIND_SHIFT = _fmt.KIND_SHIFT
 cdef uint64_t INDEX_MASK = _fmt.INDEX_MASK
+cdef uint64_t STORED_BIT = _fmt.STORED_BIT
 cdef uint64_t KIND_ZERO = _fmt.EntryKind.ZERO
 cdef uint64_t KIND_COPY = _fmt.EntryKind.COPY
 cdef uint64_t KIND_DATA = _fmt.EntryKind.DATA
@@ -30,6 +31,16 @@ cdef uint64_t ZERO_OFFSET = _fmt.ZERO_OFFSET
 PROBE_LIMIT = 8
 cdef uint64_t C_PROBE_LIMIT = PROBE_LIMIT
 
+# The entropy judge's table (c * log2 c for every count a sample can hold), copied from
+# agent.batch.format so that both codecs judge every block alike.
+cdef enum:
+    MAX_SAMPLES = 1024
+if _fmt.ENTROPY_SAMPLES != MAX_SAMPLES or len(_fmt.ENTROPY_TABLE) != MAX_SAMPLES + 1:
+    raise ImportError("agent.batch.format's entropy sampling does not match ext/codec.pyx")
+cdef int64_t ENTROPY_TABLE[MAX_SAMPLES + 1]
+for _c, _v in enumerate(_fmt.ENTROPY_TABLE):
+    ENTROPY_TABLE[_c] = _v
+
 # check_entries outcomes; the detail words say which entry and which values.
 cdef enum:
     ENTRIES_OK
@@ -38,6 +49,7 @@ cdef enum:
     ENTRY_BAD_INDEX
     ENTRY_NO_SOURCE
     ENTRY_BAD_SOURCE
+    ENTRY_BAD_STORED
     ENTRY_WORDS_LEFT
 
 
@@ -290,7 +302,8 @@ def encode_blocks(const unsigned char[::1] src not None, uint64_t base, size_t b
 
 cdef int _walk(const unsigned char *w, size_t nwords, size_t count, uint64_t nblocks,
                size_t *counts, uint64_t *detail) noexcept nogil:
-    """Check count entries in nwords words; counts[kind] += 1 per entry; 0 or an ENTRY_ code."""
+    """Check count entries in nwords words; counts[kind] += 1 per entry, counts[0] per stored
+    one; 0 or an ENTRY_ code."""
     cdef size_t pos = 0, entry
     cdef uint64_t word, kind, i, j
     for entry in range(count):
@@ -305,6 +318,10 @@ cdef int _walk(const unsigned char *w, size_t nwords, size_t count, uint64_t nbl
         detail[2] = i
         if kind != KIND_ZERO and kind != KIND_COPY and kind != KIND_DATA:
             return ENTRY_BAD_KIND
+        if word & STORED_BIT:
+            if kind != KIND_DATA:
+                return ENTRY_BAD_STORED
+            counts[0] += 1   # no kind is 0: that slot counts the stored entries
         if i >= nblocks:
             return ENTRY_BAD_INDEX
         counts[kind] += 1
@@ -343,14 +360,172 @@ cdef tuple _check(const unsigned char[::1] entries, size_t count, uint64_t nbloc
         raise BatchError(f"COPY entry {entry} lost its source word")
     if outcome == ENTRY_BAD_SOURCE:
         raise BatchError(f"COPY entry {entry} copies block {i} from block {j} of {nblocks}")
+    if outcome == ENTRY_BAD_STORED:
+        raise BatchError(f"entry {entry} of kind {kind} is marked stored")
     if outcome == ENTRY_WORDS_LEFT:
         raise BatchError(f"{entry} words left after {count} entries")
-    return counts[KIND_ZERO], counts[KIND_COPY], counts[KIND_DATA]
+    return counts[KIND_ZERO], counts[KIND_COPY], counts[KIND_DATA], counts[0]
 
 
 def check_entries(const unsigned char[::1] entries not None, size_t count, uint64_t nblocks):
-    """(zero, copy, data) counts of count entries that must fill entries exactly; else BatchError."""
+    """(zero, copy, data, stored) counts of count entries that must fill entries exactly;
+    else BatchError. Only DATA entries may be stored."""
     return _check(entries, count, nblocks)
+
+
+cdef struct Sampling:
+    size_t samples
+    size_t stride
+    int64_t limit
+
+
+cdef Sampling _sampling(size_t block_size):
+    """Which bytes of a block the entropy judge reads, and its verdict's bound."""
+    cdef int shift = _fmt.block_shift(block_size)
+    cdef Sampling s
+    cdef int64_t sample_shift = min(shift, 10)
+    s.samples = min(block_size, <size_t>MAX_SAMPLES)
+    s.stride = block_size // s.samples
+    s.limit = (<int64_t>s.samples * _fmt.ENTROPY_ONE
+               * (2 * sample_shift - _fmt.STORED_HALF_BITS)) // 2
+    return s
+
+
+cdef bint _incompressible(const unsigned char *p, Sampling s) noexcept nogil:
+    """The sampled byte entropy is at least STORED_HALF_BITS / 2 bits per byte."""
+    cdef uint32_t counts[256]
+    cdef size_t k
+    cdef int64_t total = 0
+    memset(counts, 0, sizeof(counts))
+    for k in range(s.samples):
+        counts[p[k * s.stride]] += 1
+    for k in range(256):
+        total += ENTROPY_TABLE[counts[k]]
+    return total <= s.limit
+
+
+def incompressible(const unsigned char[::1] block not None):
+    """Whether a block (a power of two of bytes) looks random: its sampled byte entropy is
+    at least STORED_HALF_BITS / 2 bits per byte."""
+    cdef Sampling s = _sampling(block.shape[0])
+    cdef bint verdict
+    with nogil:
+        verdict = _incompressible(&block[0], s)
+    return verdict
+
+
+cdef size_t _data_count(const unsigned char *w, size_t nwords, size_t count) noexcept nogil:
+    """DATA entries among count checked entries; stops at the end of the words."""
+    cdef size_t pos = 0, ndata = 0, entry
+    cdef uint64_t kind
+    for entry in range(count):
+        if pos >= nwords:
+            break
+        kind = fcodec_load_le64(w + pos * WORD_SIZE) >> KIND_SHIFT
+        ndata += kind == KIND_DATA
+        pos += 2 if kind == KIND_COPY else 1
+    return ndata
+
+
+def split_stored(const unsigned char[::1] entries not None, size_t count,
+                 const unsigned char[::1] data not None, size_t block_size):
+    """Sender: (words, blocks, stored) for a batch's entries and DATA (checked, unstored).
+
+    words are the entries with STORED_BIT set on every DATA entry whose block looks
+    incompressible; blocks holds the other DATA blocks in order, then the stored ones in
+    order; stored counts the latter.
+    """
+    cdef Sampling s = _sampling(block_size)
+    cdef size_t nwords = entries.shape[0] // WORD_SIZE
+    words = PyByteArray_FromStringAndSize(<const char *>&entries[0] if nwords else NULL,
+                                          nwords * WORD_SIZE)
+    cdef unsigned char *w = <unsigned char *>PyByteArray_AS_STRING(words)
+    cdef size_t ndata = _data_count(w, nwords, count)
+    if ndata * block_size != <size_t>data.shape[0]:
+        raise ValueError(f"{ndata} DATA entries need {ndata * block_size} bytes, "
+                         f"not {data.shape[0]}")
+    blocks = PyByteArray_FromStringAndSize(NULL, data.shape[0])
+    cdef unsigned char *out = <unsigned char *>PyByteArray_AS_STRING(blocks)
+    cdef const unsigned char *src = &data[0] if data.shape[0] else NULL
+    cdef size_t pos = 0, entry, taken = 0, nstored = 0, packed_at = 0, stored_at
+    cdef uint64_t word, kind
+    with nogil:
+        for entry in range(count):   # judge: mark the stored words
+            if pos >= nwords:
+                break
+            word = fcodec_load_le64(w + pos * WORD_SIZE)
+            kind = word >> KIND_SHIFT
+            if kind == KIND_DATA:
+                if _incompressible(src + taken, s):
+                    fcodec_store_le64(w + pos * WORD_SIZE, word | STORED_BIT)
+                    nstored += 1
+                taken += block_size
+            pos += 2 if kind == KIND_COPY else 1
+        stored_at = (ndata - nstored) * block_size
+        pos = taken = 0
+        for entry in range(count):   # place: packed blocks first, stored ones after
+            if pos >= nwords:
+                break
+            word = fcodec_load_le64(w + pos * WORD_SIZE)
+            kind = word >> KIND_SHIFT
+            if kind == KIND_DATA:
+                if word & STORED_BIT:
+                    memcpy(out + stored_at, src + taken, block_size)
+                    stored_at += block_size
+                else:
+                    memcpy(out + packed_at, src + taken, block_size)
+                    packed_at += block_size
+                taken += block_size
+            pos += 2 if kind == KIND_COPY else 1
+    return words, blocks, nstored
+
+
+def merge_stored(const unsigned char[::1] entries not None, size_t count,
+                 const unsigned char[::1] packed not None,
+                 const unsigned char[::1] stored not None, size_t block_size):
+    """Receiver: the DATA blocks in entry order, from the frame's blocks (packed) and the
+    stored ones, as the entries' STORED bits say (entries checked before)."""
+    _fmt.block_shift(block_size)
+    cdef size_t nwords = entries.shape[0] // WORD_SIZE
+    cdef const unsigned char *w = &entries[0] if nwords else NULL
+    cdef size_t pos = 0, entry, ndata = 0, nstored = 0
+    cdef uint64_t word, kind
+    with nogil:
+        for entry in range(count):
+            if pos >= nwords:
+                break
+            word = fcodec_load_le64(w + pos * WORD_SIZE)
+            kind = word >> KIND_SHIFT
+            if kind == KIND_DATA:
+                ndata += 1
+                nstored += (word & STORED_BIT) != 0
+            pos += 2 if kind == KIND_COPY else 1
+    if (<size_t>packed.shape[0] != (ndata - nstored) * block_size
+            or <size_t>stored.shape[0] != nstored * block_size):
+        raise BatchError(f"{ndata} DATA entries, {nstored} of them stored, do not match "
+                         f"{packed.shape[0]} + {stored.shape[0]} bytes")
+    out = PyByteArray_FromStringAndSize(NULL, ndata * block_size)
+    cdef unsigned char *dst = <unsigned char *>PyByteArray_AS_STRING(out)
+    cdef const unsigned char *sources[2]
+    sources[0] = &packed[0] if packed.shape[0] else NULL
+    sources[1] = &stored[0] if stored.shape[0] else NULL
+    cdef size_t taken[2]
+    cdef int side
+    taken[0] = taken[1] = 0
+    pos = 0
+    with nogil:
+        for entry in range(count):
+            if pos >= nwords:
+                break
+            word = fcodec_load_le64(w + pos * WORD_SIZE)
+            kind = word >> KIND_SHIFT
+            if kind == KIND_DATA:
+                side = 1 if word & STORED_BIT else 0
+                memcpy(dst, sources[side] + taken[side], block_size)
+                dst += block_size
+                taken[side] += block_size
+            pos += 2 if kind == KIND_COPY else 1
+    return out
 
 
 cdef int _pwrite_all(int fd, const unsigned char *p, size_t n, uint64_t offset) noexcept nogil:
@@ -378,7 +553,7 @@ def apply_entries(const unsigned char[::1] entries not None, size_t count,
     in nor zeroed first, which halves the destination's cost per page.
     """
     _fmt.block_shift(block_size)
-    _, _, ndata = _check(entries, count, dst.shape[0] // block_size)
+    _, _, ndata, _ = _check(entries, count, dst.shape[0] // block_size)
     if ndata * block_size != <size_t>data.shape[0]:
         raise BatchError(f"{ndata} DATA entries need {ndata * block_size} bytes, "
                          f"not {data.shape[0]}")

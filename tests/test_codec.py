@@ -579,7 +579,8 @@ def test_header_fields_checked(backend):
     dst, samples = sample_batches()
     raw, packed = samples
     expect_refused(with_header(raw, magic=b"FBAX"), dst)
-    expect_refused(with_header(raw, version=2), dst)
+    expect_refused(with_header(raw, version=fmt.VERSION + 1), dst)
+    expect_refused(with_header(raw, version=fmt.VERSION - 1), dst)
     expect_refused(with_header(raw, shift=12), dst)
     expect_refused(with_header(raw, shift=255), dst)
     expect_refused(with_header(raw, flags=0x8000), dst)
@@ -670,6 +671,81 @@ def test_apply_checks_again_and_writes_nothing(backend):
         codec.apply_batch(decoded, bytearray(BS))
     with pytest.raises(ValueError):
         codec.apply_batch(decoded, bytes(dst))
+
+
+# ---- stored blocks ----------------------------------------------------------------------
+
+def letters_block(rng: random.Random, bs: int) -> bytes:
+    """Random letters a..p: 4 bits of entropy per byte, what zstd halves."""
+    return bytes(97 + (b & 15) for b in rng.randbytes(bs))
+
+
+def stored_sample() -> tuple[bytearray, bytes]:
+    """The guest (blocks 2, 5, 7: text, random, letters) and a compressed batch of those
+    three DATA blocks that stores the random one raw after the frame."""
+    rng = random.Random(21)
+    src = bytearray(NBLOCKS * BS)
+    src[2 * BS:3 * BS] = text_block(rng, BS)
+    src[5 * BS:6 * BS] = rng.randbytes(BS)
+    src[7 * BS:8 * BS] = letters_block(rng, BS)
+    encoder = codec.BatchEncoder(src, BS, fresh_sent(NBLOCKS, BS))
+    batch, _ = encoder.encode(array("Q", [2, 5, 7]))
+    assert batch.compressed and batch.data_count == 3
+    return src, bytes(batch.payload)
+
+
+@pytest.mark.parametrize("bs", [512, 4096, 1 << 16])
+def test_entropy_judge_stores_random_blocks_only(bs):
+    rng = random.Random(bs)
+    for impl in filter(None, (_codec_py, native)):
+        assert impl.incompressible(rng.randbytes(bs))
+        assert impl.incompressible(zstandard.ZstdCompressor().compress(
+            letters_block(rng, 4 * bs))[:bs])  # already compressed data
+        for block in (bytes(bs), text_block(rng, bs), letters_block(rng, bs),
+                      rng.randbytes(bs // 2).ljust(bs, b"\0")):
+            assert not impl.incompressible(block)
+
+
+def test_stored_blocks_travel_raw_after_the_frame(backend):
+    src, payload = stored_sample()
+    words = struct.unpack_from("<3Q", payload, fmt.HEADER_SIZE)
+    assert [bool(w & fmt.STORED_BIT) for w in words] == [False, True, False]
+    assert payload.endswith(bytes(src[5 * BS:6 * BS]))
+    frame = payload[fmt.HEADER_SIZE + 3 * fmt.WORD_SIZE:-BS]
+    assert zstandard.ZstdDecompressor().decompress(frame) == src[2 * BS:3 * BS] + src[7 * BS:8 * BS]
+    dst = bytearray(NBLOCKS * BS)
+    decoded = codec.decode_batch(payload, NBLOCKS, BS)
+    assert [entry.block for entry in decoded] == [2, 5, 7]
+    codec.apply_batch(decoded, dst)
+    assert dst == src
+    for end in range(len(payload)):
+        expect_refused(payload[:end], dst)
+
+
+def test_stored_bits_checked(backend):
+    dst, samples = sample_batches()
+    raw = samples[0]
+    # Words: ZERO 3, COPY 4 <- 0, DATA 5, DATA 9: STORED only fits a compressed DATA entry.
+    expect_refused(with_word(raw, 0, (1 << fmt.KIND_SHIFT) | fmt.STORED_BIT | 3), dst,
+                   match="marked stored")
+    expect_refused(with_word(raw, 1, (2 << fmt.KIND_SHIFT) | fmt.STORED_BIT | 4), dst,
+                   match="marked stored")
+    expect_refused(with_word(raw, 3, (3 << fmt.KIND_SHIFT) | fmt.STORED_BIT | 5), dst,
+                   match="uncompressed batch")
+    _, payload = stored_sample()
+    target = bytearray(NBLOCKS * BS)
+    unmark = with_word(payload, 1, (3 << fmt.KIND_SHIFT) | 5)   # frame then holds too little
+    expect_refused(unmark, target, match="declares")
+    remark = with_word(payload, 0, (3 << fmt.KIND_SHIFT) | fmt.STORED_BIT | 2)
+    expect_refused(remark, target, match="frame")
+    all_stored = with_word(with_word(remark, 2, (3 << fmt.KIND_SHIFT) | fmt.STORED_BIT | 7),
+                           1, words_of(payload)[1])
+    expect_refused(all_stored, target, match="leaving a frame")
+
+
+def words_of(payload: bytes) -> tuple[int, ...]:
+    (_, _, _, _, entries, copies, _, _) = fmt.HEADER.unpack_from(payload)
+    return struct.unpack_from(f"<{entries + copies}Q", payload, fmt.HEADER_SIZE)
 
 
 # ---- twin equivalence -------------------------------------------------------------------
@@ -844,3 +920,34 @@ def test_compress_batch_later_in_worker_threads_gives_the_same_bytes(backend):
     assert codec.compress_batch(packed[0], 1, len(prefix)) is packed[0]
     empty, _ = encoder.encode(array("Q", range(4)), compress=False)   # all UNCHANGED now
     assert codec.compress_batch(empty, 1) is empty
+
+
+@needs_native
+@settings(max_examples=100, deadline=None)
+@given(kinds=st.lists(st.integers(0, 4), max_size=24), shift=st.sampled_from([9, 12]),
+       seed=st.integers(0, 2**32))
+def test_twin_and_native_split_and_merge_stored_agree(kinds, shift, seed):
+    """Same verdicts, words and blocks on both sides; merging undoes the split."""
+    bs, rng = 1 << shift, random.Random(seed)
+    nblocks = len(kinds) + 1
+    makers = (lambda: bytes(bs), lambda: rng.randbytes(bs), lambda: text_block(rng, bs),
+              lambda: letters_block(rng, bs), lambda: rng.randbytes(bs // 4).ljust(bs, b"\0"))
+    src = bytearray(b"".join(makers[k]() for k in kinds) + bytes(bs))
+    encoder = codec.BatchEncoder(src, bs, fresh_sent(nblocks, bs), dedup=False)
+    batch, _ = encoder.encode(array("Q", range(len(kinds))), compress=False)
+    view = memoryview(batch.payload)
+    entries = view[fmt.HEADER_SIZE:len(view) - batch.raw_data_bytes]
+    data = view[len(view) - batch.raw_data_bytes:]
+    split = [impl.split_stored(entries, batch.entry_count, data, bs)
+             for impl in (native, _codec_py)]
+    assert split[0] == split[1]
+    words, blocks, stored = split[0]
+    assert stored == sum(1 for k in kinds if k == 1)
+    packed_len = len(blocks) - stored * bs
+    for impl in (native, _codec_py):
+        merged = impl.merge_stored(words, batch.entry_count, blocks[:packed_len],
+                                   blocks[packed_len:], bs)
+        assert merged == data
+        with pytest.raises(BatchError):
+            impl.merge_stored(words, batch.entry_count, blocks[:packed_len] + bytes(bs),
+                              blocks[packed_len:], bs)

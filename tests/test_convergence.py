@@ -11,6 +11,7 @@ from agent.migration.convergence import (
     EXPLOIT_WINDOWS,
     MIN_RAM_SHARE,
     PROBE_BYTES,
+    SETTLE_BYTES,
     UNKNOWN_DISK_FINAL_S,
     Compression,
     CompressionPolicy,
@@ -23,6 +24,8 @@ from agent.migration.convergence import (
 
 MB = 1_000_000
 MIB = 1 << 20
+WINDOW = PROBE_BYTES // MIB
+PROBE = (SETTLE_BYTES + PROBE_BYTES) // MIB   # a window after a switch: settle, then time
 
 
 def test_compress_setting_parses_and_names_itself():
@@ -73,12 +76,20 @@ def test_auto_compresses_when_that_moves_pages_faster():
     policy = CompressionPolicy(CompressSetting.parse("auto"), clock)
     # A slow link: a MiB takes 8 ms plain, 5 ms compressed (half the bytes, zstd's cost),
     # the sends waiting on the link for most of it.
-    choices = run(policy, clock, 2 * PROBE_BYTES // MIB + 40, 0.008, 0.005, link_s=0.008)
-    probes = 2 * PROBE_BYTES // MIB
-    assert not any(choices[:probes // 2]) and all(choices[probes // 2:probes])
-    assert all(choices[probes:probes + 40])
+    choices = run(policy, clock, 2 * PROBE + 40, 0.008, 0.005, link_s=0.008)
+    assert not any(choices[:PROBE]) and all(choices[PROBE:2 * PROBE])
+    assert all(choices[2 * PROBE:])
     assert policy.rates[True] > policy.rates[False]
     assert policy.seen()["ratio"] < 0.6
+
+
+def test_auto_times_no_window_across_a_switch():
+    clock = Clock()
+    policy = CompressionPolicy(CompressSetting.parse("auto"), clock)
+    # The first settle's batches are fast (empty buffers), the rest slow: not timed.
+    run(policy, clock, SETTLE_BYTES // MIB, 0.0001, 0.0001, link_s=0.0001)
+    run(policy, clock, WINDOW, 0.008, 0.005, link_s=0.008)
+    assert policy.rates[False] == pytest.approx(MIB / 0.008)
 
 
 def test_auto_keeps_pages_plain_when_the_cpu_is_the_bottleneck():
@@ -87,8 +98,7 @@ def test_auto_keeps_pages_plain_when_the_cpu_is_the_bottleneck():
     # Loopback, the link idle half the time: a MiB takes 1 ms plain (0.5 ms of it waiting
     # on the link); zstd's 2 ms of CPU would only slow it down.
     choices = run(policy, clock, 200, 0.001, 0.002, link_s=0.0005)
-    probes = 2 * PROBE_BYTES // MIB
-    assert not any(choices[probes:probes + EXPLOIT_WINDOWS * PROBE_BYTES // MIB])
+    assert not any(choices[2 * PROBE:2 * PROBE + EXPLOIT_WINDOWS * WINDOW])
 
 
 def test_auto_does_not_even_try_zstd_while_the_link_keeps_up():
@@ -103,7 +113,7 @@ def test_auto_probes_a_link_that_holds_the_sends_back():
     clock = Clock()
     policy = CompressionPolicy(CompressSetting.parse("auto"), clock)
     # Sends wait on the link for 40% of the time: zstd is tried, and here it loses.
-    choices = run(policy, clock, 2 * PROBE_BYTES // MIB, 0.005, 0.008, link_s=0.002)
+    choices = run(policy, clock, 2 * PROBE, 0.005, 0.008, link_s=0.002)
     assert any(choices) and not policy.compress_next()
     assert policy.seen()["skipped_probes"] == 0
 
@@ -111,22 +121,44 @@ def test_auto_probes_a_link_that_holds_the_sends_back():
 def test_auto_tries_both_again_after_a_while():
     clock = Clock()
     policy = CompressionPolicy(CompressSetting.parse("auto"), clock)
-    window = PROBE_BYTES // MIB
     # Plain wins the first probe (zstd tried on a link busy half the time); the next comes
     # after twice the usual windows.
-    choices = run(policy, clock, 2 * window + 2 * EXPLOIT_WINDOWS * window, 0.001, 0.002,
-                  link_s=0.0005)
-    assert any(choices[window:2 * window]) and not any(choices[2 * window:])
+    choices = run(policy, clock, 2 * PROBE + SETTLE_BYTES // MIB
+                  + 2 * EXPLOIT_WINDOWS * WINDOW, 0.001, 0.002, link_s=0.0005)
+    assert any(choices[PROBE:2 * PROBE]) and not any(choices[2 * PROBE:])
     # The link got slow: the next probe finds zstd faster, and it is kept.
-    run(policy, clock, 2 * window, 0.010, 0.004, link_s=0.010)
+    run(policy, clock, 2 * PROBE, 0.010, 0.004, link_s=0.010)
+    assert policy.compress_next()
+
+
+def test_auto_holds_zstd_while_compressed_sends_still_wait_on_the_link():
+    clock = Clock()
+    policy = CompressionPolicy(CompressSetting.parse("auto"), clock)
+    # A slow link even for half the bytes: no window after the probes is plain.
+    choices = run(policy, clock, 2 * PROBE + 4 * EXPLOIT_WINDOWS * WINDOW, 0.008, 0.005,
+                  link_s=0.008)
+    assert all(choices[PROBE:])
+    assert policy.seen()["held_windows"] >= 3 * EXPLOIT_WINDOWS
+    # The link got fast: compressed sends stop waiting, and plain is measured again.
+    choices = run(policy, clock, (EXPLOIT_WINDOWS + 2) * WINDOW + SETTLE_BYTES // MIB,
+                  0.001, 0.002, link_s=0.0)
+    assert not all(choices) and not policy.compress_next()
+
+
+def test_auto_keeps_zstd_through_a_tie_on_a_busy_link():
+    clock = Clock()
+    policy = CompressionPolicy(CompressSetting.parse("auto"), clock)
+    # The probe met pages that do not compress (stored raw, hardly any CPU): a tie, with the
+    # compressed sends still waiting on the link. zstd stays for what follows.
+    run(policy, clock, 2 * PROBE, 0.008, 0.0082, ratio=1.0, link_s=0.008)
     assert policy.compress_next()
 
 
 def test_a_tie_is_not_worth_the_cpu():
     clock = Clock()
     policy = CompressionPolicy(CompressSetting.parse("auto"), clock)
-    run(policy, clock, 2 * PROBE_BYTES // MIB, 0.005, 0.005 / (COMPRESS_GAIN - 0.05),
-        link_s=0.005)
+    # The plain sends waited on the link, the compressed ones hardly: zstd set their pace.
+    run(policy, clock, 2 * PROBE, 0.005, 0.005 / (COMPRESS_GAIN - 0.05), link_s=0.0025)
     assert not policy.compress_next()
 
 

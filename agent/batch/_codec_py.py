@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING
 import xxhash
 
 from agent.batch.format import (
+    ENTROPY_ONE,
+    ENTROPY_SAMPLES,
+    ENTROPY_TABLE,
     HASH_SIZE,
     HEADER_SIZE,
     INDEX_MASK,
@@ -20,6 +23,8 @@ from agent.batch.format import (
     MAX_DATA_BYTES,
     MAX_ENTRIES,
     MAX_WORDS_PER_ENTRY,
+    STORED_BIT,
+    STORED_HALF_BITS,
     WORD_SIZE,
     ZERO_OFFSET,
     EntryKind,
@@ -38,6 +43,7 @@ _EMPTY = 0  # slot value: block index + 1, so that zeroed memory is an empty tab
 _ZERO = EntryKind.ZERO << KIND_SHIFT
 _COPY = EntryKind.COPY << KIND_SHIFT
 _DATA = EntryKind.DATA << KIND_SHIFT
+
 
 
 def block_hash(block: ReadableBuffer) -> bytes:
@@ -238,16 +244,17 @@ def encode_blocks(src: ReadableBuffer, base: int, block_size: int, indices: Read
     return buf, prefix, data_start, data_end, pos, entries, zero, copy, ndata, unchanged
 
 
-def check_entries(entries: ReadableBuffer, count: int, nblocks: int) -> tuple[int, int, int]:
-    """(zero, copy, data) counts of count entries that must fill entries exactly; else
-    BatchError."""
+def check_entries(entries: ReadableBuffer, count: int, nblocks: int
+                  ) -> tuple[int, int, int, int]:
+    """(zero, copy, data, stored) counts of count entries that must fill entries exactly;
+    else BatchError. Only DATA entries may be stored."""
     with memoryview(entries) as raw:
         view = raw.cast("B")
         if view.nbytes % WORD_SIZE:
             raise BatchError(f"entry section of {view.nbytes} bytes is not whole words")
         words = struct.unpack(f"<{view.nbytes // WORD_SIZE}Q", view)
     counts = {EntryKind.ZERO: 0, EntryKind.COPY: 0, EntryKind.DATA: 0}
-    pos = 0
+    stored = pos = 0
     for entry in range(count):
         if pos >= len(words):
             raise BatchError(f"entry {entry} lies beyond the entry section")
@@ -256,6 +263,10 @@ def check_entries(entries: ReadableBuffer, count: int, nblocks: int) -> tuple[in
         kind, i = word >> KIND_SHIFT, word & INDEX_MASK
         if kind not in counts:
             raise BatchError(f"entry {entry} has no valid kind ({kind})")
+        if word & STORED_BIT:
+            if kind != EntryKind.DATA:
+                raise BatchError(f"entry {entry} of kind {kind} is marked stored")
+            stored += 1
         if i >= nblocks:
             raise BatchError(f"entry {entry} names block {i} of {nblocks}")
         counts[EntryKind(kind)] += 1
@@ -269,7 +280,7 @@ def check_entries(entries: ReadableBuffer, count: int, nblocks: int) -> tuple[in
                                  f"{nblocks}")
     if pos != len(words):
         raise BatchError(f"{len(words) - pos} words left after {count} entries")
-    return counts[EntryKind.ZERO], counts[EntryKind.COPY], counts[EntryKind.DATA]
+    return counts[EntryKind.ZERO], counts[EntryKind.COPY], counts[EntryKind.DATA], stored
 
 
 def apply_entries(entries: ReadableBuffer, count: int, data: ReadableBuffer,
@@ -285,7 +296,7 @@ def apply_entries(entries: ReadableBuffer, count: int, data: ReadableBuffer,
             memoryview(entries) as raw_entries:
         out = raw_dst.cast("B")
         payload = raw_data.cast("B")
-        _, _, ndata = check_entries(raw_entries, count, out.nbytes // block_size)
+        _, _, ndata, _ = check_entries(raw_entries, count, out.nbytes // block_size)
         if ndata * block_size != payload.nbytes:
             raise BatchError(f"{ndata} DATA entries need {ndata * block_size} bytes, "
                              f"not {payload.nbytes}")
@@ -332,3 +343,91 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while data.nbytes:
         written = os.pwrite(fd, data, offset)
         data, offset = data[written:], offset + written
+
+
+def _sampling(block_size: int) -> tuple[int, int, int]:
+    """(samples, stride, limit): a block is stored when sum(T[count]) <= limit."""
+    shift = block_shift(block_size)
+    samples = min(block_size, ENTROPY_SAMPLES)
+    sample_shift = min(shift, ENTROPY_SAMPLES.bit_length() - 1)
+    # H = log2(n) - sum(c log2 c) / n >= STORED_HALF_BITS / 2
+    limit = samples * ENTROPY_ONE * (2 * sample_shift - STORED_HALF_BITS) // 2
+    return samples, block_size // samples, limit
+
+
+def incompressible(block: ReadableBuffer) -> bool:
+    """Whether a block (a power of two of bytes) looks random: its sampled byte entropy is
+    at least STORED_HALF_BITS / 2 bits per byte."""
+    with memoryview(block) as raw:
+        view = raw.cast("B")
+        samples, stride, limit = _sampling(view.nbytes)
+        counts = [0] * 256
+        for at in range(0, samples * stride, stride):
+            counts[view[at]] += 1
+    return sum(ENTROPY_TABLE[c] for c in counts) <= limit
+
+
+def _data_words(words: tuple[int, ...], count: int) -> list[int]:
+    """Positions of the DATA words among count entries (checked before)."""
+    positions = []
+    pos = 0
+    for _ in range(count):
+        kind = words[pos] >> KIND_SHIFT
+        if kind == EntryKind.DATA:
+            positions.append(pos)
+        pos += 2 if kind == EntryKind.COPY else 1
+    return positions
+
+
+def split_stored(entries: ReadableBuffer, count: int, data: ReadableBuffer,
+                 block_size: int) -> tuple[bytearray, bytearray, int]:
+    """Sender: (words, blocks, stored) for a batch's entries and DATA (checked, unstored).
+
+    words are the entries with STORED_BIT set on every DATA entry whose block looks
+    incompressible; blocks holds the other DATA blocks in order, then the stored ones in
+    order; stored counts the latter.
+    """
+    block_shift(block_size)
+    with memoryview(entries) as raw_entries, memoryview(data) as raw_data:
+        view = raw_entries.cast("B")
+        payload = raw_data.cast("B")
+        words = list(struct.unpack(f"<{view.nbytes // WORD_SIZE}Q", view))
+        positions = _data_words(tuple(words), count)
+        if len(positions) * block_size != payload.nbytes:
+            raise ValueError(f"{len(positions)} DATA entries need "
+                             f"{len(positions) * block_size} bytes, not {payload.nbytes}")
+        packed, stored = bytearray(), bytearray()
+        for k, pos in enumerate(positions):
+            block = payload[k * block_size:(k + 1) * block_size]
+            if incompressible(block):
+                words[pos] |= STORED_BIT
+                stored += block
+            else:
+                packed += block
+    return bytearray(struct.pack(f"<{len(words)}Q", *words)), packed + stored, \
+        len(stored) // block_size
+
+
+def merge_stored(entries: ReadableBuffer, count: int, packed: ReadableBuffer,
+                 stored: ReadableBuffer, block_size: int) -> bytearray:
+    """Receiver: the DATA blocks in entry order, from the frame's blocks (packed) and the
+    stored ones, as the entries' STORED bits say (entries checked before)."""
+    block_shift(block_size)
+    with memoryview(entries) as raw_entries, memoryview(packed) as raw_packed, \
+            memoryview(stored) as raw_stored:
+        view = raw_entries.cast("B")
+        words = struct.unpack(f"<{view.nbytes // WORD_SIZE}Q", view)
+        positions = _data_words(words, count)
+        nstored = sum(1 for pos in positions if words[pos] & STORED_BIT)
+        sources = raw_packed.cast("B"), raw_stored.cast("B")
+        if (sources[0].nbytes != (len(positions) - nstored) * block_size
+                or sources[1].nbytes != nstored * block_size):
+            raise BatchError(f"{len(positions)} DATA entries, {nstored} of them stored, do "
+                             f"not match {sources[0].nbytes} + {sources[1].nbytes} bytes")
+        out = bytearray()
+        taken = [0, 0]
+        for pos in positions:
+            side = 1 if words[pos] & STORED_BIT else 0
+            out += sources[side][taken[side]:taken[side] + block_size]
+            taken[side] += block_size
+    return out

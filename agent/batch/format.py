@@ -7,10 +7,11 @@ native codec reads its constants from this module at import so there is one sour
 from __future__ import annotations
 
 import enum
+import math
 import struct
 
 MAGIC = b"FBAT"
-VERSION = 1
+VERSION = 2
 
 # magic, version, block size log2, flags, entry count, COPY entry count,
 # raw DATA length, DATA length on the wire (== raw unless compressed).
@@ -18,14 +19,17 @@ HEADER = struct.Struct("<4sBBHIIII")
 HEADER_SIZE = HEADER.size
 
 FLAG_COMPRESSED = 0x0001
-"""The DATA section is one zstd frame holding the raw DATA bytes."""
+"""The DATA section is one zstd frame holding the DATA blocks, then the STORED blocks raw."""
 KNOWN_FLAGS = FLAG_COMPRESSED
 
-# An entry is one little-endian u64 word: kind in the top 2 bits, block index below;
-# a COPY entry is followed by a second word holding the source block index.
+# An entry is one little-endian u64 word: kind in the top 2 bits, the STORED bit, block index
+# below; a COPY entry is followed by a second word holding the source block index.
 WORD_SIZE = 8
 KIND_SHIFT = 62
-INDEX_MASK = (1 << KIND_SHIFT) - 1
+STORED_BIT = 1 << 61
+"""On a DATA entry of a compressed batch: the block is not in the zstd frame but stored raw
+after it (the sender judged it incompressible); invalid anywhere else."""
+INDEX_MASK = STORED_BIT - 1
 MAX_WORDS_PER_ENTRY = 2
 
 ZERO_OFFSET = (1 << 64) - 1
@@ -47,6 +51,18 @@ MAX_DATA_BYTES = 1 << 26
 DEFAULT_MAX_ENTRIES = 1 << 14
 DEFAULT_MAX_DATA_BYTES = 1 << 20
 DEFAULT_COMPRESS_LEVEL = 1
+
+# A sender stores a block raw, outside zstd, when the byte entropy of a sample of it is at
+# least this many half bits per byte (7.5 bits): random or already compressed data, which zstd
+# would only slow down and, sharing a block's Huffman table with text-like pages, inflate.
+# A sample of ENTROPY_SAMPLES bytes (every n-th) of a 4 KiB page costs about a microsecond.
+STORED_HALF_BITS = 15
+ENTROPY_SAMPLES = 1024
+# c * log2(c) in 1/65536 bits for every count a sample can hold: integers, so that both
+# codecs judge every block alike.
+ENTROPY_ONE = 65536
+ENTROPY_TABLE = tuple(int(c * math.log2(c) * ENTROPY_ONE + 0.5) if c else 0
+                      for c in range(ENTROPY_SAMPLES + 1))
 
 
 class EntryKind(enum.IntEnum):

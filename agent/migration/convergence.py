@@ -24,6 +24,10 @@ FIRST_DOWNTIME_SHARE = 0.1
 RATIO_GUESS = 0.5
 # auto: windows of page data timed with and without zstd, and how long a verdict holds.
 PROBE_BYTES = 16 << 20
+# After a switch (and at the start) a window begins only once this much page data went by:
+# socket and link queues still hold the other mode's bytes (or none, at first), and timing
+# them made the first plain window read 151 MB/s on a 1 Gbit/s link, zstd lose its probe.
+SETTLE_BYTES = 4 << 20
 EXPLOIT_WINDOWS = 6
 MAX_BACKOFF = 16
 # Compress only when it wins by this much: a tie costs CPU the guest could use.
@@ -31,6 +35,13 @@ COMPRESS_GAIN = 1.1
 # A plain window whose sends waited on the link for less than this share of its time was
 # not held back by the link: zstd cannot win it, so it is not tried (a probe costs CPU).
 LINK_BOUND_SHARE = 0.3
+# The first windows' verdicts kept for the report: (zstd or not, page MB/s, link share).
+MAX_WINDOWS_KEPT = 64
+# A zstd window paced by the link keeps zstd unless it moved pages slower than this share
+# of the plain window's rate: timing against socket and link queues is off by a fifth on
+# 1 Gbit/s (a first plain window read 139 MB/s), and a probe may meet pages that do not
+# compress (a tie at the link's rate).
+LINK_BOUND_TOLERANCE = 0.7
 # Weight of the newest observation in the moving averages.
 EWMA = 0.2
 # --bandwidth: bursts of at most this much time's worth, or one batch.
@@ -107,7 +118,8 @@ class CompressionPolicy:
     """Decides per batch whether to compress: fixed (off, zstd:N), or auto by trying both.
 
     auto compresses when that moves guest pages faster, measured while the migration
-    runs: it takes a window of PROBE_BYTES of page data without zstd and one with, keeps
+    runs: it takes a window of PROBE_BYTES of page data without zstd and one with (each
+    after SETTLE_BYTES that are not timed), keeps
     the faster (page bytes per second of wall time; zstd must win by COMPRESS_GAIN) for
     EXPLOIT_WINDOWS windows (twice as many after each probe zstd lost, up to MAX_BACKOFF
     times), then tries both again, since links, load and content change.
@@ -115,6 +127,11 @@ class CompressionPolicy:
     link each page costs fewer wire bytes and it wins. The zstd window is skipped when
     the plain one's sends hardly waited on the link (`waited`, under LINK_BOUND_SHARE of
     its time): then the CPU, not the link, set the pace, and zstd would only add to it.
+    Conversely, a zstd window whose sends still waited on the link that long was paced by
+    the link, not by zstd: it keeps zstd unless clearly slower (a probe that hit
+    incompressible pages ties, and those pages are stored raw at almost no cost), and
+    while that lasts the verdict holds without probing plain again: more bytes through
+    a link that is already the bottleneck can only be slower.
     A model from measured link and zstd rates was tried first: sends return at once while
     the socket buffers, so the link's rate could not be told from them (on 1 Gbit/s it
     read 178 MB/s for 120); how long they wait over a whole window can be.
@@ -127,6 +144,7 @@ class CompressionPolicy:
         self.rates: dict[bool, float | None] = {False: None, True: None}
         self._clock = clock
         self._on = False                        # auto's current choice
+        self._settle = SETTLE_BYTES             # page bytes to pass before timing again
         self._probing = True
         self._left = 0                          # windows before the next probe
         self._backoff = 1
@@ -135,17 +153,20 @@ class CompressionPolicy:
         self._window_waited = 0.0
         self.link_share: float | None = None    # of the last plain probe window
         self.skipped_probes = 0
+        self.held_windows = 0                   # zstd windows kept on without a probe
+        self.windows: list[tuple[bool, float, float]] = []  # (zstd, MB/s, link share)
 
     def waited(self, seconds: float) -> None:
         """A send waited this long for the link to take its bytes (back-pressure)."""
         self._window_waited += seconds
 
-    def seen(self) -> dict[str, float | None]:
+    def seen(self) -> dict[str, object]:
         """What the decisions rest on, for the report (page bytes per second, ratio)."""
         return {"plain_bps": _rounded(self.rates[False]),
                 "zstd_bps": _rounded(self.rates[True]), "ratio": round(self.ratio, 3),
                 "link_share": None if self.link_share is None else round(self.link_share, 3),
-                "skipped_probes": self.skipped_probes}
+                "skipped_probes": self.skipped_probes, "held_windows": self.held_windows,
+                "windows": [list(w) for w in self.windows]}
 
     def compress_next(self) -> bool:
         mode = self.setting.mode
@@ -160,6 +181,11 @@ class CompressionPolicy:
         if self.setting.mode is not Compression.AUTO or not raw_bytes:
             return
         now = self._clock()
+        if self._settle > 0:
+            # Bytes of the other mode still fill the buffers: they would be timed too.
+            self._settle -= raw_bytes
+            self._window_bytes, self._window_start, self._window_waited = 0, now, 0.0
+            return
         if self._window_start is None:
             self._window_start = now
         self._window_bytes += raw_bytes
@@ -169,23 +195,38 @@ class CompressionPolicy:
         rate = self._window_bytes / elapsed
         share = min(self._window_waited / elapsed, 1.0)
         self._window_bytes, self._window_start, self._window_waited = 0, now, 0.0
+        if len(self.windows) < MAX_WINDOWS_KEPT:
+            self.windows.append((self._on, round(rate / 1e6, 1), round(share, 2)))
         if self._probing:
             self.rates[self._on] = rate
             if not self._on:
                 self.link_share = share
                 if share >= LINK_BOUND_SHARE:
-                    self._on = True          # now the same with zstd
+                    self._switch(True)       # now the same with zstd
                     return
                 self.skipped_probes += 1     # the CPU set the pace: plain wins
             plain, packed = self.rates[False], self.rates[True]
-            self._on = bool(self._on and plain and packed and packed > COMPRESS_GAIN * plain)
+            # A zstd window whose sends still waited on the link was paced by the link:
+            # zstd stays unless clearly slower (incompressible pages are stored, not
+            # packed, and cost it almost nothing). Otherwise it must win by the margin.
+            needed = LINK_BOUND_TOLERANCE if share >= LINK_BOUND_SHARE else COMPRESS_GAIN
+            self._switch(bool(self._on and plain and packed and packed > needed * plain))
             # Each probe that zstd loses costs a slow window: probe half as often then.
             self._backoff = 1 if self._on else min(self._backoff * 2, MAX_BACKOFF)
             self._probing, self._left = False, EXPLOIT_WINDOWS * self._backoff
+        elif self._on and share >= LINK_BOUND_SHARE:
+            # Compressed sends still wait on the link: it, not the CPU, sets the pace, and
+            # plain pages would only put more bytes through it. No probe is needed.
+            self.held_windows += 1
         else:
             self._left -= 1
             if self._left <= 0:
-                self._probing, self._on = True, False
+                self._probing = True
+                self._switch(False)
+
+    def _switch(self, on: bool) -> None:
+        if on != self._on:
+            self._on, self._settle = on, SETTLE_BYTES
 
 
 def _rounded(value: float | None) -> float | None:
