@@ -145,13 +145,16 @@ def test_auto_holds_zstd_while_compressed_sends_still_wait_on_the_link():
     assert not all(choices) and not policy.compress_next()
 
 
-def test_auto_keeps_zstd_through_a_tie_on_a_busy_link():
+def test_auto_probes_again_soon_after_meeting_incompressible_pages():
     clock = Clock()
     policy = CompressionPolicy(CompressSetting.parse("auto"), clock)
-    # The probe met pages that do not compress (stored raw, hardly any CPU): a tie, with the
-    # compressed sends still waiting on the link. zstd stays for what follows.
+    # The probe met pages that do not compress (stored raw): a tie at the link's rate.
     run(policy, clock, 2 * PROBE, 0.008, 0.0082, ratio=1.0, link_s=0.008)
-    assert policy.compress_next()
+    assert not policy.compress_next() and policy.seen()["inconclusive_probes"] == 1
+    # Compressible pages follow: one window later both are measured again, zstd wins.
+    choices = run(policy, clock, PROBE + WINDOW + PROBE, 0.008, 0.005, link_s=0.008)
+    assert not any(choices[:PROBE + WINDOW]) and policy.compress_next()
+    assert policy.seen()["inconclusive_probes"] == 1
 
 
 def test_a_tie_is_not_worth_the_cpu():

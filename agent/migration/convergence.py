@@ -37,11 +37,9 @@ COMPRESS_GAIN = 1.1
 LINK_BOUND_SHARE = 0.3
 # The first windows' verdicts kept for the report: (zstd or not, page MB/s, link share).
 MAX_WINDOWS_KEPT = 64
-# A zstd window paced by the link keeps zstd unless it moved pages slower than this share
-# of the plain window's rate: timing against socket and link queues is off by a fifth on
-# 1 Gbit/s (a first plain window read 139 MB/s), and a probe may meet pages that do not
-# compress (a tie at the link's rate).
-LINK_BOUND_TOLERANCE = 0.7
+# Windows of zstd kept on in a row without a probe while the link holds the sends back:
+# content and load change, so plain is measured again now and then.
+MAX_HELD = 4 * EXPLOIT_WINDOWS
 # Weight of the newest observation in the moving averages.
 EWMA = 0.2
 # --bandwidth: bursts of at most this much time's worth, or one batch.
@@ -127,11 +125,12 @@ class CompressionPolicy:
     link each page costs fewer wire bytes and it wins. The zstd window is skipped when
     the plain one's sends hardly waited on the link (`waited`, under LINK_BOUND_SHARE of
     its time): then the CPU, not the link, set the pace, and zstd would only add to it.
-    Conversely, a zstd window whose sends still waited on the link that long was paced by
-    the link, not by zstd: it keeps zstd unless clearly slower (a probe that hit
-    incompressible pages ties, and those pages are stored raw at almost no cost), and
-    while that lasts the verdict holds without probing plain again: more bytes through
-    a link that is already the bottleneck can only be slower.
+    Conversely, while zstd is on, saves a tenth of the bytes or more and its sends still
+    wait on the link that long, the verdict holds without probing plain again (up to
+    MAX_HELD windows): more bytes through a link that is already the bottleneck can only
+    be slower. A zstd probe that saved less than that met pages zstd cannot shrink (a
+    guest's first pages on 1 Gbit/s: its working set, random): it proves nothing about
+    the pages to come, so both are measured again after one window, without backoff.
     A model from measured link and zstd rates was tried first: sends return at once while
     the socket buffers, so the link's rate could not be told from them (on 1 Gbit/s it
     read 178 MB/s for 120); how long they wait over a whole window can be.
@@ -149,11 +148,14 @@ class CompressionPolicy:
         self._left = 0                          # windows before the next probe
         self._backoff = 1
         self._window_bytes = 0
+        self._window_wire = 0                   # of the window's batches, on the wire
         self._window_start: float | None = None
         self._window_waited = 0.0
         self.link_share: float | None = None    # of the last plain probe window
         self.skipped_probes = 0
         self.held_windows = 0                   # zstd windows kept on without a probe
+        self._held = 0                          # of them since the last probe
+        self.inconclusive_probes = 0            # zstd probes that met incompressible pages
         self.windows: list[tuple[bool, float, float]] = []  # (zstd, MB/s, link share)
 
     def waited(self, seconds: float) -> None:
@@ -166,6 +168,7 @@ class CompressionPolicy:
                 "zstd_bps": _rounded(self.rates[True]), "ratio": round(self.ratio, 3),
                 "link_share": None if self.link_share is None else round(self.link_share, 3),
                 "skipped_probes": self.skipped_probes, "held_windows": self.held_windows,
+                "inconclusive_probes": self.inconclusive_probes,
                 "windows": [list(w) for w in self.windows]}
 
     def compress_next(self) -> bool:
@@ -184,45 +187,60 @@ class CompressionPolicy:
         if self._settle > 0:
             # Bytes of the other mode still fill the buffers: they would be timed too.
             self._settle -= raw_bytes
-            self._window_bytes, self._window_start, self._window_waited = 0, now, 0.0
+            self._restart_window(now)
             return
         if self._window_start is None:
             self._window_start = now
         self._window_bytes += raw_bytes
+        self._window_wire += wire_data_bytes
         if self._window_bytes < PROBE_BYTES:
             return
         elapsed = max(now - self._window_start, 1e-6)
         rate = self._window_bytes / elapsed
         share = min(self._window_waited / elapsed, 1.0)
-        self._window_bytes, self._window_start, self._window_waited = 0, now, 0.0
+        saves = self._window_wire * COMPRESS_GAIN < self._window_bytes
+        self._restart_window(now)
         if len(self.windows) < MAX_WINDOWS_KEPT:
             self.windows.append((self._on, round(rate / 1e6, 1), round(share, 2)))
         if self._probing:
-            self.rates[self._on] = rate
-            if not self._on:
-                self.link_share = share
-                if share >= LINK_BOUND_SHARE:
-                    self._switch(True)       # now the same with zstd
-                    return
-                self.skipped_probes += 1     # the CPU set the pace: plain wins
-            plain, packed = self.rates[False], self.rates[True]
-            # A zstd window whose sends still waited on the link was paced by the link:
-            # zstd stays unless clearly slower (incompressible pages are stored, not
-            # packed, and cost it almost nothing). Otherwise it must win by the margin.
-            needed = LINK_BOUND_TOLERANCE if share >= LINK_BOUND_SHARE else COMPRESS_GAIN
-            self._switch(bool(self._on and plain and packed and packed > needed * plain))
-            # Each probe that zstd loses costs a slow window: probe half as often then.
-            self._backoff = 1 if self._on else min(self._backoff * 2, MAX_BACKOFF)
-            self._probing, self._left = False, EXPLOIT_WINDOWS * self._backoff
-        elif self._on and share >= LINK_BOUND_SHARE:
+            self._probed(rate, share, saves)
+        elif self._on and saves and share >= LINK_BOUND_SHARE and self._held < MAX_HELD:
             # Compressed sends still wait on the link: it, not the CPU, sets the pace, and
             # plain pages would only put more bytes through it. No probe is needed.
+            self._held += 1
             self.held_windows += 1
         else:
             self._left -= 1
             if self._left <= 0:
-                self._probing = True
+                self._probing, self._held = True, 0
                 self._switch(False)
+
+    def _probed(self, rate: float, share: float, saves: bool) -> None:
+        """A probe window ended: plain, then (when the link held it back) with zstd."""
+        self.rates[self._on] = rate
+        if not self._on:
+            self.link_share = share
+            if share >= LINK_BOUND_SHARE:
+                self._switch(True)       # now the same with zstd
+                return
+            self.skipped_probes += 1     # the CPU set the pace: plain wins
+        plain, packed = self.rates[False], self.rates[True]
+        won = bool(self._on and plain and packed and packed > COMPRESS_GAIN * plain)
+        if self._on and not won and not saves:
+            # zstd met pages it cannot shrink (stored raw): a tie that says nothing of
+            # the pages to come. Measure both again after one window, without backoff.
+            self.inconclusive_probes += 1
+            self._switch(False)
+            self._probing, self._left = False, 1
+            return
+        self._switch(won)
+        # Each probe that zstd loses costs a slow window: probe half as often then.
+        self._backoff = 1 if won else min(self._backoff * 2, MAX_BACKOFF)
+        self._probing, self._left = False, EXPLOIT_WINDOWS * self._backoff
+
+    def _restart_window(self, now: float) -> None:
+        self._window_bytes, self._window_wire = 0, 0
+        self._window_start, self._window_waited = now, 0.0
 
     def _switch(self, on: bool) -> None:
         if on != self._on:
