@@ -414,17 +414,30 @@ def incompressible(const unsigned char[::1] block not None):
     return verdict
 
 
-cdef size_t _data_count(const unsigned char *w, size_t nwords, size_t count) noexcept nogil:
-    """DATA entries among count checked entries; stops at the end of the words."""
-    cdef size_t pos = 0, ndata = 0, entry
+cdef inline bint _next_data(const unsigned char *w, size_t nwords, size_t *pos,
+                            size_t *left, uint64_t *word) noexcept nogil:
+    """Step to the next DATA entry's word among `left` checked entries from word `pos`;
+    False when none is left (or the words end)."""
     cdef uint64_t kind
-    for entry in range(count):
-        if pos >= nwords:
-            break
-        kind = fcodec_load_le64(w + pos * WORD_SIZE) >> KIND_SHIFT
-        ndata += kind == KIND_DATA
-        pos += 2 if kind == KIND_COPY else 1
-    return ndata
+    while left[0] and pos[0] < nwords:
+        left[0] -= 1
+        word[0] = fcodec_load_le64(w + pos[0] * WORD_SIZE)
+        kind = word[0] >> KIND_SHIFT
+        pos[0] += 2 if kind == KIND_COPY else 1
+        if kind == KIND_DATA:
+            return True
+    return False
+
+
+cdef void _count_data(const unsigned char *w, size_t nwords, size_t count, size_t *ndata,
+                      size_t *nstored) noexcept nogil:
+    """DATA entries, and the stored ones among them, of count checked entries."""
+    cdef size_t pos = 0, left = count
+    cdef uint64_t word
+    ndata[0] = nstored[0] = 0
+    while _next_data(w, nwords, &pos, &left, &word):
+        ndata[0] += 1
+        nstored[0] += (word & STORED_BIT) != 0
 
 
 def split_stored(const unsigned char[::1] entries not None, size_t count,
@@ -440,43 +453,33 @@ def split_stored(const unsigned char[::1] entries not None, size_t count,
     words = PyByteArray_FromStringAndSize(<const char *>&entries[0] if nwords else NULL,
                                           nwords * WORD_SIZE)
     cdef unsigned char *w = <unsigned char *>PyByteArray_AS_STRING(words)
-    cdef size_t ndata = _data_count(w, nwords, count)
+    cdef size_t ndata, nstored
+    _count_data(w, nwords, count, &ndata, &nstored)
     if ndata * block_size != <size_t>data.shape[0]:
         raise ValueError(f"{ndata} DATA entries need {ndata * block_size} bytes, "
                          f"not {data.shape[0]}")
     blocks = PyByteArray_FromStringAndSize(NULL, data.shape[0])
     cdef unsigned char *out = <unsigned char *>PyByteArray_AS_STRING(blocks)
     cdef const unsigned char *src = &data[0] if data.shape[0] else NULL
-    cdef size_t pos = 0, entry, taken = 0, nstored = 0, packed_at = 0, stored_at
-    cdef uint64_t word, kind
+    cdef size_t pos = 0, left = count, taken = 0, packed_at = 0, stored_at
+    cdef uint64_t word
     with nogil:
-        for entry in range(count):   # judge: mark the stored words
-            if pos >= nwords:
-                break
-            word = fcodec_load_le64(w + pos * WORD_SIZE)
-            kind = word >> KIND_SHIFT
-            if kind == KIND_DATA:
-                if _incompressible(src + taken, s):
-                    fcodec_store_le64(w + pos * WORD_SIZE, word | STORED_BIT)
-                    nstored += 1
-                taken += block_size
-            pos += 2 if kind == KIND_COPY else 1
+        nstored = 0
+        while _next_data(w, nwords, &pos, &left, &word):   # judge: mark the stored words
+            if _incompressible(src + taken, s):
+                fcodec_store_le64(w + (pos - 1) * WORD_SIZE, word | STORED_BIT)
+                nstored += 1
+            taken += block_size
         stored_at = (ndata - nstored) * block_size
-        pos = taken = 0
-        for entry in range(count):   # place: packed blocks first, stored ones after
-            if pos >= nwords:
-                break
-            word = fcodec_load_le64(w + pos * WORD_SIZE)
-            kind = word >> KIND_SHIFT
-            if kind == KIND_DATA:
-                if word & STORED_BIT:
-                    memcpy(out + stored_at, src + taken, block_size)
-                    stored_at += block_size
-                else:
-                    memcpy(out + packed_at, src + taken, block_size)
-                    packed_at += block_size
-                taken += block_size
-            pos += 2 if kind == KIND_COPY else 1
+        pos, left, taken = 0, count, 0
+        while _next_data(w, nwords, &pos, &left, &word):   # packed blocks first, then stored
+            if word & STORED_BIT:
+                memcpy(out + stored_at, src + taken, block_size)
+                stored_at += block_size
+            else:
+                memcpy(out + packed_at, src + taken, block_size)
+                packed_at += block_size
+            taken += block_size
     return words, blocks, nstored
 
 
@@ -488,18 +491,8 @@ def merge_stored(const unsigned char[::1] entries not None, size_t count,
     _fmt.block_shift(block_size)
     cdef size_t nwords = entries.shape[0] // WORD_SIZE
     cdef const unsigned char *w = &entries[0] if nwords else NULL
-    cdef size_t pos = 0, entry, ndata = 0, nstored = 0
-    cdef uint64_t word, kind
-    with nogil:
-        for entry in range(count):
-            if pos >= nwords:
-                break
-            word = fcodec_load_le64(w + pos * WORD_SIZE)
-            kind = word >> KIND_SHIFT
-            if kind == KIND_DATA:
-                ndata += 1
-                nstored += (word & STORED_BIT) != 0
-            pos += 2 if kind == KIND_COPY else 1
+    cdef size_t ndata, nstored
+    _count_data(w, nwords, count, &ndata, &nstored)
     if (<size_t>packed.shape[0] != (ndata - nstored) * block_size
             or <size_t>stored.shape[0] != nstored * block_size):
         raise BatchError(f"{ndata} DATA entries, {nstored} of them stored, do not match "
@@ -510,21 +503,16 @@ def merge_stored(const unsigned char[::1] entries not None, size_t count,
     sources[0] = &packed[0] if packed.shape[0] else NULL
     sources[1] = &stored[0] if stored.shape[0] else NULL
     cdef size_t taken[2]
+    cdef size_t pos = 0, left = count
+    cdef uint64_t word
     cdef int side
     taken[0] = taken[1] = 0
-    pos = 0
     with nogil:
-        for entry in range(count):
-            if pos >= nwords:
-                break
-            word = fcodec_load_le64(w + pos * WORD_SIZE)
-            kind = word >> KIND_SHIFT
-            if kind == KIND_DATA:
-                side = 1 if word & STORED_BIT else 0
-                memcpy(dst, sources[side] + taken[side], block_size)
-                dst += block_size
-                taken[side] += block_size
-            pos += 2 if kind == KIND_COPY else 1
+        while _next_data(w, nwords, &pos, &left, &word):
+            side = 1 if word & STORED_BIT else 0
+            memcpy(dst, sources[side] + taken[side], block_size)
+            dst += block_size
+            taken[side] += block_size
     return out
 
 
