@@ -673,17 +673,21 @@ def profile(report: dict[str, Any]) -> dict[str, Any]:
     for sample in samples:
         s = dict(zip(fields, sample, strict=True))
         p = phases.setdefault(str(s.get("phase")), {"seconds": 0.0, "wire_mib": 0.0,
-                                                     "dirty_mib": 0.0, "agent_cpu_s": 0.0,
-                                                     "qemu_cpu_s": 0.0})
+                                                     "dirty_mib": 0.0, "dirty_s": 0.0,
+                                                     "agent_cpu_s": 0.0, "qemu_cpu_s": 0.0})
         p["seconds"] += interval
         for key, name, unit in (("wire_bps", "wire_mib", MIB), ("dirty_bps", "dirty_mib", MIB),
                                 ("agent_cpu", "agent_cpu_s", 1), ("qemu_cpu", "qemu_cpu_s", 1)):
             if isinstance(s.get(key), (int, float)):
                 p[name] += s[key] * interval / unit
+                if key == "dirty_bps":
+                    p["dirty_s"] += interval
+    # QEMU measures the dirty rate from its second dirty-log sync on: a phase without such
+    # a sample has no rate ("-"), not a rate of 0.
     out: dict[str, Any] = {"phases": {
         k: {"seconds": round(v["seconds"], 1),
             "wire_mib_s": round(v["wire_mib"] / v["seconds"], 1) if v["seconds"] else None,
-            "dirty_mib_s": round(v["dirty_mib"] / v["seconds"], 1) if v["seconds"] else None,
+            "dirty_mib_s": round(v["dirty_mib"] / v["dirty_s"], 1) if v["dirty_s"] else None,
             "src_agent_cpu_s": round(v["agent_cpu_s"], 2),
             "src_qemu_cpu_s": round(v["qemu_cpu_s"], 2)} for k, v in phases.items()}}
     rounds = report.get("rounds")

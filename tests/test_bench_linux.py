@@ -270,6 +270,17 @@ def test_profile_sums_time_and_cpu_per_phase() -> None:
     assert prof["ms_per_round"] == 1000.0
 
 
+def test_profile_averages_the_dirty_rate_over_measured_samples_only() -> None:
+    """Before QEMU's second dirty-log sync its rate is unmeasured (null), not 0."""
+    rep = report(["precopy", "precopy", "precopy", "completed"])
+    samples = rep["timeline"]["samples"]
+    for sample in samples[:2] + samples[3:]:
+        sample[4] = None
+    phases = linux.profile(rep)["phases"]
+    assert phases["precopy"]["dirty_mib_s"] == 10.0 and phases["precopy"]["seconds"] == 3.0
+    assert phases["completed"]["dirty_mib_s"] is None
+
+
 def test_outputs_are_written(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     rows = [row(SCENARIO, "ferry-default", 4000, 100, 400, report=report(["precopy"])),
