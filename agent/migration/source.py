@@ -984,13 +984,10 @@ class SourceJob:
         """The job's own figures for the timeline (agent.migration.timeline)."""
         ram = self._last_query.get("ram", {})
         remaining = ram.get("remaining")
-        # QEMU measures the rate between two dirty-log syncs: before its second, the 0 it
-        # reports means "not measured yet", and the timeline says so (null).
-        measured = int(ram.get("dirty-sync-count") or 0) >= 2
-        dirty = ram.get("dirty-pages-rate") if measured else None
+        dirty = _dirty_pages_rate(ram)
         return {"phase": self.phases.phase.value, "wire_bytes": self.counters.total_wire_bytes,
                 "remaining_bytes": int(remaining) if remaining is not None else None,
-                "dirty_bps": round(float(dirty) * PAGE_SIZE) if dirty is not None else None,
+                "dirty_bps": round(dirty * PAGE_SIZE) if dirty is not None else None,
                 "throttle": self.throttle_pct / 100}
 
     def timeline(self) -> dict[str, Any] | None:
@@ -1025,13 +1022,14 @@ class SourceJob:
         }
         if "remaining" in ram:
             remaining = int(ram["remaining"])
-            dirty_rate = float(ram.get("dirty-pages-rate", 0) or 0)
+            dirty_rate = _dirty_pages_rate(ram)
             event["pages_left"] = remaining // PAGE_SIZE
             event["remaining_bytes"] = remaining
-            event["dirty_pages_per_s"] = round(dirty_rate)
+            if dirty_rate is not None:
+                event["dirty_pages_per_s"] = round(dirty_rate)
             # QEMU's own rate on our socket (stream bytes, before dedup and compression).
             rate = c.stream_bytes / elapsed if elapsed > 0 else 0.0
-            eta = self._eta.update(remaining, rate, dirty_rate * PAGE_SIZE)
+            eta = self._eta.update(remaining, rate, (dirty_rate or 0.0) * PAGE_SIZE)
             if eta is not None:
                 event["eta_s"] = round(eta, 2)
         if self.throttle_pct:
@@ -1116,3 +1114,11 @@ async def _first_failure(main: asyncio.Task[None], helpers: list[asyncio.Task[No
                 with contextlib.suppress(asyncio.CancelledError, FerryError):
                     await main
                 raise task.exception()  # type: ignore[misc]
+
+
+def _dirty_pages_rate(ram: dict[str, Any]) -> float | None:
+    """QEMU's dirty rate in pages per second, or None before its second dirty-log sync:
+    it measures between two syncs, so the 0 it reports until then means "not yet"."""
+    if int(ram.get("dirty-sync-count") or 0) < 2:
+        return None
+    return float(ram.get("dirty-pages-rate") or 0)
