@@ -251,6 +251,11 @@ class FakeNbd:
         self.requests.append(("zero", offset, length))
         self.disk[offset:offset + length] = bytes(length)
 
+    async def flush(self) -> None:
+        writes_before = sum(1 for r in self.requests if r[0] == "write")
+        await self._delay()
+        self.requests.append(("flush", writes_before, self.in_flight))
+
     async def read(self, offset: int, length: int) -> bytearray:
         # Reads see the export as it is when the request arrives.
         data = bytearray(self.disk[offset:offset + length])
@@ -340,6 +345,38 @@ def test_disk_writer_joins_neighbouring_blocks_into_one_request():
     blocks_per_request = disk_source.BATCH_DATA_BYTES // DISK_BLOCK
     assert len(fake.requests) == -(-nblocks // blocks_per_request)   # one write per batch
     assert disk_sink.RUN_BLOCKS >= blocks_per_request
+
+
+def test_disk_writer_flushes_beside_the_writes_as_the_bytes_add_up(monkeypatch):
+    """A flush goes out every FLUSH_EVERY_BYTES written, while writes are still in flight,
+    so the final flush in the pause has little left to write back."""
+    monkeypatch.setattr(disk_sink, "FLUSH_EVERY_BYTES", 8 * DISK_BLOCK)
+    nblocks = 64
+    size = nblocks * DISK_BLOCK
+    content = os.urandom(size)
+    sent = bytearray(codec.zero_block_hash(DISK_BLOCK) * nblocks)
+    encoder = codec.BatchEncoder(None, DISK_BLOCK, sent, compress_level=None,
+                                 max_data_bytes=4 * DISK_BLOCK)
+    indices = array.array("Q", range(nblocks))
+    batches, position = [], 0
+    while position < nblocks:
+        batch, position = encoder.encode(indices, position, src=content, base=0)
+        batches.append(bytes(batch.payload))
+
+    async def main() -> tuple[FakeNbd, DiskWriter]:
+        fake = FakeNbd(size, seed=5)
+        writer = DiskWriter(disk_spec(size), DiskTarget("/t.img", "raw"))
+        writer.nbd = fake  # type: ignore[assignment]
+        for batch in batches:
+            await writer.apply(memoryview(batch))
+        await writer.drain()
+        return fake, writer
+
+    fake, writer = asyncio.run(main())
+    assert bytes(fake.disk) == content
+    flushes = [r for r in fake.requests if r[0] == "flush"]
+    assert writer.flushes == len(flushes) == nblocks // 8
+    assert any(in_flight > 1 for _, _, in_flight in flushes)   # beside writes, not after
 
 
 # ---------------------------------------------------------------------------- source loop

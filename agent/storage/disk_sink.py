@@ -44,6 +44,12 @@ WRITE_BYTES_IN_FLIGHT = 16 << 20
 receive buffers only once nothing views them, so holding much more costs fresh pages."""
 RUN_BLOCKS = 64
 """Most blocks one NBD request writes (4 MiB): neighbouring entries go out as one request."""
+FLUSH_EVERY_BYTES = 32 << 20
+"""Written bytes after which a flush goes out beside the writes, while the guest still runs:
+the flush before the device state loads, inside the pause, then only has what the last
+of them left to write back. The Linux bench's disk scenario (1 GiB disk, 1 Gbit/s): flushed
+once at the end, 0.8 s of a 1.27 s pause; every 128 MiB, 200-378 ms; every 32 MiB,
+120-188 ms of pause, the total time unchanged (21 s)."""
 
 Span = tuple[int, int]
 """Blocks [first, end) that one request reads or writes."""
@@ -171,6 +177,8 @@ class DiskWriter:
     held: int = 0     # bytes the requests in flight hold (see WRITE_BYTES_IN_FLIGHT)
     blocks_written: int = 0
     bytes_written: int = 0   # by DATA and COPY entries (zeroed blocks are not written)
+    flushed_at: int = 0      # bytes_written when the last flush went out
+    flushes: int = 0
 
     @property
     def nblocks(self) -> int:
@@ -209,6 +217,11 @@ class DiskWriter:
                 self._start(self.nbd.write(offset, run.data[:length]), spans, length)
                 self.bytes_written += length
             self.blocks_written += run.count
+            if self.bytes_written - self.flushed_at >= FLUSH_EVERY_BYTES:
+                # It covers the writes answered before it, and blocks none of the others.
+                self._start(self.nbd.flush(), (), 0)
+                self.flushed_at = self.bytes_written
+                self.flushes += 1
             while len(self.pending) >= WRITES_IN_FLIGHT or self.held > WRITE_BYTES_IN_FLIGHT:
                 await asyncio.wait(self.pending, return_when=asyncio.FIRST_COMPLETED)
                 self._reap()
