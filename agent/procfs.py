@@ -90,14 +90,20 @@ class CpuMeter:
     def __init__(self, pid: int, tids: Iterable[int] = ()) -> None:
         self.pid = pid
         self.tids = tuple(tids)
-        self._at = time.monotonic()
-        self._process = cpu_seconds(pid)
-        self._threads = threads_cpu_seconds(pid, self.tids) if self.tids else None
+        self._at, self._process, self._threads = self._counters()
 
-    def read(self, now: float | None = None) -> CpuRates:
-        now = time.monotonic() if now is None else now
+    def _counters(self) -> tuple[float, float | None, float | None]:
+        """(when, process, threads): the time is the middle of the reads, since a reader
+        preempted between its clock and /proc (a loaded host) would count CPU seconds
+        spent after that time (a spinning thread read 1.07 CPU s per second)."""
+        before = time.monotonic()
         process = cpu_seconds(self.pid)
         threads = threads_cpu_seconds(self.pid, self.tids) if self.tids else None
+        return (before + time.monotonic()) / 2, process, threads
+
+    def read(self, now: float | None = None) -> CpuRates:
+        at, process, threads = self._counters()
+        now = at if now is None else now
         seconds = now - self._at
         rates = CpuRates(_rate(self._process, process, seconds),
                          _rate(self._threads, threads, seconds))
