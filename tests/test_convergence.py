@@ -145,6 +145,16 @@ def test_auto_holds_zstd_while_compressed_sends_still_wait_on_the_link():
     assert not all(choices) and not policy.compress_next()
 
 
+def test_auto_holds_zstd_while_it_stays_faster_than_plain_was():
+    clock = Clock()
+    policy = CompressionPolicy(CompressSetting.parse("auto"), clock)
+    # zstd packs so well that its sends hardly wait any more, and it is twice as fast.
+    choices = run(policy, clock, 2 * PROBE + 3 * EXPLOIT_WINDOWS * WINDOW, 0.008, 0.004,
+                  ratio=0.1, link_s=0.008)
+    assert policy.windows[-1][2] < 0.3   # the link no longer held zstd's sends back
+    assert all(choices[PROBE:]) and policy.seen()["held_windows"] >= 2 * EXPLOIT_WINDOWS
+
+
 def test_auto_probes_again_soon_after_meeting_incompressible_pages():
     clock = Clock()
     policy = CompressionPolicy(CompressSetting.parse("auto"), clock)

@@ -126,11 +126,12 @@ class CompressionPolicy:
     the plain one's sends hardly waited on the link (`waited`, under LINK_BOUND_SHARE of
     its time): then the CPU, not the link, set the pace, and zstd would only add to it.
     Conversely, while zstd is on, saves a tenth of the bytes or more and its sends still
-    wait on the link that long, the verdict holds without probing plain again (up to
-    MAX_HELD windows): more bytes through a link that is already the bottleneck can only
-    be slower. A zstd probe that saved less than that met pages zstd cannot shrink (a
-    guest's first pages on 1 Gbit/s: its working set, random): it proves nothing about
-    the pages to come, so both are measured again after one window, without backoff.
+    wait on the link that long, or moves pages faster than the last plain probe by the
+    margin, the verdict holds without probing plain again (up to MAX_HELD windows): more
+    bytes through a link that is already the bottleneck can only be slower. A zstd probe
+    that saved less than a tenth met pages zstd cannot shrink (a guest's first pages on
+    1 Gbit/s: its working set, random): it proves nothing about the pages to come, so
+    both are measured again after one window, without backoff.
     A model from measured link and zstd rates was tried first: sends return at once while
     the socket buffers, so the link's rate could not be told from them (on 1 Gbit/s it
     read 178 MB/s for 120); how long they wait over a whole window can be.
@@ -202,11 +203,15 @@ class CompressionPolicy:
         self._restart_window(now)
         if len(self.windows) < MAX_WINDOWS_KEPT:
             self.windows.append((self._on, round(rate / 1e6, 1), round(share, 2)))
+        plain = self.rates[False]
         if self._probing:
             self._probed(rate, share, saves)
-        elif self._on and saves and share >= LINK_BOUND_SHARE and self._held < MAX_HELD:
+        elif self._on and self._held < MAX_HELD and (
+                (saves and share >= LINK_BOUND_SHARE)
+                or (plain is not None and rate > COMPRESS_GAIN * plain)):
             # Compressed sends still wait on the link: it, not the CPU, sets the pace, and
-            # plain pages would only put more bytes through it. No probe is needed.
+            # plain pages would only put more bytes through it; or zstd still moves pages
+            # faster than plain did at the last probe. No probe is needed.
             self._held += 1
             self.held_windows += 1
         else:
