@@ -167,6 +167,17 @@ def test_auto_probes_again_soon_after_meeting_incompressible_pages():
     assert policy.seen()["inconclusive_probes"] == 1
 
 
+def test_auto_sends_plain_once_the_guest_stopped_but_fixed_still_compresses():
+    clock = Clock()
+    auto = CompressionPolicy(CompressSetting.parse("auto"), clock)
+    fixed = CompressionPolicy(CompressSetting.parse("zstd:1"), clock)
+    run(auto, clock, 2 * PROBE, 0.008, 0.005, link_s=0.008)
+    assert auto.compress_next()
+    auto.pause()
+    fixed.pause()
+    assert not auto.compress_next() and fixed.compress_next()
+
+
 def test_a_tie_is_not_worth_the_cpu():
     clock = Clock()
     policy = CompressionPolicy(CompressSetting.parse("auto"), clock)

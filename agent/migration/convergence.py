@@ -145,6 +145,7 @@ class CompressionPolicy:
         self._clock = clock
         self._on = False                        # auto's current choice
         self._settle = SETTLE_BYTES             # page bytes to pass before timing again
+        self.paused = False                     # the guest stopped: pages go plain
         self._probing = True
         self._left = 0                          # windows before the next probe
         self._backoff = 1
@@ -176,7 +177,14 @@ class CompressionPolicy:
         mode = self.setting.mode
         if mode is not Compression.AUTO:
             return mode is Compression.FIXED
-        return self._on
+        return self._on and not self.paused
+
+    def pause(self) -> None:
+        """The guest stopped for the switchover: auto sends the rest plain. The vCPU no
+        longer competes for the CPU and what is left is small, so the hand-off to zstd's
+        workers only adds latency: on loopback a 4 GiB guest paused 132 ms with zstd held
+        into the pause, 32 ms without; on 1 Gbit/s the pause stays far below QEMU's."""
+        self.paused = True
 
     def encoded(self, raw_bytes: int, wire_data_bytes: int, compressed: bool) -> None:
         """One batch's DATA (raw_bytes of pages) was encoded, compressed or not."""

@@ -733,6 +733,8 @@ class SourceJob:
         assert self.qmp is not None
         stop = await self.qmp.wait_event("STOP", after=mark, timeout=WATCH_FOREVER_S)
         self.stop_us = stop.timestamp_us
+        if self._compression is not None:
+            self._compression.pause()
         if self.phases.phase in (Phase.PRECOPY, Phase.THROTTLING):
             self.phases.advance(Phase.STOP_AND_COPY)
         self._journal(journal.Step.STOPPED)
