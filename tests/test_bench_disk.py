@@ -272,6 +272,21 @@ def disk_spec(size: int) -> DiskSpec:
     return DiskSpec(index=0, path="/d.img", format="raw", virtual_size=size, node="n0")
 
 
+def write_through(batches: list[bytes], size: int, seed: int = 1) -> tuple[FakeNbd, DiskWriter]:
+    """Every batch applied by a DiskWriter into a fake export of `size` bytes, drained."""
+
+    async def main() -> tuple[FakeNbd, DiskWriter]:
+        fake = FakeNbd(size, seed=seed)
+        writer = DiskWriter(disk_spec(size), DiskTarget("/t.img", "raw"))
+        writer.nbd = fake  # type: ignore[assignment]
+        for batch in batches:
+            await writer.apply(memoryview(batch))
+        await writer.drain()
+        return fake, writer
+
+    return asyncio.run(main())
+
+
 def test_disk_writer_keeps_entry_order_where_requests_touch_the_same_blocks():
     """Batches that rewrite, zero and copy the same blocks over and over, applied with many
     requests in flight that complete out of order, leave what the entries say."""
@@ -303,17 +318,8 @@ def test_disk_writer_keeps_entry_order_where_requests_touch_the_same_blocks():
     # What the destination would hold: the last partial block is cut at the disk's end.
     want = bytes(expected[:size])
 
-    async def main() -> FakeNbd:
-        fake = FakeNbd(size, seed=11)
-        writer = DiskWriter(disk_spec(size), DiskTarget("/t.img", "raw"))
-        writer.nbd = fake  # type: ignore[assignment]
-        for batch in payloads:
-            await writer.apply(memoryview(batch))
-        await writer.drain()
-        assert not writer.pending and not writer.touches and writer.held == 0
-        return fake
-
-    fake = asyncio.run(main())
+    fake, writer = write_through(payloads, size, seed=11)
+    assert not writer.pending and not writer.touches and writer.held == 0
     assert bytes(fake.disk) == want
     assert fake.most_in_flight > 1
 
@@ -331,16 +337,7 @@ def test_disk_writer_joins_neighbouring_blocks_into_one_request():
         batch, position = encoder.encode(indices, position, src=content, base=0)
         batches.append(bytes(batch.payload))
 
-    async def main() -> FakeNbd:
-        fake = FakeNbd(size)
-        writer = DiskWriter(disk_spec(size), DiskTarget("/t.img", "raw"))
-        writer.nbd = fake  # type: ignore[assignment]
-        for batch in batches:
-            await writer.apply(memoryview(batch))
-        await writer.drain()
-        return fake
-
-    fake = asyncio.run(main())
+    fake, _ = write_through(batches, size)
     assert bytes(fake.disk) == content
     blocks_per_request = disk_source.BATCH_DATA_BYTES // DISK_BLOCK
     assert len(fake.requests) == -(-nblocks // blocks_per_request)   # one write per batch
@@ -363,16 +360,7 @@ def test_disk_writer_flushes_beside_the_writes_as_the_bytes_add_up(monkeypatch):
         batch, position = encoder.encode(indices, position, src=content, base=0)
         batches.append(bytes(batch.payload))
 
-    async def main() -> tuple[FakeNbd, DiskWriter]:
-        fake = FakeNbd(size, seed=5)
-        writer = DiskWriter(disk_spec(size), DiskTarget("/t.img", "raw"))
-        writer.nbd = fake  # type: ignore[assignment]
-        for batch in batches:
-            await writer.apply(memoryview(batch))
-        await writer.drain()
-        return fake, writer
-
-    fake, writer = asyncio.run(main())
+    fake, writer = write_through(batches, size, seed=5)
     assert bytes(fake.disk) == content
     flushes = [r for r in fake.requests if r[0] == "flush"]
     assert writer.flushes == len(flushes) == nblocks // 8
