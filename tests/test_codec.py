@@ -942,7 +942,10 @@ def test_twin_and_native_split_and_merge_stored_agree(kinds, shift, seed):
              for impl in (native, _codec_py)]
     assert split[0] == split[1]
     words, blocks, stored = split[0]
-    assert stored == sum(1 for k in kinds if k == 1)
+    # Only random blocks are stored; with a 4 KiB block's 1024 samples every one of them
+    # is, while 512 samples may judge a random 512-byte block just below the bound.
+    randoms = sum(1 for k in kinds if k == 1)
+    assert stored == randoms if shift == 12 else stored <= randoms
     packed_len = len(blocks) - stored * bs
     for impl in (native, _codec_py):
         merged = impl.merge_stored(words, batch.entry_count, blocks[:packed_len],
