@@ -35,7 +35,9 @@ cdef uint64_t C_PROBE_LIMIT = PROBE_LIMIT
 # agent.batch.format so that both codecs judge every block alike.
 cdef enum:
     MAX_SAMPLES = 1024
-if _fmt.ENTROPY_SAMPLES != MAX_SAMPLES or len(_fmt.ENTROPY_TABLE) != MAX_SAMPLES + 1:
+    MAX_SAMPLES_SHIFT = 10
+if (_fmt.ENTROPY_SAMPLES != MAX_SAMPLES or MAX_SAMPLES != 1 << MAX_SAMPLES_SHIFT
+        or len(_fmt.ENTROPY_TABLE) != MAX_SAMPLES + 1):
     raise ImportError("agent.batch.format's entropy sampling does not match ext/codec.pyx")
 cdef int64_t ENTROPY_TABLE[MAX_SAMPLES + 1]
 for _c, _v in enumerate(_fmt.ENTROPY_TABLE):
@@ -383,7 +385,7 @@ cdef Sampling _sampling(size_t block_size):
     """Which bytes of a block the entropy judge reads, and its verdict's bound."""
     cdef int shift = _fmt.block_shift(block_size)
     cdef Sampling s
-    cdef int64_t sample_shift = min(shift, 10)
+    cdef int64_t sample_shift = min(shift, <int>MAX_SAMPLES_SHIFT)
     s.samples = min(block_size, <size_t>MAX_SAMPLES)
     s.stride = block_size // s.samples
     s.limit = (<int64_t>s.samples * _fmt.ENTROPY_ONE

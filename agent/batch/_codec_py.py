@@ -45,7 +45,6 @@ _COPY = EntryKind.COPY << KIND_SHIFT
 _DATA = EntryKind.DATA << KIND_SHIFT
 
 
-
 def block_hash(block: ReadableBuffer) -> bytes:
     """XXH3-128 of block as HASH_SIZE bytes: low64 then high64, little-endian."""
     return xxhash.xxh3_128_intdigest(block).to_bytes(HASH_SIZE, "little")
