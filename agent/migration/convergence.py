@@ -183,7 +183,7 @@ class CompressionPolicy:
         """The guest stopped for the switchover: auto sends the rest plain. The vCPU no
         longer competes for the CPU and what is left is small, so the hand-off to zstd's
         workers only adds latency: on loopback a 4 GiB guest paused 132 ms with zstd held
-        into the pause, 32 ms without; on 1 Gbit/s the pause stays far below QEMU's."""
+        into the pause, 41-48 ms without; on 1 Gbit/s the pause stays far below QEMU's."""
         self.paused = True
 
     def encoded(self, raw_bytes: int, wire_data_bytes: int, compressed: bool) -> None:
