@@ -85,6 +85,11 @@ def run_async(work: Coroutine[Any, Any, T]) -> T:
         raise KeyboardInterrupt from None
 
 
+def met_text(met: bool) -> str:
+    """How every bench prints a target's outcome."""
+    return "met" if met else "NOT met"
+
+
 def run_measurement(name: str, measure: Callable[[Callable[[str], None]], dict[str, Any]],
                     readable: Callable[[dict[str, Any]], str], as_json: bool,
                     interrupted: str) -> int:

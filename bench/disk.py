@@ -70,8 +70,8 @@ from agent.localpair import AgentPair
 from agent.qemu import qmp as qmp_mod
 from agent.storage.nbd import NbdClient
 from agent.storage.nbd_proto import BASE_ALLOCATION, AllocationFlag
+from bench import met_text, run_async, run_measurement
 from bench import parser as bench_parser
-from bench import run_async, run_measurement
 from bench.codec import WORDS
 
 MIB = 1 << 20
@@ -485,10 +485,6 @@ def summarize(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "targets": targets, "met": all(targets.values())}
 
 
-def _verdict(met: bool) -> str:
-    return "met" if met else "NOT met"
-
-
 def readable(result: dict[str, Any]) -> str:
     targets, cpu = result["targets"], result["cpu_s_per_gb"]
     run = result["runs"][0]
@@ -502,10 +498,10 @@ def readable(result: dict[str, Any]) -> str:
             f"{result['cpus']} CPUs\n"
             f"QEMU's own copy (qemu-img between two storage daemons, unencrypted): "
             f"{result['qemu_copy_gbps']:.2f} GB/s, {cpu['qemu_copy']:.2f} CPU seconds per GB\n"
-            f"target disk copy >= {TARGET_RATIO:.0%} of NBD read: {_verdict(targets['read'])}\n"
+            f"target disk copy >= {TARGET_RATIO:.0%} of NBD read: {met_text(targets['read'])}\n"
             f"target disk copy >= {QEMU_COPY_TARGET}x QEMU's copy: "
-            f"{_verdict(targets['qemu_copy_speed'])} (ratio {result['qemu_copy_ratio']:.2f})\n"
-            f"target disk copy CPU per GB <= QEMU's copy: {_verdict(targets['qemu_copy_cpu'])} "
+            f"{met_text(targets['qemu_copy_speed'])} (ratio {result['qemu_copy_ratio']:.2f})\n"
+            f"target disk copy CPU per GB <= QEMU's copy: {met_text(targets['qemu_copy_cpu'])} "
             f"({cpu['disk_copy']:.2f} against {cpu['qemu_copy']:.2f})")
 
 

@@ -73,7 +73,7 @@ from agent.guest.build import default_cache_dir
 from agent.localpair import AgentPair, free_port, rate_bits
 from agent.procfs import cpu_seconds as proc_cpu_seconds
 from agent.qemu import qmp, vm
-from bench import linuxguest, run_async, sigterm_as_interrupt
+from bench import linuxguest, met_text, run_async, sigterm_as_interrupt
 from bench import parser as bench_parser
 from bench.linuxguest import LinuxGuest
 from bench.migrate import (
@@ -657,7 +657,7 @@ def verdict_text(v: dict[str, Any]) -> str:
         return head + f"NOT met ({v['why']})"
     unit = (lambda x: f"{x / MIB:.1f} MiB") if v["key"] == "wire_bytes" else (
         lambda x: f"{x:.0f} ms")
-    return head + (f"{'met' if v['met'] else 'NOT met'}: ratio {v['ratio']:.2f} "
+    return head + (f"{met_text(v['met'])}: ratio {v['ratio']:.2f} "
                    f"({unit(v['ferry'])} vs {unit(v['qemu'])})")
 
 

@@ -115,8 +115,8 @@ from agent.localpair import (
 from agent.procfs import cpu_seconds as proc_cpu_seconds
 from agent.qemu import qmp, vm
 from agent.state import vms
+from bench import met_text, run_async, sigterm_as_interrupt
 from bench import parser as bench_parser
-from bench import run_async, sigterm_as_interrupt
 
 MIB = 1 << 20
 KIB = 1 << 10
@@ -308,7 +308,7 @@ class Verdict:
         assert self.ferry is not None and self.qemu is not None
         median = "medians " if self.runs > 1 else ""
         ratio = f"{self.ratio:.2f}" if self.ratio is not None else "-"
-        return head + (f"{'met' if self.met else 'NOT met'} ({median}"
+        return head + (f"{met_text(self.met)} ({median}"
                        f"{self._figure(self.ferry)} vs {self._figure(self.qemu)}, "
                        f"ratio {ratio})")
 
@@ -412,7 +412,7 @@ def table(rows: Sequence[dict[str, Any]], cases: Sequence[Case],
         lines.append("(info)  " + verdict.text())
     for verdict in verdicts(rows, cases, link, info_targets_for(link)):
         lines.append("(info)  " + verdict.text())
-    lines.append(f"targets: {'met' if targets_met(rows, cases, link) else 'NOT met'}")
+    lines.append(f"targets: {met_text(targets_met(rows, cases, link))}")
     return "\n".join(lines)
 
 

@@ -26,13 +26,15 @@ class Fault(enum.StrEnum):
 
     PRE_SWITCHOVER = "fail-in-pre-switchover"   # raise once QEMU paused in pre-switchover
     CUT_STREAM = "cut-qemu-stream"              # close QEMU's socket after 16 MiB of stream
-    DROP_LATE_PAGE = "drop-late-page"           # drop one data page of RAM's last section
+    DROP_LATE_PAGE = "drop-late-page"           # drop one page rewritten late, every copy
 
 
 CUT_STREAM_AFTER = 16 << 20
-# The page dropped is the first data page of the last section at or above this index
-# (4 MiB): the test guest's working set, not its code or mailbox.
+# The page dropped is the first data page at or above this index (4 MiB: the test guest's
+# working set, not its code or mailbox) that QEMU sends from its second dirty sync on (a
+# page the guest rewrote while pre-copy ran), or in RAM's last section, whichever is first.
 DROP_PAGE_FROM = 1024
+DROP_FROM_ITERATION = 2
 
 
 def active() -> frozenset[Fault]:

@@ -629,7 +629,8 @@ class SourceJob:
         compress goes to a worker thread (zstd, GIL released) while this thread reads,
         hashes, seals and sends on."""
         assert self.encoder is not None and self._compression is not None
-        if faults.Fault.DROP_LATE_PAGE in self.faults and pages.section is Section.END:
+        if faults.Fault.DROP_LATE_PAGE in self.faults and (
+                pages.section is Section.END or self.iterations >= faults.DROP_FROM_ITERATION):
             pages = self._drop_a_page(pages)
         out: list[Outgoing] = []
         level = self.encoder.compress_level
@@ -648,24 +649,32 @@ class SourceJob:
         return out
 
     def _drop_a_page(self, pages: Pages) -> Pages:
-        """The negative control (test only): lose one page the guest wrote last, one whose
-        content the destination does not hold yet (QEMU also re-sends pages that were
-        rewritten after it read them: losing such a copy loses nothing)."""
-        if self._dropped_page is not None:
+        """The negative control (test only): lose one page the guest rewrote late, from the
+        first copy whose content the destination does not hold yet on, every copy of it.
+
+        One copy alone may be lost to nothing: QEMU re-sends a page rewritten after it read
+        it, and the last section may carry no page of the working set at all (a switchover
+        right after a dirty sync). Dropping every later copy too leaves the destination
+        with content the guest has since rewritten, whenever the switchover comes."""
+        dropped = self._dropped_page
+        if dropped is None:
+            hashes = self._sent_hashes
+            for index, offset in zip(pages.indices, pages.offsets, strict=True):
+                held = hashes[index * HASH_SIZE:(index + 1) * HASH_SIZE]
+                if (offset != ZERO_PAGE_OFFSET and index >= faults.DROP_PAGE_FROM
+                        and codec.block_hash(pages.data[offset:offset + PAGE_SIZE]) != held):
+                    self._dropped_page = dropped = index
+                    log.warning("%s: injected fault: page %d not sent (nor any later copy)",
+                                self.label, index)
+                    break
+            else:
+                return pages
+        keep = [k for k, index in enumerate(pages.indices) if index != dropped]
+        if len(keep) == len(pages):
             return pages
-        hashes = self._sent_hashes
-        for k, (index, offset) in enumerate(zip(pages.indices, pages.offsets, strict=True)):
-            held = hashes[index * HASH_SIZE:(index + 1) * HASH_SIZE]
-            if (offset != ZERO_PAGE_OFFSET and index >= faults.DROP_PAGE_FROM
-                    and codec.block_hash(pages.data[offset:offset + PAGE_SIZE]) != held):
-                self._dropped_page = index
-                log.warning("%s: injected fault: page %d not sent", self.label,
-                            index)
-                keep = [i for i in range(len(pages)) if i != k]
-                return dataclasses.replace(
-                    pages, indices=memoryview(array.array("Q", [pages.indices[i] for i in keep])),
-                    offsets=memoryview(array.array("Q", [pages.offsets[i] for i in keep])))
-        return pages
+        return dataclasses.replace(
+            pages, indices=memoryview(array.array("Q", [pages.indices[k] for k in keep])),
+            offsets=memoryview(array.array("Q", [pages.offsets[k] for k in keep])))
 
     async def _send_all(self, out: list[Outgoing]) -> None:
         assert self._compression is not None
