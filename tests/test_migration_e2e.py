@@ -26,6 +26,7 @@ from agent.guest.remote import read_mailbox_over_qmp
 from agent.migration import faults
 from agent.qemu import qmp
 from agent.qemu.vm import TCG_RAM_PADDING
+from agent.service.control import ControlClient
 from tests.agents import AgentPair, CuttableProxy, pid_alive, read_guest
 
 pytestmark = pytest.mark.qemu
@@ -148,6 +149,19 @@ def wait_for_precopy(agents: AgentPair, name: str = "mig") -> int:
     return pid
 
 
+def lift_caps(agents: AgentPair) -> None:
+    """The running outbound jobs of a go on uncapped: SLOW only had to hold them in
+    pre-copy until the test's event (a cut, a signal) was under way. Saves the suite the
+    seconds of a capped tail that QEMU has to throttle the guest to converge."""
+    control = agents.a.home / "control.sock"
+    with ControlClient(control) as client:
+        jobs = client.call({"op": "jobs"})["jobs"]
+    for job in jobs:
+        if job["direction"] == "outbound" and job["state"] == "running":
+            with ControlClient(control) as client:   # one request per connection
+                assert client.call({"op": "limit", "id": job["job"], "bandwidth": None})["ok"]
+
+
 def finish(proc) -> tuple[int, dict, str]:
     out, err = proc.communicate(timeout=120)
     lines = out.strip().splitlines()
@@ -189,6 +203,7 @@ def migrate_through_proxy(agents: AgentPair, start_guest, fault: str) -> tuple[
         dest_pid = wait_for_precopy(agents)
         if fault == "cut":
             proxy.cut()
+            lift_caps(agents)
         else:
             proxy.close()
         return guest, dest_pid, finish(proc)

@@ -20,6 +20,7 @@ from tests.test_migration_e2e import (
     assert_source_intact,
     boot,
     finish,
+    lift_caps,
     two_more_passes,
     wait_for_precopy,
 )
@@ -54,10 +55,12 @@ def test_sigterm_lets_a_running_migration_finish(agents_with_grace, start_guest)
     proc = patient.popen_migrate("--qmp", str(guest.qmp_path), *SLOW)
     wait_for_precopy(patient)
     assert patient.a.proc is not None
+    lift_caps(patient)    # before the signal: a stopping agent closes its control socket
     patient.a.proc.send_signal(signal.SIGTERM)
     rc, report, stderr = finish(proc)
     assert rc == 0 and report["status"] == "completed", f"{report}\n{stderr}\n{patient.logs()}"
     assert patient.a.proc.wait(timeout=30) == 0       # and then the agent stopped
+    assert "waiting up to 120 s for 1 running job(s)" in patient.a.log()   # signalled mid-job
     assert journal.entries(patient.a.config) == []
     _, now = two_more_passes(patient.b.vm_record("mig").ram_path)
     assert now.errors == 0
