@@ -13,21 +13,26 @@ from agent.errors import FerryError
 log = logging.getLogger("ferry")
 
 # Each subcommand module exposes `add_parser(subparsers)` which registers its parser and
-# sets `func` (args -> exit code). Listed here so `ferry --help` shows them in this order.
-SUBCOMMAND_MODULES: tuple[str, ...] = (
-    "agent.commands.agent_cmd",
-    "agent.commands.vm_cmds",
-    "agent.commands.migrate",
-    "agent.commands.disk_cmds",
-    "agent.commands.jobs_cmds",
-    "agent.commands.identity_cmds",
-    "agent.commands.import_cmd",
-    "agent.commands.export_cmd",
+# sets `func` (args -> exit code). Listed here so `ferry --help` shows them in this order,
+# with the commands each registers: a command's run loads its own module only (a module's
+# imports cost CPU at every start; `ferry migrate` needs no QEMU or key code).
+SUBCOMMANDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("agent.commands.agent_cmd", ("agent",)),
+    ("agent.commands.vm_cmds", ("vm",)),
+    ("agent.commands.migrate", ("migrate",)),
+    ("agent.commands.disk_cmds", ("disk",)),
+    ("agent.commands.jobs_cmds", ("status", "jobs", "job", "cancel", "limit", "history",
+                                  "report")),
+    ("agent.commands.identity_cmds", ("id", "trust", "untrust", "peers")),
+    ("agent.commands.import_cmd", ("import",)),
+    ("agent.commands.export_cmd", ("export",)),
 )
+SUBCOMMAND_MODULES: tuple[str, ...] = tuple(module for module, _ in SUBCOMMANDS)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser with every subcommand registered."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser: with `command`, only the module registering it (when one does);
+    else every subcommand."""
     parser = argparse.ArgumentParser(
         prog="ferry",
         description="Live-migrate QEMU/KVM virtual machines between hosts.",
@@ -38,9 +43,16 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     import importlib
 
-    for name in SUBCOMMAND_MODULES:
+    chosen = [module for module, names in SUBCOMMANDS if command in names]
+    for name in chosen or SUBCOMMAND_MODULES:
         importlib.import_module(name).add_parser(subparsers)
     return parser
+
+
+def command_of(argv: Sequence[str]) -> str | None:
+    """The subcommand argv names: its first word that is not an option (ferry's own
+    options take no values)."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
 
 
 class JournalFormatter(logging.Formatter):
@@ -74,13 +86,13 @@ def setup_logging(verbosity: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `ferry` console script; returns the process exit code."""
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     # Everything after `--` goes to QEMU untouched (argparse mangles it inside subcommands).
     passthrough: list[str] = []
     if "--" in argv:
         cut = argv.index("--")
         argv, passthrough = argv[:cut], argv[cut + 1:]
+    parser = build_parser(command_of(argv))
     args = parser.parse_args(argv)
     args.passthrough = passthrough
     if passthrough and not getattr(args, "takes_passthrough", False):

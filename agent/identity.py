@@ -35,10 +35,6 @@ from agent.errors import LocalError, UserError
 from agent.wire.keys import KEY_LEN, decode_key, encode_key, fingerprint
 from agent.wire.noise import public_bytes
 
-ROOT_HOME = Path("/var/lib/ferry")
-"""Home of an agent run by root (the systemd service)."""
-HOME_ENV = "FERRY_HOME"
-"""Environment variable naming the home when --home is not given."""
 IDENTITY_FILE = "identity.key"
 PEERS_FILE = "peers.toml"
 LOCK_FILE = ".peers.lock"
@@ -53,22 +49,6 @@ HOST = re.compile(r"[A-Za-z0-9._-]{1,253}")
 
 
 # ---- the home directory ----
-
-
-def default_home() -> Path:
-    """$FERRY_HOME, else /var/lib/ferry for root, else $XDG_STATE_HOME/ferry (~/.local/state)."""
-    env = os.environ.get(HOME_ENV)
-    if env:
-        return Path(env)
-    if os.geteuid() == 0:
-        return ROOT_HOME
-    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(state) / "ferry"
-
-
-def resolve_home(home: str | os.PathLike[str] | None) -> Path:
-    """The home directory to use: `home` if given, else default_home()."""
-    return Path(home) if home is not None else default_home()
 
 
 def ensure_home(home: Path) -> Path:

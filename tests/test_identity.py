@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
-from agent import identity
+from agent import home, identity
 from agent.cli import main
 from agent.errors import LocalError, UserError
 from agent.identity import Identity, Peer, TrustedPeers
@@ -23,14 +24,14 @@ KEY_B = bytes(range(1, 33))
 
 def test_default_home(monkeypatch, tmp_path):
     monkeypatch.setenv("FERRY_HOME", str(tmp_path / "h"))
-    assert identity.default_home() == tmp_path / "h"
+    assert home.default_home() == tmp_path / "h"
     monkeypatch.delenv("FERRY_HOME")
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    assert identity.default_home() == identity.ROOT_HOME
+    assert home.default_home() == home.ROOT_HOME
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    assert identity.default_home() == tmp_path / "state" / "ferry"
-    assert identity.resolve_home("/x") == identity.Path("/x")
+    assert home.default_home() == tmp_path / "state" / "ferry"
+    assert home.resolve_home("/x") == Path("/x")
 
 
 # ---- identity key ----

@@ -6,9 +6,6 @@ import argparse
 from pathlib import Path
 
 from agent.commands.common import add_config_argument, add_home_argument, load_agent_config
-from agent.identity import parse_address
-from agent.net.channel import run as run_on_uvloop
-from agent.state.config import parse_metrics_listen
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -31,6 +28,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Loaded only to run an agent: every other command stays quick to start.
+    from agent.identity import parse_address
+    from agent.net.channel import run as run_on_uvloop
+    from agent.state.config import parse_metrics_listen
     config = load_agent_config(args)   # flags given beat the file
     config = config.with_overrides(
         listen=parse_address(args.listen) if args.listen else None,
@@ -40,7 +41,6 @@ def run(args: argparse.Namespace) -> int:
         metrics_listen=parse_metrics_listen(args.metrics, "--metrics") if args.metrics
         else None)
     config.qemu_path()  # fail now, not at the first migration
-    # The daemon (and all it serves) loads only to run it: every other command stays quick.
     from agent.service.daemon import run_agent
     run_on_uvloop(run_agent(config))
     return 0

@@ -30,7 +30,7 @@ def load_agent_config(args: argparse.Namespace) -> AgentConfig:
 
 def resolve_home(args: argparse.Namespace) -> Path:
     """The --home given, or this user's default agent home."""
-    from agent.identity import default_home
+    from agent.home import default_home
     return (args.home or default_home()).absolute()
 
 

@@ -8,10 +8,11 @@ import json
 import sys
 from typing import Any
 
-from agent import identity
 from agent.commands.common import add_home_argument, resolve_home
 from agent.errors import UserError
-from agent.wire.keys import decode_key
+
+# agent.identity (X25519 keys, the cryptography package) loads in the commands that use it:
+# every `ferry` command builds this parser.
 
 
 def add_parser(subparsers: Any) -> None:
@@ -50,6 +51,7 @@ def add_parser(subparsers: Any) -> None:
 
 
 def cmd_id(args: argparse.Namespace) -> int:
+    from agent import identity
     home = resolve_home(args)
     me, created = identity.load_identity(home)
     if created:
@@ -59,6 +61,8 @@ def cmd_id(args: argparse.Namespace) -> int:
 
 
 def cmd_trust(args: argparse.Namespace) -> int:
+    from agent import identity
+    from agent.wire.keys import decode_key
     home = resolve_home(args)
     key = decode_key(args.public_key)
     if args.address is not None:
@@ -70,6 +74,7 @@ def cmd_trust(args: argparse.Namespace) -> int:
 
 
 def cmd_untrust(args: argparse.Namespace) -> int:
+    from agent import identity
     home = resolve_home(args)
     if not identity.untrust_peer(home, args.name):
         raise UserError(f"no trusted peer named {args.name!r} in {home / identity.PEERS_FILE}")
@@ -78,6 +83,7 @@ def cmd_untrust(args: argparse.Namespace) -> int:
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
+    from agent import identity
     home = resolve_home(args)
     peers = identity.load_peers(home)
     if args.json:

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import FerryError, LocalError, UserError
-from agent.qemu.vm import peer_credentials
 from agent.state import access as access_mod
 from agent.state.access import Access, Caller, Role
 
@@ -106,6 +105,8 @@ class ControlServer:
             self.path.unlink()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # The server's alone: the CLI imports this module for its client, without QEMU code.
+        from agent.qemu.vm import peer_credentials
         try:
             sock = writer.get_extra_info("socket")
             _, uid, gid = peer_credentials(sock)
