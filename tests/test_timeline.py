@@ -280,3 +280,17 @@ def test_without_a_timeline_or_matplotlib_the_error_says_why(tmp_path: Path,
     with pytest.raises(UserError, match=r"pip install 'ferry\[plots\]'"):
         draw_timeline(synthetic_report(), tmp_path / "no.png")
     assert not (tmp_path / "no.png").exists()
+
+
+def test_qemus_dirty_rate_counts_only_while_it_measures_a_running_guest():
+    from agent.migration.source import _dirty_pages_rate
+
+    def info(status: str, syncs: int, rate: int) -> dict:
+        return {"status": status, "ram": {"dirty-sync-count": syncs, "dirty-pages-rate": rate}}
+
+    assert _dirty_pages_rate(info("active", 1, 0)) is None        # not measured yet
+    assert _dirty_pages_rate(info("active", 2, 1234)) == 1234.0
+    assert _dirty_pages_rate(info("active", 3, 0)) == 0.0         # a guest that idles
+    for stopped in ("pre-switchover", "device", "completed"):     # the guest stopped
+        assert _dirty_pages_rate(info(stopped, 5, 0)) is None
+    assert _dirty_pages_rate({}) is None

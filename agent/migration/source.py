@@ -995,7 +995,7 @@ class SourceJob:
         """The job's own figures for the timeline (agent.migration.timeline)."""
         ram = self._last_query.get("ram", {})
         remaining = ram.get("remaining")
-        dirty = _dirty_pages_rate(ram)
+        dirty = _dirty_pages_rate(self._last_query)
         return {"phase": self.phases.phase.value, "wire_bytes": self.counters.total_wire_bytes,
                 "remaining_bytes": int(remaining) if remaining is not None else None,
                 "dirty_bps": round(dirty * PAGE_SIZE) if dirty is not None else None,
@@ -1033,7 +1033,7 @@ class SourceJob:
         }
         if "remaining" in ram:
             remaining = int(ram["remaining"])
-            dirty_rate = _dirty_pages_rate(ram)
+            dirty_rate = _dirty_pages_rate(self._last_query)
             event["pages_left"] = remaining // PAGE_SIZE
             event["remaining_bytes"] = remaining
             if dirty_rate is not None:
@@ -1127,9 +1127,12 @@ async def _first_failure(main: asyncio.Task[None], helpers: list[asyncio.Task[No
                 raise task.exception()  # type: ignore[misc]
 
 
-def _dirty_pages_rate(ram: dict[str, Any]) -> float | None:
-    """QEMU's dirty rate in pages per second, or None before its second dirty-log sync:
-    it measures between two syncs, so the 0 it reports until then means "not yet"."""
-    if int(ram.get("dirty-sync-count") or 0) < 2:
+def _dirty_pages_rate(info: dict[str, Any]) -> float | None:
+    """QEMU's dirty rate in pages per second (query-migrate's `info`), or None: before
+    its second dirty-log sync (it measures between two syncs, so the 0 it reports until
+    then means "not yet") and once the guest stopped for the switchover (the 0 it reports
+    at the end is the count its final sync started, not a rate)."""
+    ram = info.get("ram", {})
+    if info.get("status") != "active" or int(ram.get("dirty-sync-count") or 0) < 2:
         return None
     return float(ram.get("dirty-pages-rate") or 0)
