@@ -294,3 +294,30 @@ def test_qemus_dirty_rate_counts_only_while_it_measures_a_running_guest():
     for stopped in ("pre-switchover", "device", "completed"):     # the guest stopped
         assert _dirty_pages_rate(info(stopped, 5, 0)) is None
     assert _dirty_pages_rate({}) is None
+
+
+def _drawn_texts(report: dict, tmp_path: Path, monkeypatch) -> list[str]:
+    """Every title and free text of the timeline figure draw_timeline saves."""
+    from matplotlib.figure import Figure
+    saved: list[Figure] = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig",
+                        lambda self, *a, **k: (saved.append(self), real(self, *a, **k))[1])
+    draw_timeline(report, tmp_path / "t.png")
+    fig, = saved
+    return [text for ax in fig.axes
+            for text in (ax.get_title(loc="left"), *(t.get_text() for t in ax.texts))]
+
+
+def test_the_plot_says_what_it_could_not_measure(tmp_path: Path, monkeypatch) -> None:
+    report = synthetic_report()
+    assert not any("not measured" in t for t in _drawn_texts(report, tmp_path, monkeypatch))
+    timeline = report["timeline"]
+    assert isinstance(timeline, dict)
+    at = timeline["fields"].index("dirty_bps")
+    for sample in timeline["samples"]:
+        sample[at] = None                      # a job that ended before QEMU measured
+    report["health"] = health(1.0, None, window_s=0.0, reason="its health_window_s is 0")
+    texts = _drawn_texts(report, tmp_path, monkeypatch)
+    assert any(t.startswith("not measured") for t in texts), texts
+    assert "guest pace after the resume: unknown (its health_window_s is 0)" in texts

@@ -79,6 +79,11 @@ def draw_timeline(report: dict[str, Any], path: Path) -> None:
 
     axes[1].plot(t, _scaled(src.get("dirty_bps", []), MIB), color="tab:red", drawstyle=STEPS)
     axes[1].set_ylabel("dirty MiB/s")
+    if not any(v is not None for v in src.get("dirty_bps", [])):
+        # A short job may end before QEMU measures: an empty panel is not a rate of 0.
+        axes[1].text(0.5, 0.5, "not measured (QEMU measures from its second dirty-log sync)",
+                     transform=axes[1].transAxes, ha="center", va="center",
+                     fontsize="small", color="gray")
 
     pace = axes[2]
     pace.plot(t, _scaled(src.get("vcpu_pace", []), 1), color="tab:green", label="source",
@@ -115,6 +120,7 @@ def draw_timeline(report: dict[str, Any], path: Path) -> None:
                          ha="center", va="bottom")
     health = report.get("health") or {}
     if health.get("verdict"):
-        axes[2].set_title(f"guest pace after the resume: {health['verdict']}",
+        why = f" ({health['reason']})" if health.get("reason") else ""   # unknown, idle
+        axes[2].set_title(f"guest pace after the resume: {health['verdict']}{why}",
                           fontsize="small", loc="left")
     fig.savefig(path, format="png", dpi=DPI)
