@@ -30,8 +30,8 @@ def load_agent_config(args: argparse.Namespace) -> AgentConfig:
 
 def resolve_home(args: argparse.Namespace) -> Path:
     """The --home given, or this user's default agent home."""
-    from agent.home import default_home
-    return (args.home or default_home()).absolute()
+    from agent.home import resolve_home as home_or_default
+    return home_or_default(args.home).absolute()
 
 
 def human_bytes(n: float) -> str:
