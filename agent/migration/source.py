@@ -436,10 +436,13 @@ class SourceJob:
         """Record how far the job got (`step`, else the last one), and what undoes its
         disks' write caps, for an agent restarted after a crash."""
         self._step = step or self._step
+        # Every source step is about our QEMU, which a host crash takes down with the
+        # journal's readers: no fsync (STOPPED and COMMITTING fall inside the pause).
         journal.write(self.config, journal.Entry(
             job=self.job_id, role="source", step=self._step, vm=self.vm_name or "",
             qmp_path=str(self.qmp_path), peer=self.peer,
-            disk_limits=self.storage.saved_limits() if self.storage else []))
+            disk_limits=self.storage.saved_limits() if self.storage else []),
+            survive_host_crash=False)
 
     async def _update_downtime_limit(self) -> None:
         """QEMU's downtime-limit: the pause the iteration count allows so far, no more than
