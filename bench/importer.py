@@ -166,13 +166,14 @@ def one_format(seed: Path, work: Path, name: str, runs: Sequence[Run], repeat: i
         copy_s = statistics.median(f - v for f, v in zip(ferry_times, verify_times,
                                                           strict=True))
         data = report.allocated_bytes
+        # Microseconds: a small image copies in tens of ms, where ms would skew the ratio.
         result = {
             "format": name, "virtual_size": report.virtual_size, "data_bytes": data,
             "written_bytes": report.bytes_written, "zero_runs_as_data": zero_data,
-            "qemu_img_seconds": [round(t, 3) for t in qemu_times],
-            "ferry_seconds": [round(t, 3) for t in ferry_times],
+            "qemu_img_seconds": [round(t, 6) for t in qemu_times],
+            "ferry_seconds": [round(t, 6) for t in ferry_times],
             "ferry_copy_seconds": copy_times, "ferry_verify_seconds": verify_times,
-            "ferry_codec_seconds": [round(t, 3) for t in codec_times],
+            "ferry_codec_seconds": [round(t, 6) for t in codec_times],
             "engine": report.engine,
             "qemu_img_mbps": round(data / qemu_s / 1e6, 1),
             "ferry_mbps": round(data / ferry_s / 1e6, 1),
