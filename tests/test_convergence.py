@@ -9,6 +9,7 @@ import pytest
 from agent.migration.convergence import (
     COMPRESS_GAIN,
     EXPLOIT_WINDOWS,
+    FIRST_HELD,
     MIN_RAM_SHARE,
     PROBE_BYTES,
     SETTLE_BYTES,
@@ -153,6 +154,36 @@ def test_auto_holds_zstd_while_it_stays_faster_than_plain_was():
                   ratio=0.1, link_s=0.008)
     assert policy.windows[-1][2] < 0.3   # the link no longer held zstd's sends back
     assert all(choices[PROBE:]) and policy.seen()["held_windows"] >= 2 * EXPLOIT_WINDOWS
+
+
+def test_one_slow_plain_window_does_not_keep_zstd_for_good():
+    clock = Clock()
+    policy = CompressionPolicy(CompressSetting.parse("auto"), clock)
+    # The first plain window was timed slow and zstd won its probe; plain is three times
+    # faster from then on, both held back by a busy receiver as a link would hold them.
+    run(policy, clock, PROBE, 0.006, 0.004, link_s=0.006)
+    run(policy, clock, PROBE, 0.003, 0.004, ratio=0.7, link_s=0.004)
+    assert policy.compress_next()
+    # zstd's windows no longer beat that probe by the margin: held on waiting alone.
+    choices = run(policy, clock, (FIRST_HELD + 1) * WINDOW + 2 * PROBE
+                  + 2 * EXPLOIT_WINDOWS * WINDOW, 0.003, 0.0058, ratio=0.7, link_s=0.004)
+    assert all(choices[:(FIRST_HELD + 1) * WINDOW])
+    assert not any(choices[-2 * EXPLOIT_WINDOWS * WINDOW:]) and not policy.compress_next()
+
+
+def test_a_zstd_verdict_slower_than_plain_ends_as_a_lost_probe():
+    clock = Clock()
+    policy = CompressionPolicy(CompressSetting.parse("auto"), clock)
+    # A busy receiver holds every send back; zstd's probe is timed fast (it drains what
+    # plain queued) and its later windows are slower than plain's probe.
+    run(policy, clock, PROBE, 0.004, 0.002, link_s=0.004)
+    run(policy, clock, PROBE, 0.004, 0.002, ratio=0.7, link_s=0.004)
+    assert policy.compress_next()
+    choices = run(policy, clock, EXPLOIT_WINDOWS * WINDOW + 2 * EXPLOIT_WINDOWS * WINDOW,
+                  0.004, 0.006, ratio=0.7, link_s=0.006)
+    assert all(choices[:EXPLOIT_WINDOWS * WINDOW])
+    assert not any(choices[EXPLOIT_WINDOWS * WINDOW:])
+    assert policy.seen()["demotions"] == 1
 
 
 def test_auto_probes_again_soon_after_meeting_incompressible_pages():

@@ -38,7 +38,9 @@ LINK_BOUND_SHARE = 0.3
 # The first windows' verdicts kept for the report: (zstd or not, page MB/s, link share).
 MAX_WINDOWS_KEPT = 64
 # Windows of zstd kept on in a row without a probe while the link holds the sends back:
-# content and load change, so plain is measured again now and then.
+# content and load change, so plain is measured again now and then. The first win holds
+# FIRST_HELD; each probe zstd wins again doubles it up to MAX_HELD.
+FIRST_HELD = EXPLOIT_WINDOWS
 MAX_HELD = 4 * EXPLOIT_WINDOWS
 # Weight of the newest observation in the moving averages.
 EWMA = 0.2
@@ -127,8 +129,14 @@ class CompressionPolicy:
     its time): then the CPU, not the link, set the pace, and zstd would only add to it.
     Conversely, while zstd is on, saves a tenth of the bytes or more and its sends still
     wait on the link that long, or moves pages faster than the last plain probe by the
-    margin, the verdict holds without probing plain again (up to MAX_HELD windows): more
-    bytes through a link that is already the bottleneck can only be slower. A zstd probe
+    margin, the verdict holds without probing plain again (up to MAX_HELD windows; on
+    waiting alone FIRST_HELD, twice as many after each probe zstd wins again): more bytes
+    through a link that is already the bottleneck can only be slower. But a busy
+    receiver holds sends back as a link does, and either probe can be timed off (zstd's
+    while it drains what plain queued): a zstd verdict whose windows together moved pages
+    slower than plain's probe (after EXPLOIT_WINDOWS of them) ends as a lost probe would.
+    On loopback here one such probe kept zstd for a whole migration: 3.3-3.5 s against
+    2.1-2.6 s with plain pages. A zstd probe
     that saved less than a tenth met pages zstd cannot shrink (a guest's first pages on
     1 Gbit/s: its working set, random): it proves nothing about the pages to come, so
     both are measured again after one window, without backoff.
@@ -157,6 +165,9 @@ class CompressionPolicy:
         self.skipped_probes = 0
         self.held_windows = 0                   # zstd windows kept on without a probe
         self._held = 0                          # of them since the last probe
+        self._hold_limit = FIRST_HELD           # of them before plain is probed again
+        self._verdict = [0, 0.0, 0]             # page bytes, seconds, windows since a probe
+        self.demotions = 0                      # zstd verdicts ended as slower than plain
         self.inconclusive_probes = 0            # zstd probes that met incompressible pages
         self.windows: list[tuple[bool, float, float]] = []  # (zstd, MB/s, link share)
 
@@ -170,7 +181,7 @@ class CompressionPolicy:
                 "zstd_bps": _rounded(self.rates[True]), "ratio": round(self.ratio, 3),
                 "link_share": None if self.link_share is None else round(self.link_share, 3),
                 "skipped_probes": self.skipped_probes, "held_windows": self.held_windows,
-                "inconclusive_probes": self.inconclusive_probes,
+                "inconclusive_probes": self.inconclusive_probes, "demotions": self.demotions,
                 "windows": [list(w) for w in self.windows]}
 
     def compress_next(self) -> bool:
@@ -208,25 +219,52 @@ class CompressionPolicy:
         rate = self._window_bytes / elapsed
         share = min(self._window_waited / elapsed, 1.0)
         saves = self._window_wire * COMPRESS_GAIN < self._window_bytes
+        window_bytes = self._window_bytes
         self._restart_window(now)
         if len(self.windows) < MAX_WINDOWS_KEPT:
             self.windows.append((self._on, round(rate / 1e6, 1), round(share, 2)))
         plain = self.rates[False]
         if self._probing:
             self._probed(rate, share, saves)
-        elif self._on and self._held < MAX_HELD and (
-                (saves and share >= LINK_BOUND_SHARE)
-                or (plain is not None and rate > COMPRESS_GAIN * plain)):
+            return
+        self._verdict[0] += window_bytes
+        self._verdict[1] += elapsed
+        self._verdict[2] += 1
+        if (self._on and plain is not None and self._verdict[2] >= EXPLOIT_WINDOWS
+                and self._verdict[0] < plain * self._verdict[1]):
+            # Over its verdict zstd moved pages slower than plain's probe did: its own probe
+            # was timed fast (while it drained what plain had queued, on loopback) or the
+            # content changed. Count it as a lost probe: plain, probed later.
+            self.demotions += 1
+            self._begin_verdict(won=False)
+            self._switch(False)
+        elif self._on and (
+                (saves and share >= LINK_BOUND_SHARE and self._held < self._hold_limit)
+                or (plain is not None and rate > COMPRESS_GAIN * plain
+                    and self._held < MAX_HELD)):
             # Compressed sends still wait on the link: it, not the CPU, sets the pace, and
-            # plain pages would only put more bytes through it; or zstd still moves pages
-            # faster than plain did at the last probe. No probe is needed.
+            # plain pages would only put more bytes through it (a busy receiver holds them
+            # back too, hence the shorter limit); or zstd still moves pages faster than
+            # plain did at the last probe. No probe is needed.
             self._held += 1
             self.held_windows += 1
         else:
             self._left -= 1
-            if self._left <= 0:
+            if self._left <= 0 or (self._on and self._held >= self._hold_limit):
                 self._probing, self._held = True, 0
                 self._switch(False)
+
+    def _begin_verdict(self, *, won: bool) -> None:
+        """A verdict begins: zstd's when it won, plain's otherwise, each for its windows."""
+        # Each probe that zstd loses costs a slow window: probe half as often then. Each it
+        # wins again makes its verdict worth holding longer.
+        if won and self.held_windows:
+            self._hold_limit = min(self._hold_limit * 2, MAX_HELD)
+        elif not won:
+            self._hold_limit = FIRST_HELD
+        self._backoff = 1 if won else min(self._backoff * 2, MAX_BACKOFF)
+        self._probing, self._left, self._held = False, EXPLOIT_WINDOWS * self._backoff, 0
+        self._verdict = [0, 0.0, 0]
 
     def _probed(self, rate: float, share: float, saves: bool) -> None:
         """A probe window ended: plain, then (when the link held it back) with zstd."""
@@ -245,11 +283,10 @@ class CompressionPolicy:
             self.inconclusive_probes += 1
             self._switch(False)
             self._probing, self._left = False, 1
+            self._verdict = [0, 0.0, 0]
             return
         self._switch(won)
-        # Each probe that zstd loses costs a slow window: probe half as often then.
-        self._backoff = 1 if won else min(self._backoff * 2, MAX_BACKOFF)
-        self._probing, self._left = False, EXPLOIT_WINDOWS * self._backoff
+        self._begin_verdict(won=won)
 
     def _restart_window(self, now: float) -> None:
         self._window_bytes, self._window_wire = 0, 0
