@@ -48,3 +48,13 @@ def test_migrate_starts_without_qemu_or_key_code():
     out = subprocess.run([sys.executable, "-c", code, "/nonexistent-ferry-home"],
                          capture_output=True, text=True, check=True).stdout
     assert out.strip() == "1 []", out
+
+
+def test_the_agent_loads_the_importers_numpy_only_for_an_import():
+    """numpy starts OpenBLAS threads that spin for a while: an agent that only migrates
+    must not pay for them at every start."""
+    code = ("import sys; import agent.service.daemon\n"
+            "print('numpy' in sys.modules, 'agent.importer.remote_sink' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "False False", out

@@ -13,16 +13,13 @@ import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent import identity as identity_mod
 from agent.errors import FerryError, PeerError, ProtocolError, TrustError, UserError
 from agent.hostnet import attach
 from agent.importer import talk
-from agent.importer.definition import VmDefinition
-from agent.importer.remote_sink import ImportSink
-from agent.importer.remote_source import ImportJob, ImportOptions
 from agent.migration import faults, recovery
 from agent.migration.claims import Claims
 from agent.migration.convergence import Compression, CompressSetting, Pacer, TimeoutAction
@@ -41,6 +38,10 @@ from agent.state import journal, outcomes, vms
 from agent.state.config import AgentConfig
 from agent.storage.disk_move import DiskMove
 from agent.wire.messages import MsgType
+
+if TYPE_CHECKING:
+    from agent.importer.definition import VmDefinition
+    from agent.importer.remote_source import ImportJob
 
 log = logging.getLogger(__name__)
 
@@ -403,6 +404,9 @@ class Agent:
             record.job_id = f"{record.job_id}-in"    # an import between our own homes
         self.records[record.job_id] = record
         started = time.monotonic()
+        # The import's copy and verification load numpy (its OpenBLAS threads spin for
+        # ~0.2 s of CPU as they start): only an agent that serves an import pays for them.
+        from agent.importer.remote_sink import ImportSink
         sink = ImportSink(config=self.config, link=link, peer=peer,
                           start_vm=self._start_imported, claims=self.claims)
 
@@ -717,6 +721,7 @@ class Agent:
             compress = CompressSetting.parse(str(request.get("compress") or "off"))
         except ValueError as exc:
             raise UserError(str(exc)) from None
+        from agent.importer.remote_source import ImportJob, ImportOptions  # numpy, above
         options = ImportOptions(target_format=fmt, directory=directory, warm=flags["warm"],
                                 cutover=flags["cutover"], start=flags["start"],
                                 private_ram=flags["private"],
