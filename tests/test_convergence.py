@@ -156,14 +156,21 @@ def test_auto_holds_zstd_while_it_stays_faster_than_plain_was():
     assert all(choices[PROBE:]) and policy.seen()["held_windows"] >= 2 * EXPLOIT_WINDOWS
 
 
-def test_one_slow_plain_window_does_not_keep_zstd_for_good():
+def zstd_won_its_probe(plain_s: float, zstd_s: float) -> tuple[CompressionPolicy, Clock]:
+    """auto after a plain probe of plain_s per MiB and a zstd one of zstd_s that won it,
+    every send held back (by a link, or a busy receiver)."""
     clock = Clock()
     policy = CompressionPolicy(CompressSetting.parse("auto"), clock)
-    # The first plain window was timed slow and zstd won its probe; plain is three times
-    # faster from then on, both held back by a busy receiver as a link would hold them.
-    run(policy, clock, PROBE, 0.006, 0.004, link_s=0.006)
-    run(policy, clock, PROBE, 0.003, 0.004, ratio=0.7, link_s=0.004)
+    run(policy, clock, PROBE, plain_s, zstd_s, link_s=plain_s)
+    run(policy, clock, PROBE, plain_s, zstd_s, ratio=0.7, link_s=plain_s)
     assert policy.compress_next()
+    return policy, clock
+
+
+def test_one_slow_plain_window_does_not_keep_zstd_for_good():
+    # The first plain window was timed slow and zstd won its probe; plain is twice as
+    # fast from then on, both held back by a busy receiver as a link would hold them.
+    policy, clock = zstd_won_its_probe(0.006, 0.004)
     # zstd's windows no longer beat that probe by the margin: held on waiting alone.
     choices = run(policy, clock, (FIRST_HELD + 1) * WINDOW + 2 * PROBE
                   + 2 * EXPLOIT_WINDOWS * WINDOW, 0.003, 0.0058, ratio=0.7, link_s=0.004)
@@ -172,13 +179,9 @@ def test_one_slow_plain_window_does_not_keep_zstd_for_good():
 
 
 def test_a_zstd_verdict_slower_than_plain_ends_as_a_lost_probe():
-    clock = Clock()
-    policy = CompressionPolicy(CompressSetting.parse("auto"), clock)
     # A busy receiver holds every send back; zstd's probe is timed fast (it drains what
     # plain queued) and its later windows are slower than plain's probe.
-    run(policy, clock, PROBE, 0.004, 0.002, link_s=0.004)
-    run(policy, clock, PROBE, 0.004, 0.002, ratio=0.7, link_s=0.004)
-    assert policy.compress_next()
+    policy, clock = zstd_won_its_probe(0.004, 0.002)
     choices = run(policy, clock, EXPLOIT_WINDOWS * WINDOW + 2 * EXPLOIT_WINDOWS * WINDOW,
                   0.004, 0.006, ratio=0.7, link_s=0.006)
     assert all(choices[:EXPLOIT_WINDOWS * WINDOW])
