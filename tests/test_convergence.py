@@ -172,10 +172,24 @@ def test_one_slow_plain_window_does_not_keep_zstd_for_good():
     # fast from then on, both held back by a busy receiver as a link would hold them.
     policy, clock = zstd_won_its_probe(0.006, 0.004)
     # zstd's windows no longer beat that probe by the margin: held on waiting alone.
-    choices = run(policy, clock, (FIRST_HELD + 1) * WINDOW + 2 * PROBE
+    choices = run(policy, clock, (FIRST_HELD + 1) * WINDOW + PROBE
                   + 2 * EXPLOIT_WINDOWS * WINDOW, 0.003, 0.0058, ratio=0.7, link_s=0.004)
     assert all(choices[:(FIRST_HELD + 1) * WINDOW])
-    assert not any(choices[-2 * EXPLOIT_WINDOWS * WINDOW:]) and not policy.compress_next()
+    # One plain window challenges zstd's verdict (its windows' rate) and wins; plain
+    # holds twice the usual windows.
+    assert not any(choices[(FIRST_HELD + 1) * WINDOW:]) and not policy.compress_next()
+    assert policy.rates[True] == pytest.approx(MIB / 0.0058)
+
+
+def test_zstd_keeps_its_verdict_when_one_plain_window_does_not_beat_it():
+    policy, clock = zstd_won_its_probe(0.008, 0.005)
+    # zstd no longer beats the first probe by the margin, still holds on waiting; the
+    # challenge by plain, at the link's rate, loses to zstd's windows.
+    choices = run(policy, clock, (FIRST_HELD + 1) * WINDOW + PROBE + 4 * WINDOW,
+                  0.008, 0.0075, ratio=0.7, link_s=0.008)
+    assert all(choices[:(FIRST_HELD + 1) * WINDOW])
+    assert not any(choices[(FIRST_HELD + 1) * WINDOW:(FIRST_HELD + 1) * WINDOW + PROBE])
+    assert all(choices[(FIRST_HELD + 1) * WINDOW + PROBE + SETTLE_BYTES // MIB:])
 
 
 def test_a_zstd_verdict_slower_than_plain_ends_as_a_lost_probe():
