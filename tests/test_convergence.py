@@ -185,10 +185,12 @@ def test_zstd_keeps_its_verdict_when_one_plain_window_does_not_beat_it():
     policy, clock = zstd_won_its_probe(0.008, 0.005)
     # zstd no longer beats the first probe by the margin, still holds on waiting; the
     # challenge by plain, at the link's rate, loses to zstd's windows.
-    choices = run(policy, clock, (FIRST_HELD + 1) * WINDOW + PROBE + 4 * WINDOW,
+    choices = run(policy, clock, (FIRST_HELD + 1) * WINDOW + PROBE
+                  + SETTLE_BYTES // MIB + (2 * FIRST_HELD + 1) * WINDOW,
                   0.008, 0.0075, ratio=0.7, link_s=0.008)
     assert all(choices[:(FIRST_HELD + 1) * WINDOW])
     assert not any(choices[(FIRST_HELD + 1) * WINDOW:(FIRST_HELD + 1) * WINDOW + PROBE])
+    # Confirmed: held twice as long before plain challenges it again.
     assert all(choices[(FIRST_HELD + 1) * WINDOW + PROBE + SETTLE_BYTES // MIB:])
 
 

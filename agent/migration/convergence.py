@@ -38,8 +38,8 @@ LINK_BOUND_SHARE = 0.3
 # The first windows' verdicts kept for the report: (zstd or not, page MB/s, link share).
 MAX_WINDOWS_KEPT = 64
 # Windows of zstd kept on in a row without a probe while the link holds the sends back:
-# content and load change, so plain is measured again now and then. The first win holds
-# FIRST_HELD; each probe zstd wins again doubles it up to MAX_HELD.
+# content and load change, so plain is measured again now and then. A zstd verdict holds
+# FIRST_HELD; each challenge by plain that it wins doubles that, up to MAX_HELD.
 FIRST_HELD = EXPLOIT_WINDOWS
 MAX_HELD = 4 * EXPLOIT_WINDOWS
 # Weight of the newest observation in the moving averages.
@@ -130,7 +130,7 @@ class CompressionPolicy:
     Conversely, while zstd is on, saves a tenth of the bytes or more and its sends still
     wait on the link that long, or moves pages faster than the last plain probe by the
     margin, the verdict holds without probing plain again (up to MAX_HELD windows; on
-    waiting alone FIRST_HELD, twice as many after each probe zstd wins again): more bytes
+    waiting alone FIRST_HELD, twice as many after each challenge zstd wins): more bytes
     through a link that is already the bottleneck can only be slower. But a busy
     receiver holds sends back as a link does, and either probe can be timed off (zstd's
     while it drains what plain queued): a zstd verdict whose windows together moved pages
@@ -167,7 +167,9 @@ class CompressionPolicy:
         self.held_windows = 0                   # zstd windows kept on without a probe
         self._held = 0                          # of them since the last probe
         self._hold_limit = FIRST_HELD           # of them before plain is probed again
-        self._verdict = [0, 0.0, 0]             # page bytes, seconds, windows since a probe
+        self._verdict_bytes = 0                 # page bytes of the verdict's windows,
+        self._verdict_s = 0.0                   # their time,
+        self._verdict_windows = 0               # and how many
         self._incumbent: float | None = None    # zstd's verdict rate, while plain challenges
         self.demotions = 0                      # zstd verdicts ended as slower than plain
         self.inconclusive_probes = 0            # zstd probes that met incompressible pages
@@ -229,17 +231,17 @@ class CompressionPolicy:
         if self._probing:
             self._probed(rate, share, saves)
             return
-        self._verdict[0] += window_bytes
-        self._verdict[1] += elapsed
-        self._verdict[2] += 1
-        if (self._on and plain is not None and self._verdict[2] >= EXPLOIT_WINDOWS
-                and self._verdict[0] < plain * self._verdict[1]):
+        self._verdict_bytes += window_bytes
+        self._verdict_s += elapsed
+        self._verdict_windows += 1
+        if (self._on and plain is not None and self._verdict_windows >= EXPLOIT_WINDOWS
+                and self._verdict_bytes < plain * self._verdict_s):
             # Over its verdict zstd moved pages slower than plain's probe did: its own probe
             # was timed fast (while it drained what plain had queued, on loopback) or the
             # content changed. Count it as a lost probe: plain, probed later.
             self.demotions += 1
-            self._begin_verdict(won=False)
             self._switch(False)
+            self._begin_verdict(won=False)
         elif self._on and (
                 (saves and share >= LINK_BOUND_SHARE and self._held < self._hold_limit)
                 or (plain is not None and rate > COMPRESS_GAIN * plain
@@ -254,22 +256,22 @@ class CompressionPolicy:
             self._left -= 1
             if self._left <= 0 or (self._on and self._held >= self._hold_limit):
                 # zstd's verdict is its evidence: one plain window challenges it.
-                self._incumbent = (self._verdict[0] / self._verdict[1]
-                                   if self._on and self._verdict[1] > 0 else None)
+                self._incumbent = (self._verdict_bytes / self._verdict_s
+                                   if self._on and self._verdict_s > 0 else None)
                 self._probing, self._held = True, 0
                 self._switch(False)
 
     def _begin_verdict(self, *, won: bool) -> None:
         """A verdict begins: zstd's when it won, plain's otherwise, each for its windows."""
-        # Each probe that zstd loses costs a slow window: probe half as often then. Each it
-        # wins again makes its verdict worth holding longer.
-        if won and self.held_windows:
-            self._hold_limit = min(self._hold_limit * 2, MAX_HELD)
-        elif not won:
-            self._hold_limit = FIRST_HELD
+        # Each probe that zstd loses costs a slow window: probe half as often then.
         self._backoff = 1 if won else min(self._backoff * 2, MAX_BACKOFF)
+        if not won:
+            self._hold_limit = FIRST_HELD
         self._probing, self._left, self._held = False, EXPLOIT_WINDOWS * self._backoff, 0
-        self._verdict = [0, 0.0, 0]
+        self._reset_verdict()
+
+    def _reset_verdict(self) -> None:
+        self._verdict_bytes, self._verdict_s, self._verdict_windows = 0, 0.0, 0
 
     def _probed(self, rate: float, share: float, saves: bool) -> None:
         """A probe window ended: plain, then (when the link held it back) with zstd."""
@@ -283,6 +285,8 @@ class CompressionPolicy:
                 # 119 MB/s against 136 plain, after 13 that averaged 143).
                 self.rates[True] = incumbent
                 won = incumbent >= rate
+                if won:   # confirmed again: worth holding longer
+                    self._hold_limit = min(self._hold_limit * 2, MAX_HELD)
                 self._switch(won)
                 self._begin_verdict(won=won)
                 return
@@ -298,7 +302,7 @@ class CompressionPolicy:
             self.inconclusive_probes += 1
             self._switch(False)
             self._probing, self._left = False, 1
-            self._verdict = [0, 0.0, 0]
+            self._reset_verdict()
             return
         self._switch(won)
         self._begin_verdict(won=won)

@@ -721,7 +721,8 @@ class Agent:
             compress = CompressSetting.parse(str(request.get("compress") or "off"))
         except ValueError as exc:
             raise UserError(str(exc)) from None
-        from agent.importer.remote_source import ImportJob, ImportOptions  # numpy, above
+        # Loads numpy, as ImportSink does: only for an import.
+        from agent.importer.remote_source import ImportJob, ImportOptions
         options = ImportOptions(target_format=fmt, directory=directory, warm=flags["warm"],
                                 cutover=flags["cutover"], start=flags["start"],
                                 private_ram=flags["private"],
