@@ -15,6 +15,7 @@ import contextlib
 import json
 import mmap
 import os
+import random
 import re
 import shutil
 import signal
@@ -40,6 +41,10 @@ START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 10.0
 MIGRATE_TIMEOUT_S = 180.0
 LOOPBACK = "127.0.0.1"
+# free_port's range: above the well-known and registered ports most services take, below
+# the kernel's ephemeral range (Linux's default low end when /proc cannot say).
+PORT_FLOOR = 20000
+EPHEMERAL_LOW_DEFAULT = 32768
 # The link's two ends; only ever assigned inside the namespaces a NetnsLink creates.
 LINK_ADDRESSES = ("10.77.0.1", "10.77.0.2")
 LINK_PREFIX_LEN = 24
@@ -50,12 +55,40 @@ TBF_MIN_BURST = 64 << 10
 TBF_LATENCY = "20ms"
 RATE = re.compile(r"(\d+(?:\.\d+)?)([kmgt]?)bit", re.IGNORECASE)
 RATE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+# Not the shared `random`: tests seed that one, and two processes would then pick alike.
+_random = random.SystemRandom()
+_handed_out: set[int] = set()
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
+    """A loopback port free now, below the kernel's ephemeral range, not handed out before.
+
+    Ports from bind(0) come out of the ephemeral range, where the kernel may give the same
+    one to the next bind(0) or to any outgoing connection before the agent that was told
+    to listen on it has started: CI once saw an agent fail with "address already in use".
+    """
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = _random.randrange(PORT_FLOOR, low)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind((LOOPBACK, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise LocalError(f"no free loopback port in {PORT_FLOOR}-{low - 1}")
+
+
+def _ephemeral_low() -> int:
+    """The low end of net.ipv4.ip_local_port_range (ports the kernel hands out itself)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = EPHEMERAL_LOW_DEFAULT
+    return max(low, PORT_FLOOR + 1000)
 
 
 def rate_bits(rate: str) -> int:
