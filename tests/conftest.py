@@ -18,6 +18,32 @@ from agent.qemu import vm
 # AF_UNIX paths must fit in sun_path (108 bytes); keep a margin for QEMU's own checks.
 MAX_SOCKET_PATH = 100
 QEMU_TOOLS = (vm.QEMU_BINARY, "as", "ld")
+SHM_BEFORE = pytest.StashKey[set[str]]()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.stash[SHM_BEFORE] = _shm_entries()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if tests left anything in /dev/shm: RAM files there are host memory."""
+    before = session.stash.get(SHM_BEFORE, None)
+    if before is None:
+        return
+    left = sorted(_shm_entries() - before)
+    if left:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_sep("!", f"tests left these in {vm.SHM_DIR}: {', '.join(left)}",
+                               red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def _shm_entries() -> set[str]:
+    try:
+        return {entry.name for entry in vm.SHM_DIR.iterdir()}
+    except OSError:
+        return set()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

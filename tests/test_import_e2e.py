@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,11 +59,13 @@ def home(tmp_path: Path) -> Iterator[Path]:
     killed at the end."""
     home = tmp_path / "home"
     home.mkdir()
-    (home / "agent.toml").write_text('[networks.lan]\ntype = "none"\n')
+    ram = Path(tempfile.mkdtemp(prefix="ferry-test-", dir="/dev/shm"))
+    (home / "agent.toml").write_text(f'ram_dir = "{ram}"\n[networks.lan]\ntype = "none"\n')
     yield home
     for record in vms.list_vms(load_config(home)):
         if record.alive():
             os.kill(record.pid, signal.SIGKILL)
+    shutil.rmtree(ram, ignore_errors=True)
 
 
 def block_devices(record: vms.VmRecord) -> dict[str, Any]:
