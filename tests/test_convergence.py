@@ -260,6 +260,22 @@ def test_a_tie_is_not_worth_the_cpu():
     assert not policy.compress_next()
 
 
+def test_the_final_round_goes_plain_when_the_guest_stops_during_a_zstd_probe():
+    clock = Clock()
+    policy = CompressionPolicy(CompressSetting.parse("auto"), clock)
+    # zstd lost its probe by moving pages slower: plain for twice the usual windows.
+    run(policy, clock, 2 * PROBE, 0.008, 0.009, link_s=0.008)
+    assert not policy.compress_next()
+    # Then plain's next probe is slow, so zstd is probed again; the guest stops during
+    # that probe. zstd's rate on record is its old probe's, faster than plain's now.
+    run(policy, clock, SETTLE_BYTES // MIB + 2 * EXPLOIT_WINDOWS * WINDOW, 0.008, 0.009,
+        link_s=0.008)
+    run(policy, clock, WINDOW + 1, 0.02, 0.009, link_s=0.02)
+    assert policy.compress_next() and policy.rates[True] == pytest.approx(MIB / 0.009)
+    policy.pause()
+    assert not policy.compress_next() and policy.seen()["final_round"] == "plain"
+
+
 def test_after_a_tie_zstd_is_probed_again_as_soon_as_before():
     clock = Clock()
     policy = CompressionPolicy(CompressSetting.parse("auto"), clock)

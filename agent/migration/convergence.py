@@ -209,7 +209,10 @@ class CompressionPolicy:
         self._compress_paused = self._on and self._zstd_proven()
 
     def _zstd_proven(self) -> bool:
-        """zstd's measured rates beat plain's, over a link that held plain's sends back."""
+        """zstd is the verdict (not a probe under way, whose rate is an old one's) and its
+        measured rates beat plain's, over a link that held plain's sends back."""
+        if self._probing:
+            return False
         plain, packed = self.rates[False], self.rates[True]
         if not plain or not packed or packed <= plain:
             return False
