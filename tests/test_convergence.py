@@ -10,6 +10,7 @@ from agent.migration.convergence import (
     COMPRESS_GAIN,
     EXPLOIT_WINDOWS,
     FIRST_HELD,
+    MAX_SETTLE_BYTES,
     MIN_RAM_SHARE,
     PROBE_BYTES,
     SETTLE_BYTES,
@@ -27,6 +28,8 @@ MB = 1_000_000
 MIB = 1 << 20
 WINDOW = PROBE_BYTES // MIB
 PROBE = (SETTLE_BYTES + PROBE_BYTES) // MIB   # a window after a switch: settle, then time
+# A plain window whose sends never waited as on a full queue settles longest.
+UNQUEUED_PROBE = (MAX_SETTLE_BYTES + PROBE_BYTES) // MIB
 
 
 def test_compress_setting_parses_and_names_itself():
@@ -99,7 +102,8 @@ def test_auto_keeps_pages_plain_when_the_cpu_is_the_bottleneck():
     # Loopback, the link idle half the time: a MiB takes 1 ms plain (0.5 ms of it waiting
     # on the link); zstd's 2 ms of CPU would only slow it down.
     choices = run(policy, clock, 200, 0.001, 0.002, link_s=0.0005)
-    assert not any(choices[2 * PROBE:2 * PROBE + EXPLOIT_WINDOWS * WINDOW])
+    probed = UNQUEUED_PROBE + PROBE
+    assert not any(choices[probed:probed + EXPLOIT_WINDOWS * WINDOW])
 
 
 def test_auto_does_not_even_try_zstd_while_the_link_keeps_up():
@@ -124,12 +128,30 @@ def test_auto_tries_both_again_after_a_while():
     policy = CompressionPolicy(CompressSetting.parse("auto"), clock)
     # Plain wins the first probe (zstd tried on a link busy half the time); the next comes
     # after twice the usual windows.
-    choices = run(policy, clock, 2 * PROBE + SETTLE_BYTES // MIB
+    probed = UNQUEUED_PROBE + PROBE
+    choices = run(policy, clock, probed + MAX_SETTLE_BYTES // MIB
                   + 2 * EXPLOIT_WINDOWS * WINDOW, 0.001, 0.002, link_s=0.0005)
-    assert any(choices[PROBE:2 * PROBE]) and not any(choices[2 * PROBE:])
+    assert any(choices[UNQUEUED_PROBE:probed]) and not any(choices[probed:])
     # The link got slow: the next probe finds zstd faster, and it is kept.
     run(policy, clock, 2 * PROBE, 0.010, 0.004, link_s=0.010)
     assert policy.compress_next()
+
+
+def test_plain_is_timed_only_once_its_sends_wait_on_a_full_queue():
+    clock = Clock()
+    policy = CompressionPolicy(CompressSetting.parse("auto"), clock)
+    # The queues are empty at first: plain's first 8 MiB go at the CPU's pace (1 ms a MiB),
+    # then the link holds each MiB back 8 ms. Timing from the start would read plain fast.
+    run(policy, clock, 8, 0.001, 0.001)
+    run(policy, clock, WINDOW + 1, 0.008, 0.005, link_s=0.008)
+    assert policy.rates[False] == pytest.approx(MIB / 0.008)
+    # Sends that never wait that long leave plain untimed for MAX_SETTLE_BYTES at most.
+    clock = Clock()
+    policy = CompressionPolicy(CompressSetting.parse("auto"), clock)
+    run(policy, clock, UNQUEUED_PROBE - 1, 0.001, 0.001, link_s=0.0005)
+    assert policy.rates[False] is None
+    run(policy, clock, 1, 0.001, 0.001, link_s=0.0005)
+    assert policy.rates[False] == pytest.approx(MIB / 0.001)
 
 
 def test_auto_holds_zstd_while_compressed_sends_still_wait_on_the_link():

@@ -28,6 +28,12 @@ PROBE_BYTES = 16 << 20
 # socket and link queues still hold the other mode's bytes (or none, at first), and timing
 # them made the first plain window read 151 MB/s on a 1 Gbit/s link, zstd lose its probe.
 SETTLE_BYTES = 4 << 20
+# A plain window also waits for a send held back that long (sealing alone takes ~0.5 ms),
+# up to MAX_SETTLE_BYTES: after zstd (or at first) the queues take plain bytes at the CPU's
+# pace until they fill, and plain windows read 138-163 MB/s on a 1 Gbit/s link with 4 MiB
+# of settling alone (one such challenge ended a zstd verdict: 403 MiB on the wire, not 350).
+FULL_QUEUE_WAIT_S = 0.002
+MAX_SETTLE_BYTES = 16 << 20
 EXPLOIT_WINDOWS = 6
 MAX_BACKOFF = 16
 # Compress only when it wins by this much: a tie costs CPU the guest could use.
@@ -119,7 +125,8 @@ class CompressionPolicy:
 
     auto compresses when that moves guest pages faster, measured while the migration
     runs: it takes a window of PROBE_BYTES of page data without zstd and one with (each
-    after SETTLE_BYTES that are not timed), keeps the faster (page bytes per second of
+    after SETTLE_BYTES that are not timed, plain's also not before a send waited on full
+    queues, up to MAX_SETTLE_BYTES), keeps the faster (page bytes per second of
     wall time; zstd must win by COMPRESS_GAIN) for EXPLOIT_WINDOWS windows (twice as many
     after each probe zstd lost by moving pages slower, up to MAX_BACKOFF times; a tie
     keeps the count), then tries both again, since links, load and content change.
@@ -154,6 +161,8 @@ class CompressionPolicy:
         self._clock = clock
         self._on = False                        # auto's current choice
         self._settle = SETTLE_BYTES             # page bytes to pass before timing again
+        self._settled = 0                       # of them since the switch
+        self._queues_full = False               # a send waited since (plain's settling)
         self.paused = False                     # the guest stopped for the switchover
         self._compress_paused = False           # zstd kept for the final round (pause())
         self._probing = True
@@ -179,6 +188,8 @@ class CompressionPolicy:
     def waited(self, seconds: float) -> None:
         """A send waited this long for the link to take its bytes (back-pressure)."""
         self._window_waited += seconds
+        if seconds >= FULL_QUEUE_WAIT_S:
+            self._queues_full = True
 
     def seen(self) -> dict[str, object]:
         """What the decisions rest on, for the report (page bytes per second, ratio)."""
@@ -227,9 +238,9 @@ class CompressionPolicy:
         if self.setting.mode is not Compression.AUTO or not raw_bytes or self.paused:
             return   # the final round goes as pause() decided
         now = self._clock()
-        if self._settle > 0:
-            # Bytes of the other mode still fill the buffers: they would be timed too.
-            self._settle -= raw_bytes
+        if self._settling(raw_bytes):
+            # Bytes of the other mode still fill the queues, or plain ones fill them at
+            # the CPU's pace: they would be timed too.
             self._restart_window(now)
             return
         if self._window_start is None:
@@ -333,6 +344,17 @@ class CompressionPolicy:
         self._switch(won)
         self._begin_verdict(won=won, slower=not tie)
 
+    def _settling(self, raw_bytes: int) -> bool:
+        """Whether these page bytes still go by untimed after a switch."""
+        if self._settled >= MAX_SETTLE_BYTES:
+            return False
+        if self._settle <= 0 and (self._on or self._queues_full):
+            self._settled = MAX_SETTLE_BYTES   # settled: time from here on
+            return False
+        self._settle -= raw_bytes
+        self._settled += raw_bytes
+        return True
+
     def _restart_window(self, now: float) -> None:
         self._window_bytes, self._window_wire = 0, 0
         self._window_start, self._window_waited = now, 0.0
@@ -340,6 +362,7 @@ class CompressionPolicy:
     def _switch(self, on: bool) -> None:
         if on != self._on:
             self._on, self._settle = on, SETTLE_BYTES
+            self._settled, self._queues_full = 0, False
 
 
 def _rounded(value: float | None) -> float | None:
