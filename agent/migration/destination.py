@@ -59,6 +59,9 @@ LOAD_TIMEOUT_S = 60.0
 # What the receive loop hands the feeder, in stream order.
 _Item = tuple[Kind | Op, bytes | memoryview]
 RESUME_TIMEOUT_S = 10.0
+# A write into QEMU's migration socket failed: how long QEMU gets to be seen exiting, which
+# is why it usually fails (its exit is polled, so the write tends to notice first).
+QEMU_EXIT_GRACE_S = 2.0
 # QEMU's default announce parameters (qapi AnnounceParameters): 5 rounds, 50 ms first,
 # 100 ms more each round, at most 550 ms apart.
 ANNOUNCE = {"initial": 50, "max": 550, "rounds": 5, "step": 100}
@@ -309,8 +312,7 @@ class DestinationJob:
                     continue
                 if receive not in done:
                     if qemu_exit in done and not self.committed:
-                        raise QemuError(f"destination QEMU exited with status "
-                                        f"{qemu_exit.result()}: {incoming.process.log_tail()}")
+                        raise _qemu_exited(incoming, qemu_exit.result())
                     if feeder in done:
                         feeder.result()  # raises the feeder's failure
                         watched.discard(feeder)
@@ -409,7 +411,10 @@ class DestinationJob:
         incoming = self.incoming
         assert incoming is not None and incoming.ram is not None and incoming.qmp is not None
         npages = incoming.spec.npages
-        _, writer = await asyncio.open_unix_connection(str(incoming.paths.incoming_path))
+        try:
+            _, writer = await asyncio.open_unix_connection(str(incoming.paths.incoming_path))
+        except OSError as exc:
+            raise await self._stream_failed(exc) from exc
         self.state_writer = writer
         while True:
             what, payload = await queue.get()
@@ -417,8 +422,11 @@ class DestinationJob:
                 self.pages_applied += codec.decode_and_apply(
                     payload, incoming.ram, npages, PAGE_SIZE, incoming.ram_fd)
             elif what is Kind.QEMU_STREAM:
-                writer.write(payload)
-                await writer.drain()
+                try:
+                    writer.write(payload)
+                    await writer.drain()
+                except OSError as exc:   # ConnectionResetError, BrokenPipeError, ...
+                    raise await self._stream_failed(exc) from exc
             elif what is Op.RAM_DONE:
                 assert incoming.storage is not None
                 await incoming.storage.finish()   # disks flushed, exports gone
@@ -431,6 +439,18 @@ class DestinationJob:
                 self.loaded = True
                 await send_control(self.link, Op.LOADED, pages=self.pages_applied)
                 return
+
+    async def _stream_failed(self, exc: OSError) -> QemuError:
+        """QEMU's migration socket failed: the error says whether QEMU died meanwhile."""
+        incoming = self.incoming
+        assert incoming is not None and incoming.process is not None
+        try:
+            status = await incoming.process.wait(QEMU_EXIT_GRACE_S)
+        except QemuError:
+            detail = exc.strerror or repr(exc)
+            return QemuError(f"the destination QEMU's migration socket failed ({detail}) "
+                             f"while QEMU still runs: {incoming.process.log_tail()}")
+        return _qemu_exited(incoming, status)
 
     async def _commit(self) -> None:
         """The destination owns the VM from here on: resume it, whatever the link does.
@@ -539,3 +559,9 @@ class DestinationJob:
                         self.incoming.spec.name)
         self.incoming = None
         journal.remove(self.config, self.job_id)
+
+
+def _qemu_exited(incoming: IncomingVm, status: int) -> QemuError:
+    assert incoming.process is not None
+    return QemuError(f"destination QEMU exited with status {status}: "
+                     f"{incoming.process.log_tail()}")
