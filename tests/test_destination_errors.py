@@ -1,13 +1,19 @@
-"""The destination's errors when QEMU's migration socket fails: they say what happened."""
+"""The destination's errors when QEMU's socket or the RAM file fails: they say what happened."""
 
 from __future__ import annotations
 
+import array
 import asyncio
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
-from agent.errors import QemuError
-from agent.migration.destination import DestinationJob, IncomingVm
+import pytest
+
+from agent.batch import codec
+from agent.errors import LocalError, QemuError
+from agent.migration.destination import DestinationJob, IncomingVm, apply_pages
+from agent.qemu.vmspec import PAGE_SIZE
 from agent.state.config import AgentConfig
 
 
@@ -44,3 +50,23 @@ def test_a_socket_failure_while_qemu_runs_names_the_socket_error(tmp_path: Path)
     error = stream_failure(tmp_path, None)
     assert "migration socket failed (Connection reset by peer) while QEMU still runs" in str(error)
     assert "last lines of its log" in str(error)
+
+
+def test_pages_that_cannot_be_written_name_the_ram_file(tmp_path: Path) -> None:
+    npages = 4
+    sent = bytearray(codec.zero_block_hash(PAGE_SIZE) * npages)
+    page = bytes(range(256)) * (PAGE_SIZE // 256)
+    encoder = codec.BatchEncoder(None, PAGE_SIZE, sent, compress_level=None)
+    batch, _ = encoder.encode(memoryview(array.array("Q", [1])), src=page,
+                              offsets=memoryview(array.array("Q", [0])))
+    ram_path = tmp_path / "vm.ram"
+    ram_path.write_bytes(bytes(npages * PAGE_SIZE))
+    fd = os.open(ram_path, os.O_RDONLY)   # pwrite fails as on a full tmpfs: EBADF here
+    try:
+        incoming = IncomingVm(spec=SimpleNamespace(npages=npages),  # type: ignore[arg-type]
+                              paths=SimpleNamespace(ram_path=ram_path),  # type: ignore[arg-type]
+                              ram_fd=fd, ram=bytearray(npages * PAGE_SIZE))  # type: ignore[arg-type]
+        with pytest.raises(LocalError, match=rf"RAM file {ram_path}: writing pages into"):
+            apply_pages(incoming, bytes(batch.payload))
+    finally:
+        os.close(fd)

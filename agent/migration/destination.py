@@ -410,7 +410,6 @@ class DestinationJob:
         worker thread cost more CPU than it overlapped (measured, as for the source)."""
         incoming = self.incoming
         assert incoming is not None and incoming.ram is not None and incoming.qmp is not None
-        npages = incoming.spec.npages
         try:
             _, writer = await asyncio.open_unix_connection(str(incoming.paths.incoming_path))
         except OSError as exc:
@@ -419,8 +418,7 @@ class DestinationJob:
         while True:
             what, payload = await queue.get()
             if what is Kind.RAM_BATCH:
-                self.pages_applied += codec.decode_and_apply(
-                    payload, incoming.ram, npages, PAGE_SIZE, incoming.ram_fd)
+                self.pages_applied += apply_pages(incoming, payload)
             elif what is Kind.QEMU_STREAM:
                 try:
                     writer.write(payload)
@@ -565,3 +563,15 @@ def _qemu_exited(incoming: IncomingVm, status: int) -> QemuError:
     assert incoming.process is not None
     return QemuError(f"destination QEMU exited with status {status}: "
                      f"{incoming.process.log_tail()}")
+
+
+def apply_pages(incoming: IncomingVm, payload: bytes | memoryview) -> int:
+    """One page batch into the RAM file (checked whole first); the entries applied. A
+    write that fails (a full tmpfs) names the file."""
+    assert incoming.ram is not None
+    try:
+        return codec.decode_and_apply(payload, incoming.ram, incoming.spec.npages, PAGE_SIZE,
+                                      incoming.ram_fd)
+    except OSError as exc:
+        raise LocalError(f"the destination's RAM file {incoming.paths.ram_path}: "
+                         f"{exc.strerror or exc}") from exc
