@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from agent.qemu import firmware, nics, qmp
+from agent.qemu import firmware, nics, qmp, vm
 from agent.state import vms
 from agent.state.config import load_config
 
@@ -59,7 +59,7 @@ def home(tmp_path: Path) -> Iterator[Path]:
     killed at the end."""
     home = tmp_path / "home"
     home.mkdir()
-    ram = Path(tempfile.mkdtemp(prefix="ferry-test-", dir="/dev/shm"))
+    ram = Path(tempfile.mkdtemp(prefix="ferry-test-", dir=vm.SHM_DIR))
     (home / "agent.toml").write_text(f'ram_dir = "{ram}"\n[networks.lan]\ntype = "none"\n')
     yield home
     for record in vms.list_vms(load_config(home)):

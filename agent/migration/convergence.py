@@ -160,8 +160,7 @@ class CompressionPolicy:
         self.rates: dict[bool, float | None] = {False: None, True: None}
         self._clock = clock
         self._on = False                        # auto's current choice
-        self._settle = SETTLE_BYTES             # page bytes to pass before timing again
-        self._settled = 0                       # of them since the switch
+        self._settled = 0                       # page bytes untimed since the switch
         self._queues_full = False               # a send waited since (plain's settling)
         self.paused = False                     # the guest stopped for the switchover
         self._compress_paused = False           # zstd kept for the final round (pause())
@@ -348,10 +347,9 @@ class CompressionPolicy:
         """Whether these page bytes still go by untimed after a switch."""
         if self._settled >= MAX_SETTLE_BYTES:
             return False
-        if self._settle <= 0 and (self._on or self._queues_full):
+        if self._settled >= SETTLE_BYTES and (self._on or self._queues_full):
             self._settled = MAX_SETTLE_BYTES   # settled: time from here on
             return False
-        self._settle -= raw_bytes
         self._settled += raw_bytes
         return True
 
@@ -361,8 +359,7 @@ class CompressionPolicy:
 
     def _switch(self, on: bool) -> None:
         if on != self._on:
-            self._on, self._settle = on, SETTLE_BYTES
-            self._settled, self._queues_full = 0, False
+            self._on, self._settled, self._queues_full = on, 0, False
 
 
 def _rounded(value: float | None) -> float | None:
