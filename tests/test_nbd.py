@@ -79,7 +79,9 @@ def servers(vm_dir: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
             cleanup.callback(stop, proc)
             deadline = time.monotonic() + START_TIMEOUT
-            while sock is not None and not sock.exists():
+            # The socket file appears at bind(), before listen(): wait until it accepts
+            # (a connect in between was refused once, in a full run).
+            while sock is not None and not accepts(sock):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"{argv[0]} did not start: "
                                        f"{(vm_dir / f'server{count}.log').read_text()}")
@@ -87,6 +89,16 @@ def servers(vm_dir: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
             return proc
 
         yield start
+
+
+def accepts(sock: Path) -> bool:
+    """Whether a server listens on the unix socket at `sock` now."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(sock))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+    return True
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
