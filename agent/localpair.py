@@ -228,6 +228,13 @@ class AgentProcess:
     def config(self) -> AgentConfig:
         return AgentConfig(home=self.home, ram_dir=self.ram_dir)
 
+    def use_ram_dir(self, ram_dir: Path) -> None:
+        """Keep RAM files in ram_dir instead (a huge-page tmpfs, say); before start()."""
+        toml = self.home / "agent.toml"
+        toml.write_text(toml.read_text().replace(f'ram_dir = "{self.ram_dir}"',
+                                                 f'ram_dir = "{ram_dir}"'))
+        self.ram_dir = ram_dir
+
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"

@@ -2,7 +2,7 @@
 
     python -m bench migrate [--quick] [--case MIB] [--link RATE] [--only ROW] [--json]
                             [--repeat N] [--ferry-ram private|file] [--ferry-arg ARG]
-                            [--no-save]
+                            [--ferry-dest-ram-dir DIR] [--no-save]
 
 Each row boots a fresh self-checking test guest (agent.guest) that fills part of its RAM
 at boot and then rewrites a working set at a fixed rate, waits until it completed a pass,
@@ -114,6 +114,7 @@ from agent.localpair import (
 )
 from agent.procfs import cpu_seconds as proc_cpu_seconds
 from agent.qemu import qmp, vm
+from agent.ramdir import huge_pages
 from agent.state import vms
 from bench import met_text, run_async, sigterm_as_interrupt
 from bench import parser as bench_parser
@@ -393,6 +394,8 @@ def table(rows: Sequence[dict[str, Any]], cases: Sequence[Case],
                          f"downtime {row['qemu_downtime_ms']} ms")
         if row["tool"] == "ferry" and row.get("rounds") is not None:
             notes.append(f"{row['rounds']} rounds, source RAM {row.get('source_ram')}"
+                         + (f", destination RAM in {row['dest_ram']}"
+                            if row.get("dest_ram") else "")
                          + (f", {row['ferry_args']}" if row.get("ferry_args") else ""))
         if row.get("error"):
             notes.append(f"error: {row['error']}")
@@ -899,9 +902,11 @@ async def source_ready(record: vms.VmRecord, config: GuestConfig, scratch: Path)
 
 
 def ferry_row(case: Case, note: Callable[[str], None], rate: str | None = None,
-              ram: str = "private", ferry_args: Sequence[str] = ()) -> dict[str, Any]:
+              ram: str = "private", ferry_args: Sequence[str] = (),
+              dest_ram_dir: Path | None = None) -> dict[str, Any]:
     """ferry's migration of a fresh guest between two agents (loopback or across the link).
-    With `ferry_args` the row is mode CUSTOM_MODE: the targets judge ferry's defaults only."""
+    With `ferry_args` the row is mode CUSTOM_MODE: the targets judge ferry's defaults only.
+    With `dest_ram_dir` the destination agent's ram_dir is a fresh directory in it."""
     mode = CUSTOM_MODE if ferry_args else FERRY_MODE
     config = case.config()
     link = link_label(rate)
@@ -916,6 +921,10 @@ def ferry_row(case: Case, note: Callable[[str], None], rate: str | None = None,
             stack.callback(reap, adopted_pids)
             pair = net.agent_pair(root, allow=(default_cache_dir(),))
             stack.callback(pair.cleanup)
+            if dest_ram_dir is not None:
+                pair.b.use_ram_dir(Path(tempfile.mkdtemp(prefix="ferry-bench-",
+                                                         dir=dest_ram_dir)))
+                stack.callback(shutil.rmtree, pair.b.ram_dir, ignore_errors=True)
             adopted = stack.enter_context(subreaper())
             kernel = build_guest(config)
             # No health window: the guest's seconds at the destination after the resume
@@ -970,6 +979,8 @@ def ferry_row(case: Case, note: Callable[[str], None], rate: str | None = None,
                 wire_bytes=wire if wire is not None else report.get("wire_bytes"),
                 ok=check.pop("guest_ok"), cpu=cpu, source_ram=ram,
                 ferry_args=" ".join(ferry_args),
+                dest_ram=(None if dest_ram_dir is None
+                          else f"{dest_ram_dir}{' (huge pages)' * huge_pages(dest_ram_dir)}"),
                 wire_bytes_from=net.wire_from if wire is not None else "ferry report",
                 ferry_wire_bytes=report.get("wire_bytes"), rounds=report.get("rounds"),
                 compression_ratio=report.get("compression_ratio"),
@@ -996,8 +1007,8 @@ def ferry_row(case: Case, note: Callable[[str], None], rate: str | None = None,
 
 def run_rows(cases: Sequence[Case], only: Sequence[str], note: Callable[[str], None],
              repeat: int = 1, rate: str | None = None,
-             ferry_ram: str = "private",
-             ferry_args: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
+             ferry_ram: str = "private", ferry_args: Sequence[str] = (),
+             dest_ram_dir: Path | None = None) -> Iterator[dict[str, Any]]:
     """Every row of every case, `repeat` times, in ROW_NAMES order (ferry between QEMU modes).
 
     Repeats are interleaved (all kinds, then all kinds again) so that load from other work
@@ -1009,7 +1020,8 @@ def run_rows(cases: Sequence[Case], only: Sequence[str], note: Callable[[str], N
                 if only and name not in only:
                     continue
                 tool, mode = name.split("-", 1)
-                row = (ferry_row(case, note, rate, ferry_ram, ferry_args) if tool == "ferry"
+                row = (ferry_row(case, note, rate, ferry_ram, ferry_args, dest_ram_dir)
+                       if tool == "ferry"
                        else qemu_row(case, mode, note, rate))
                 row["run"] = run
                 yield row
@@ -1049,6 +1061,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--ferry-ram", choices=FERRY_RAM_CHOICES, default="private",
                         help="RAM of ferry's source guest: plain -m private memory, as qemu "
                              "plain-private (default), or a shared file")
+    parser.add_argument("--ferry-dest-ram-dir", type=Path, metavar="DIR",
+                        help="keep the destination agent's RAM files in DIR (its ram_dir), "
+                             "e.g. a tmpfs mounted with huge=within_size (README, 'Start VMs')")
     parser.add_argument("--ferry-arg", action="append", default=[], metavar="ARG",
                         help="pass ARG on to `ferry migrate` (repeatable; e.g. "
                              "--ferry-arg=--compress --ferry-arg=zstd:1): the ferry row is then "
@@ -1090,7 +1105,7 @@ def main(argv: Sequence[str]) -> int:
     try:
         with sigterm_as_interrupt():
             for row in run_rows(cases, args.only, note, args.repeat, args.link,
-                                args.ferry_ram, args.ferry_arg):
+                                args.ferry_ram, args.ferry_arg, args.ferry_dest_ram_dir):
                 rows.append(row)
                 note(f"{row['tool']} {row['mode']}: total {row['total_ms']} ms, downtime "
                      f"{row['downtime_ms']} ms, ok {row['ok']}"

@@ -9,6 +9,14 @@ from libc.string cimport memcpy, memmove, memset, strerror
 from posix.types cimport off_t
 from posix.unistd cimport pwrite
 
+cdef extern from "<fcntl.h>" nogil:
+    int fallocate(int fd, int mode, off_t offset, off_t length)
+
+cdef extern from "<linux/falloc.h>":
+    enum:
+        FALLOC_FL_KEEP_SIZE
+        FALLOC_FL_PUNCH_HOLE
+
 from codec cimport fcodec_hash, fcodec_is_zero, fcodec_load_le64, fcodec_store_le64
 
 from agent.batch import format as _fmt
@@ -533,14 +541,44 @@ cdef int _pwrite_all(int fd, const unsigned char *p, size_t n, uint64_t offset) 
     return 0
 
 
+cdef int _fallocate(int fd, int mode, uint64_t offset, size_t n) noexcept nogil:
+    """0, or the errno of a failed fallocate."""
+    while fallocate(fd, mode, <off_t>offset, <off_t>n) != 0:
+        if errno != EINTR:
+            return errno
+    return 0
+
+
+cdef int _flush_run(int fd, bint pwrite_data, uint64_t kind, unsigned char *out,
+                    const unsigned char *payload, uint64_t first, uint64_t end,
+                    size_t at, size_t block_size) noexcept nogil:
+    """Apply a run of consecutive blocks of one kind to the file: 0, or an errno."""
+    cdef size_t n = (end - first) * block_size
+    cdef uint64_t offset = first * block_size
+    cdef int failed
+    if end <= first:
+        return 0
+    if kind == KIND_ZERO:
+        return _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, n)
+    if pwrite_data:
+        return _pwrite_all(fd, payload + at, n, offset)
+    # Through the mapping: space first, so a full tmpfs is an errno here, not a SIGBUS.
+    failed = _fallocate(fd, 0, offset, n)
+    if not failed:
+        memcpy(out + offset, payload + at, n)
+    return failed
+
+
 def apply_entries(const unsigned char[::1] entries not None, size_t count,
                   const unsigned char[::1] data not None, unsigned char[::1] dst not None,
-                  size_t block_size, int fd=-1):
+                  size_t block_size, int fd=-1, bint pwrite_data=True):
     """Check the entries against dst and data (BatchError, nothing written), then apply in order.
 
-    With fd (the file dst maps, shared), DATA blocks are written with pwrite, a run of
-    consecutive blocks at a time: a fresh tmpfs page filled by write() is neither faulted
-    in nor zeroed first, which halves the destination's cost per page.
+    With fd (the file dst maps, shared), runs of consecutive blocks go to the file a run
+    at a time: ZERO runs become holes (never faulted in, no memory held), DATA runs are
+    written with pwrite (a fresh 4 KiB tmpfs page filled by write() is neither faulted in
+    nor zeroed first) or, with pwrite_data false (huge-page tmpfs, where a partial write
+    zeroes the rest of its 2 MiB page every time), allocated and copied through dst.
     """
     _fmt.block_shift(block_size)
     _, _, ndata, _ = _check(entries, count, dst.shape[0] // block_size)
@@ -555,7 +593,7 @@ def apply_entries(const unsigned char[::1] entries not None, size_t count,
     cdef size_t pos = 0, taken = 0, entry
     cdef uint64_t word, kind, i, j
     cdef unsigned char *block
-    cdef uint64_t run_first = 0, run_end = 0
+    cdef uint64_t run_kind = KIND_DATA, run_first = 0, run_end = 0
     cdef size_t run_at = 0
     cdef int failed = 0
     with nogil:
@@ -565,27 +603,26 @@ def apply_entries(const unsigned char[::1] entries not None, size_t count,
             kind = word >> KIND_SHIFT
             i = word & INDEX_MASK
             block = out + i * block_size
-            if fd >= 0 and kind == KIND_DATA:
-                if run_end > run_first and i == run_end:
+            if fd >= 0 and kind != KIND_COPY:
+                if run_end > run_first and kind == run_kind and i == run_end:
                     run_end += 1
                 else:
-                    if run_end > run_first:
-                        failed = _pwrite_all(fd, payload + run_at,
-                                             (run_end - run_first) * block_size,
-                                             run_first * block_size)
-                        if failed:
-                            break
-                    run_first, run_end, run_at = i, i + 1, taken
-                taken += block_size
+                    failed = _flush_run(fd, pwrite_data, run_kind, out, payload, run_first,
+                                        run_end, run_at, block_size)
+                    if failed:
+                        break
+                    run_kind, run_first, run_end, run_at = kind, i, i + 1, taken
+                if kind == KIND_DATA:
+                    taken += block_size
                 continue
-            if run_end > run_first:   # a COPY may read what the run writes: in order
-                failed = _pwrite_all(fd, payload + run_at, (run_end - run_first) * block_size,
-                                     run_first * block_size)
-                run_first = run_end = 0
-                if failed:
-                    break
+            # A COPY may read what the pending run writes: entries apply in order.
+            failed = _flush_run(fd, pwrite_data, run_kind, out, payload, run_first, run_end,
+                                run_at, block_size)
+            run_first = run_end = 0
+            if failed:
+                break
             if kind == KIND_ZERO:
-                if not fcodec_is_zero(block, block_size):  # keep unwritten tmpfs pages unallocated
+                if not fcodec_is_zero(block, block_size):  # untouched private memory stays so
                     memset(block, 0, block_size)
             elif kind == KIND_COPY:
                 j = fcodec_load_le64(w + pos * WORD_SIZE)
@@ -594,8 +631,8 @@ def apply_entries(const unsigned char[::1] entries not None, size_t count,
             else:
                 memcpy(block, payload + taken, block_size)
                 taken += block_size
-        if not failed and run_end > run_first:
-            failed = _pwrite_all(fd, payload + run_at, (run_end - run_first) * block_size,
-                                 run_first * block_size)
+        if not failed:
+            failed = _flush_run(fd, pwrite_data, run_kind, out, payload, run_first, run_end,
+                                run_at, block_size)
     if failed:
         raise OSError(failed, f"writing pages into the RAM file: {strerror(failed).decode()}")

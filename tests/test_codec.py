@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import mmap
+import os
 import random
 import struct
 from array import array
@@ -671,6 +672,37 @@ def test_apply_checks_again_and_writes_nothing(backend):
         codec.apply_batch(decoded, bytearray(BS))
     with pytest.raises(ValueError):
         codec.apply_batch(decoded, bytes(dst))
+
+
+@pytest.mark.parametrize("pwrite_data", [True, False], ids=["pwrite", "mapped"])
+def test_apply_through_the_file_punches_zero_runs(backend, pwrite_data):
+    """Into a shared file mapping with its fd: the result is what a plain buffer gets, and
+    blocks that became zero are holes again (no memory held for them)."""
+    bs, nblocks = 4096, 64
+    rng = random.Random(8)
+    guest = bytearray(nblocks * bs)
+    for k in range(32):
+        guest[k * bs:(k + 1) * bs] = rng.randbytes(bs)
+    encoder = codec.BatchEncoder(guest, bs, fresh_sent(nblocks, bs))
+    first, _ = encoder.encode(array("Q", range(nblocks)))
+    guest[:16 * bs] = bytes(16 * bs)                       # a ZERO run over held blocks
+    for k in range(40, 48):                                # a DATA run into holes
+        guest[k * bs:(k + 1) * bs] = rng.randbytes(bs)
+    guest[50 * bs:51 * bs] = guest[20 * bs:21 * bs]        # a COPY of a held block
+    second, _ = encoder.encode(array("Q", range(nblocks)))
+    assert second.entry_count == 16 + 8 + 1
+    fd = os.memfd_create("ferry-test-ram")
+    try:
+        os.ftruncate(fd, nblocks * bs)
+        with mmap.mmap(fd, nblocks * bs) as ram:
+            for batch in (first, second):
+                codec.decode_and_apply(bytes(batch.payload), ram, nblocks, bs, fd,
+                                       pwrite_data=pwrite_data)
+            # before anything reads the holes (a read through a mapping fills one in)
+            assert os.fstat(fd).st_blocks * 512 == (16 + 8 + 1) * bs
+            assert ram[:] == guest
+    finally:
+        os.close(fd)
 
 
 # ---- stored blocks ----------------------------------------------------------------------

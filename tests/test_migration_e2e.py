@@ -120,6 +120,54 @@ def test_live_migration_moves_a_running_guest(agents: AgentPair, start_guest,
     assert held <= crossed + 8 * MIB, f"{held} bytes allocated for {crossed} sent"
 
 
+@pytest.fixture
+def huge_tmpfs() -> Iterator[Path]:
+    """A tmpfs mounted with huge=within_size, unmounted after (root only)."""
+    point = Path(tempfile.mkdtemp(prefix="fy-huge-"))
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "huge=within_size,size=1g",
+                              "tmpfs", str(point)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        point.rmdir()
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield point
+    finally:
+        subprocess.run(["umount", "-l", str(point)], check=False)
+        point.rmdir()
+
+
+def shmem_huge_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("ShmemHugePages:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def test_destination_ram_on_a_huge_page_tmpfs(huge_tmpfs: Path, start_guest) -> None:
+    """A destination whose ram_dir is a huge-page tmpfs copies pages in through its mapping
+    (allocated first, so a full tmpfs is an error, never a SIGBUS); the guest checks them."""
+    root = Path(tempfile.mkdtemp(prefix="fy-"))
+    pair = AgentPair.create(root, allow=(default_cache_dir(),))
+    try:
+        pair.b.use_ram_dir(huge_tmpfs)
+        pair.start()
+        guest = boot(start_guest)
+        before = shmem_huge_bytes()
+        rc, report, stderr = pair.migrate("--qmp", str(guest.qmp_path))
+        assert rc == 0, f"{report}\n{stderr}\n{pair.logs()}"
+        record = pair.b.vm_record("mig")
+        assert Path(record.ram_path).parent == huge_tmpfs
+        first, now = two_more_passes(record.ram_path)
+        assert now.errors == 0, f"guest found {now.errors} bad pages, first {now.first_error_page}"
+        assert now.heartbeat > first.heartbeat
+        assert "RAM file on a huge-page tmpfs" in pair.logs()
+        # The 64 MiB of content went in as 2 MiB pages, not as 4 KiB ones.
+        assert shmem_huge_bytes() - before >= 32 * MIB
+    finally:
+        pair.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def test_unknown_peer_is_refused_before_anything_starts(agents, start_guest) -> None:
     guest = boot(start_guest)
     rc, report, stderr = agents.migrate("--qmp", str(guest.qmp_path), peer="nosuchhost")

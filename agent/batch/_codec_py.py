@@ -6,6 +6,8 @@ the tests compare the two on generated inputs. agent.batch.codec builds the publ
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import struct
 from typing import TYPE_CHECKING
@@ -283,12 +285,15 @@ def check_entries(entries: ReadableBuffer, count: int, nblocks: int
 
 
 def apply_entries(entries: ReadableBuffer, count: int, data: ReadableBuffer,
-                  dst: WriteableBuffer, block_size: int, fd: int = -1) -> None:
+                  dst: WriteableBuffer, block_size: int, fd: int = -1,
+                  pwrite_data: bool = True) -> None:
     """Check the entries against dst and data (BatchError, nothing written), then apply in order.
 
-    With fd (the file dst maps, shared), DATA blocks are written with pwrite, a run of
-    consecutive blocks at a time: a fresh tmpfs page filled by write() is neither faulted
-    in nor zeroed first, which halves the destination's cost per page.
+    With fd (the file dst maps, shared), runs of consecutive blocks go to the file a run
+    at a time: ZERO runs become holes (never faulted in, no memory held), DATA runs are
+    written with pwrite (a fresh 4 KiB tmpfs page filled by write() is neither faulted in
+    nor zeroed first) or, with pwrite_data false (huge-page tmpfs, where a partial write
+    zeroes the rest of its 2 MiB page every time), allocated and copied through dst.
     """
     block_shift(block_size)
     with memoryview(dst) as raw_dst, memoryview(data) as raw_data, \
@@ -302,13 +307,19 @@ def apply_entries(entries: ReadableBuffer, count: int, data: ReadableBuffer,
         words = struct.unpack(f"<{raw_entries.nbytes // WORD_SIZE}Q", raw_entries.cast("B"))
         zero_block = bytes(block_size)
         pos = taken = 0
-        run_first = run_end = run_at = 0   # pending DATA run: blocks, and where in payload
+        run_kind, run_first, run_end, run_at = EntryKind.DATA, 0, 0, 0  # the pending run
 
         def flush() -> None:
             nonlocal run_first, run_end
             if run_end > run_first:
-                _pwrite_all(fd, payload[run_at:run_at + (run_end - run_first) * block_size],
-                            run_first * block_size)
+                offset, n = run_first * block_size, (run_end - run_first) * block_size
+                if run_kind == EntryKind.ZERO:
+                    _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, n)
+                elif pwrite_data:
+                    _pwrite_all(fd, payload[run_at:run_at + n], offset)
+                else:   # space first: a full tmpfs is an OSError here, not a SIGBUS
+                    _fallocate(fd, 0, offset, n)
+                    out[offset:offset + n] = payload[run_at:run_at + n]
             run_first = run_end = 0
 
         for _ in range(count):
@@ -316,17 +327,18 @@ def apply_entries(entries: ReadableBuffer, count: int, data: ReadableBuffer,
             pos += 1
             kind, i = word >> KIND_SHIFT, word & INDEX_MASK
             block = slice(i * block_size, (i + 1) * block_size)
-            if fd >= 0 and kind == EntryKind.DATA:
-                if run_end <= run_first or i != run_end:
+            if fd >= 0 and kind != EntryKind.COPY:
+                if run_end <= run_first or kind != run_kind or i != run_end:
                     flush()
-                    run_first, run_end, run_at = i, i + 1, taken
+                    run_kind, run_first, run_end, run_at = kind, i, i + 1, taken
                 else:
                     run_end += 1
-                taken += block_size
+                if kind == EntryKind.DATA:
+                    taken += block_size
                 continue
             flush()   # a COPY may read what the run writes; entries apply in order
             if kind == EntryKind.ZERO:
-                if out[block] != zero_block:  # leave never-written tmpfs pages unallocated
+                if out[block] != zero_block:  # untouched private memory stays so
                     out[block] = zero_block
             elif kind == EntryKind.COPY:
                 j = words[pos]
@@ -342,6 +354,20 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while data.nbytes:
         written = os.pwrite(fd, data, offset)
         data, offset = data[written:], offset + written
+
+
+# <linux/falloc.h>; os has posix_fallocate but no way to punch a hole.
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    while _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        if err != errno.EINTR:
+            raise OSError(err, f"writing pages into the RAM file: {os.strerror(err)}")
 
 
 def _sampling(block_size: int) -> tuple[int, int, int]:

@@ -375,12 +375,14 @@ def _unpack(entries: memoryview, entry_count: int, payload: memoryview, raw_len:
                                             payload[frame_len:], block_size))
 
 
-def apply_batch(decoded: DecodedBatch, dst: WriteableBuffer, fd: int = -1) -> None:
+def apply_batch(decoded: DecodedBatch, dst: WriteableBuffer, fd: int = -1, *,
+                pwrite_data: bool = True) -> None:
     """Write a decoded batch into dst (the destination's RAM mmap, say), entries in order.
 
     The entries are checked again against dst first, so nothing is written unless all of
-    the batch can be. fd, the file dst maps (shared), takes DATA blocks by pwrite: cheaper
-    than faulting fresh pages in through the mapping.
+    the batch can be. fd, the file dst maps (shared), takes runs of blocks: ZERO runs as
+    holes, DATA runs by pwrite (cheaper than faulting fresh 4 KiB pages in through the
+    mapping) or, with pwrite_data false (huge-page tmpfs), allocated, then copied.
     """
     with memoryview(dst) as view:
         if view.readonly:
@@ -391,15 +393,15 @@ def apply_batch(decoded: DecodedBatch, dst: WriteableBuffer, fd: int = -1) -> No
         target = view.cast("B")
         try:
             _backend.apply_entries(decoded.entries, decoded.entry_count, decoded.data, target,
-                                   decoded.block_size, fd)
+                                   decoded.block_size, fd, pwrite_data)
         finally:
             target.release()
 
 
 def decode_and_apply(batch: ReadableBuffer, dst: WriteableBuffer, nblocks: int,
-                     block_size: int, fd: int = -1) -> int:
-    """Check a whole batch, then write it into dst (DATA by pwrite to fd, when given);
+                     block_size: int, fd: int = -1, *, pwrite_data: bool = True) -> int:
+    """Check a whole batch, then write it into dst (through fd, when given: apply_batch);
     the number of entries applied."""
     decoded = decode_batch(batch, nblocks, block_size)
-    apply_batch(decoded, dst, fd)
+    apply_batch(decoded, dst, fd, pwrite_data=pwrite_data)
     return decoded.entry_count

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent import ramdir
 from agent.batch import codec
 from agent.errors import (
     FerryError,
@@ -75,6 +76,7 @@ class IncomingVm:
     qmp: qmp_mod.Qmp | None = None
     ram_fd: int = -1
     ram: mmap.mmap | None = None
+    ram_huge: bool = False   # the RAM file is on a huge-page tmpfs: pages go in mapped
     storage: StorageSink | None = None
     nics: attach.NicAttachment | None = None
     created_vm_dir: bool = False
@@ -230,6 +232,10 @@ class DestinationJob:
         os.ftruncate(incoming.ram_fd, spec.ram_size)
         incoming.ram = mmap.mmap(incoming.ram_fd, spec.ram_size, mmap.MAP_SHARED,
                                  mmap.PROT_READ | mmap.PROT_WRITE)
+        incoming.ram_huge = ramdir.huge_pages(paths.ram_path)
+        if incoming.ram_huge:   # huge=advise asks for it; the other modes don't mind
+            incoming.ram.madvise(mmap.MADV_HUGEPAGE)
+            log.info("%s: RAM file on a huge-page tmpfs (%s)", self.label, self.config.ram_dir)
         launch = vm.LaunchSpec(name=spec.name, ram_size=spec.ram_size, ram_path=paths.ram_path,
                                qmp_path=paths.qmp_path, serial_path=paths.serial_log,
                                pidfile=paths.pidfile, log_path=paths.qemu_log)
@@ -571,7 +577,7 @@ def apply_pages(incoming: IncomingVm, payload: bytes | memoryview) -> int:
     assert incoming.ram is not None
     try:
         return codec.decode_and_apply(payload, incoming.ram, incoming.spec.npages, PAGE_SIZE,
-                                      incoming.ram_fd)
+                                      incoming.ram_fd, pwrite_data=not incoming.ram_huge)
     except OSError as exc:
         raise LocalError(f"the destination's RAM file {incoming.paths.ram_path}: "
                          f"{exc.strerror or exc}") from exc

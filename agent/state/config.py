@@ -222,7 +222,7 @@ class AgentConfig:
     qemu_binary: str = setting(Text(), "QEMU binary, a name on PATH or a path (`--qemu`)",
                                DEFAULT_QEMU)
     ram_dir: Path = setting(AbsPath(), "where incoming VMs' RAM files go; must be tmpfs "
-                            "(`--ram-dir`)", DEFAULT_RAM_DIR)
+                            "(mounted with `huge=`: 2 MiB pages) (`--ram-dir`)", DEFAULT_RAM_DIR)
     control_group: int | None = setting(
         Group(), "group of the control socket (mode 0660) and of the home (0710, so its "
         "members reach the socket); without `[access]` its members are operators", None)
