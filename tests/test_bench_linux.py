@@ -215,6 +215,24 @@ def test_verdicts_judge_ratios_against_the_right_baselines() -> None:
     assert not linux.results_json(rows, {})["targets_met"]
 
 
+def test_repeated_runs_are_judged_by_each_kinds_median() -> None:
+    """With --repeat, one slow run of either side moves no verdict: medians per row kind."""
+    runs = [(5400, 3300, 3200), (2900, 3100, 3500), (3200, 3000, 3100)]
+    rows = []
+    for run, (ferry, plain, xbzrle) in enumerate(runs, 1):
+        for r in (row(LOOP, "ferry-default", ferry, 50, 10),
+                  row(LOOP, "qemu-plain", plain, 60, 10),
+                  row(LOOP, "qemu-xbzrle", xbzrle, 20, 10)):
+            r["run"] = run
+            rows.append(r)
+    found = {v["target"]: v for v in linux.verdicts(rows) if v["scenario"] == LOOP.name}
+    total = found["total"]
+    assert (total["ferry"], total["qemu"], total["runs"]) == (3200, 3100, 3)
+    assert not total["met"] and total["ratio"] == round(3200 / 3100, 3)
+    table = linux.markdown(rows, {"load_before": [0.0]})
+    assert "| ferry default (run 3) |" in table and "(medians of 3 runs)" in table
+
+
 def test_a_failed_row_fails_its_targets_and_says_why() -> None:
     rows = [linux.make_row(SCENARIO, "ferry-default", error="ferry migrate: boom"),
             row(SCENARIO, "qemu-plain", 10000, 300, 1000)]
