@@ -66,7 +66,53 @@ def test_pages_that_cannot_be_written_name_the_ram_file(tmp_path: Path) -> None:
         incoming = IncomingVm(spec=SimpleNamespace(npages=npages),  # type: ignore[arg-type]
                               paths=SimpleNamespace(ram_path=ram_path),  # type: ignore[arg-type]
                               ram_fd=fd, ram=bytearray(npages * PAGE_SIZE))  # type: ignore[arg-type]
-        with pytest.raises(LocalError, match=rf"RAM file {ram_path}: writing pages into"):
+        with pytest.raises(LocalError, match=rf"RAM file {ram_path}: Bad file descriptor$"):
             apply_pages(incoming, bytes(batch.payload))
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path: Path):
+    """A 1 MiB tmpfs (root only), unmounted after."""
+    import subprocess
+    point = tmp_path / "tiny"
+    point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield point
+    finally:
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+@pytest.mark.parametrize("huge", [False, True], ids=["pwrite", "mapped"])
+def test_a_full_tmpfs_is_an_error_naming_the_file_not_a_crash(tiny_tmpfs: Path,
+                                                               huge: bool) -> None:
+    """More pages than the tmpfs holds: written by pwrite or copied in through the mapping
+    (a huge-page ram_dir), the batch fails with ENOSPC naming the file, never a SIGBUS."""
+    import mmap
+    import random
+    npages = 512                                    # 2 MiB into a 1 MiB tmpfs
+    rng = random.Random(3)
+    guest = rng.randbytes(npages * PAGE_SIZE)
+    sent = bytearray(codec.zero_block_hash(PAGE_SIZE) * npages)
+    encoder = codec.BatchEncoder(guest, PAGE_SIZE, sent, compress_level=None)
+    ram_path = tiny_tmpfs / "vm.ram"
+    fd = os.open(ram_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, npages * PAGE_SIZE)
+        with mmap.mmap(fd, npages * PAGE_SIZE) as ram:
+            incoming = IncomingVm(spec=SimpleNamespace(npages=npages),  # type: ignore[arg-type]
+                                  paths=SimpleNamespace(ram_path=ram_path),  # type: ignore[arg-type]
+                                  ram_fd=fd, ram=ram, ram_huge=huge)
+            with pytest.raises(LocalError,
+                               match=rf"RAM file {ram_path}: No space left on device$"):
+                position = 0
+                while position < npages:
+                    batch, position = encoder.encode(array.array("Q", range(npages)), position)
+                    apply_pages(incoming, bytes(batch.payload))
     finally:
         os.close(fd)

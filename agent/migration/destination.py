@@ -579,5 +579,6 @@ def apply_pages(incoming: IncomingVm, payload: bytes | memoryview) -> int:
         return codec.decode_and_apply(payload, incoming.ram, incoming.spec.npages, PAGE_SIZE,
                                       incoming.ram_fd, pwrite_data=not incoming.ram_huge)
     except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
         raise LocalError(f"the destination's RAM file {incoming.paths.ram_path}: "
-                         f"{exc.strerror or exc}") from exc
+                         f"{reason}") from exc
