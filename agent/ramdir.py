@@ -9,11 +9,13 @@ fresh 4 KiB page is the cheaper way (see agent.batch.codec.apply_batch).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 MOUNTINFO = Path("/proc/self/mountinfo")
 HUGE_MODES = frozenset({"always", "within_size", "advise"})
+_OCTAL = re.compile(r"\\([0-7]{3})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,8 +35,8 @@ class Mount:
 
 
 def _unescape(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as \\ooo."""
-    return field.encode().decode("unicode_escape") if "\\" in field else field
+    """mountinfo writes space, tab, newline and backslash as \\ooo (octal)."""
+    return _OCTAL.sub(lambda m: chr(int(m[1], 8)), field)
 
 
 def mount_of(path: Path, mountinfo: str | None = None) -> Mount | None:
@@ -51,7 +53,7 @@ def mount_of(path: Path, mountinfo: str | None = None) -> Mount | None:
         if "-" not in fields:
             continue
         dash = fields.index("-")
-        if len(fields) < dash + 4 or len(fields) < 5:
+        if dash < 5 or len(fields) < dash + 4:   # mount point first, then fs, source, options
             continue
         point = _unescape(fields[4])
         inside = target == point or target.startswith(point.rstrip("/") + "/")

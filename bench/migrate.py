@@ -979,8 +979,9 @@ def ferry_row(case: Case, note: Callable[[str], None], rate: str | None = None,
                 wire_bytes=wire if wire is not None else report.get("wire_bytes"),
                 ok=check.pop("guest_ok"), cpu=cpu, source_ram=ram,
                 ferry_args=" ".join(ferry_args),
-                dest_ram=(None if dest_ram_dir is None
-                          else f"{dest_ram_dir}{' (huge pages)' * huge_pages(dest_ram_dir)}"),
+                dest_ram=None if dest_ram_dir is None else (
+                    f"{dest_ram_dir} (huge pages)" if huge_pages(dest_ram_dir)
+                    else str(dest_ram_dir)),
                 wire_bytes_from=net.wire_from if wire is not None else "ferry report",
                 ferry_wire_bytes=report.get("wire_bytes"), rounds=report.get("rounds"),
                 compression_ratio=report.get("compression_ratio"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -93,3 +94,26 @@ def start_guest(vm_dir: Path) -> Iterator[Callable[..., RunningGuest]]:
 def guest(start_guest: Callable[..., RunningGuest]) -> RunningGuest:
     """One running test guest with the default config (64 MiB, 256 pages at 2000 pages/s)."""
     return start_guest()
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """Factory mounting a tmpfs with the given `-o` options in a fresh directory (root
+    only: the test is skipped where mount is refused); all unmounted at teardown."""
+    points: list[Path] = []
+
+    def mount(options: str) -> Path:
+        point = tmp_path / f"tmpfs{len(points)}"
+        point.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)],
+                              capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        points.append(point)
+        return point
+
+    try:
+        yield mount
+    finally:
+        for point in reversed(points):
+            subprocess.run(["umount", "-l", str(point)], check=False)

@@ -72,25 +72,8 @@ def test_pages_that_cannot_be_written_name_the_ram_file(tmp_path: Path) -> None:
         os.close(fd)
 
 
-@pytest.fixture
-def tiny_tmpfs(tmp_path: Path):
-    """A 1 MiB tmpfs (root only), unmounted after."""
-    import subprocess
-    point = tmp_path / "tiny"
-    point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(point)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield point
-    finally:
-        subprocess.run(["umount", "-l", str(point)], check=False)
-
-
 @pytest.mark.parametrize("huge", [False, True], ids=["pwrite", "mapped"])
-def test_a_full_tmpfs_is_an_error_naming_the_file_not_a_crash(tiny_tmpfs: Path,
-                                                               huge: bool) -> None:
+def test_a_full_tmpfs_is_an_error_naming_the_file_not_a_crash(mount_tmpfs, huge: bool) -> None:
     """More pages than the tmpfs holds: written by pwrite or copied in through the mapping
     (a huge-page ram_dir), the batch fails with ENOSPC naming the file, never a SIGBUS."""
     import mmap
@@ -100,7 +83,7 @@ def test_a_full_tmpfs_is_an_error_naming_the_file_not_a_crash(tiny_tmpfs: Path,
     guest = rng.randbytes(npages * PAGE_SIZE)
     sent = bytearray(codec.zero_block_hash(PAGE_SIZE) * npages)
     encoder = codec.BatchEncoder(guest, PAGE_SIZE, sent, compress_level=None)
-    ram_path = tiny_tmpfs / "vm.ram"
+    ram_path = mount_tmpfs("size=1m") / "vm.ram"
     fd = os.open(ram_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.ftruncate(fd, npages * PAGE_SIZE)

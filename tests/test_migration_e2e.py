@@ -7,6 +7,7 @@ shows up in its error count), and tests read its mailbox straight from the RAM f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -37,18 +38,27 @@ PAD = TCG_RAM_PADDING
 PAGE = 4096
 
 
-@pytest.fixture
-def agents() -> Iterator[AgentPair]:
-    """Agents a (source) and b (destination) on loopback, trusting each other."""
+@contextlib.contextmanager
+def running_pair(dest_ram_dir: Path | None = None) -> Iterator[AgentPair]:
+    """Agents a (source) and b (destination) on loopback, trusting each other; b keeps
+    RAM files in dest_ram_dir when given."""
     # Short root: unix socket paths under it must fit in 108 bytes.
     root = Path(tempfile.mkdtemp(prefix="fy-"))
     pair = AgentPair.create(root, allow=(default_cache_dir(),))
     try:
+        if dest_ram_dir is not None:
+            pair.b.use_ram_dir(dest_ram_dir)
         pair.start()
         yield pair
     finally:
         pair.cleanup()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def agents() -> Iterator[AgentPair]:
+    with running_pair() as pair:
+        yield pair
 
 
 def boot(start_guest: Callable[..., RunningGuest], **config: int) -> RunningGuest:
@@ -120,22 +130,6 @@ def test_live_migration_moves_a_running_guest(agents: AgentPair, start_guest,
     assert held <= crossed + 8 * MIB, f"{held} bytes allocated for {crossed} sent"
 
 
-@pytest.fixture
-def huge_tmpfs() -> Iterator[Path]:
-    """A tmpfs mounted with huge=within_size, unmounted after (root only)."""
-    point = Path(tempfile.mkdtemp(prefix="fy-huge-"))
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "huge=within_size,size=1g",
-                              "tmpfs", str(point)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        point.rmdir()
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield point
-    finally:
-        subprocess.run(["umount", "-l", str(point)], check=False)
-        point.rmdir()
-
-
 def shmem_huge_bytes() -> int:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("ShmemHugePages:"):
@@ -143,14 +137,11 @@ def shmem_huge_bytes() -> int:
     return 0
 
 
-def test_destination_ram_on_a_huge_page_tmpfs(huge_tmpfs: Path, start_guest) -> None:
+def test_destination_ram_on_a_huge_page_tmpfs(mount_tmpfs, start_guest) -> None:
     """A destination whose ram_dir is a huge-page tmpfs copies pages in through its mapping
     (allocated first, so a full tmpfs is an error, never a SIGBUS); the guest checks them."""
-    root = Path(tempfile.mkdtemp(prefix="fy-"))
-    pair = AgentPair.create(root, allow=(default_cache_dir(),))
-    try:
-        pair.b.use_ram_dir(huge_tmpfs)
-        pair.start()
+    huge_tmpfs = mount_tmpfs("huge=within_size,size=1g")
+    with running_pair(dest_ram_dir=huge_tmpfs) as pair:
         guest = boot(start_guest)
         before = shmem_huge_bytes()
         rc, report, stderr = pair.migrate("--qmp", str(guest.qmp_path))
@@ -163,9 +154,6 @@ def test_destination_ram_on_a_huge_page_tmpfs(huge_tmpfs: Path, start_guest) -> 
         assert "RAM file on a huge-page tmpfs" in pair.logs()
         # The 64 MiB of content went in as 2 MiB pages, not as 4 KiB ones.
         assert shmem_huge_bytes() - before >= 32 * MIB
-    finally:
-        pair.cleanup()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_unknown_peer_is_refused_before_anything_starts(agents, start_guest) -> None:

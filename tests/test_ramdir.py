@@ -13,6 +13,7 @@ MOUNTINFO = """\
 41 26 0:41 / /dev/shm/big rw,relatime - tmpfs tmpfs rw,huge=advise
 42 26 0:42 / /dev/shm/never rw,relatime - tmpfs tmpfs rw,huge=never
 43 22 0:43 / /mnt/hugefs rw,relatime - hugetlbfs none rw,pagesize=2M
+44 22 0:44 / /srv/mémoire\\040vive rw,relatime - tmpfs tmpfs rw,huge=always
 """
 
 
@@ -33,6 +34,7 @@ def test_huge_pages_only_on_a_tmpfs_mounted_with_them():
     assert mount("/run/ferry ram/a").huge_pages      # \\040 in mountinfo is a space
     assert not mount("/dev/shm/never/a").huge_pages
     assert not mount("/mnt/hugefs/a").huge_pages     # hugetlbfs: not a tmpfs
+    assert mount("/srv/mémoire vive/a").huge_pages   # a non-ASCII name beside an escape
 
 
 def test_this_hosts_dev_shm_reads():
