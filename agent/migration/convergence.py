@@ -36,13 +36,28 @@ FULL_QUEUE_WAIT_S = 0.002
 MAX_SETTLE_BYTES = 16 << 20
 EXPLOIT_WINDOWS = 6
 MAX_BACKOFF = 16
-# Compress only when it wins by this much: a tie costs CPU the guest could use.
+# zstd is tried only where plain's sends wait on the link (LINK_BOUND_SHARE), and there it
+# is kept unless it moves pages slower by this much: a tie puts fewer bytes through the
+# link that is the bottleneck, which the later rounds and the pause then have to
+# themselves. On 1 Gbit/s here windows of the two tied at 115-160 MB/s of pages (single
+# windows vary by a fifth), and zstd kept on finished a 1 GiB Linux guest in 6.25-7.27 s,
+# auto with ties to plain in 6.71-8.94.
 COMPRESS_GAIN = 1.1
 # A plain window whose sends waited on the link for less than this share of its time was
 # not held back by the link: zstd cannot win it, so it is not tried (a probe costs CPU).
 LINK_BOUND_SHARE = 0.3
-# The first windows' verdicts kept for the report: (zstd or not, page MB/s, link share).
+# The first windows' verdicts kept for the report: (zstd or not, page MB/s, link share,
+# zstd level or None).
 MAX_WINDOWS_KEPT = 64
+# auto's zstd levels: FAST_LEVEL while zstd's own sends hardly wait on the link (the CPU
+# sets the pace: on 1 Gbit/s here level 1 moved 92-130 MB/s of pages with its sends waiting
+# 11-28% of the time, and fixed -3 finished a 1 GiB Linux guest in 6.38-6.80 s against
+# 6.95-7.12 at level 1), RATIO_LEVEL once they wait at least RATIO_SHARE of the time (the
+# link does: fewer bytes per page win there, level 1 packs the test guest's pages to 350
+# MiB where -3 takes 470).
+FAST_LEVEL = -3
+RATIO_LEVEL = 1
+RATIO_SHARE = 0.7
 # Windows of zstd kept on in a row without a probe while the link holds the sends back:
 # content and load change, so plain is measured again now and then. A zstd verdict holds
 # FIRST_HELD; each challenge by plain that it wins doubles that, up to MAX_HELD.
@@ -95,7 +110,8 @@ class Compression(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class CompressSetting:
-    """--compress: off, zstd:N, or auto (zstd:1 whenever it pays)."""
+    """--compress: off, zstd:N, or auto (zstd whenever it pays, at FAST_LEVEL or
+    RATIO_LEVEL as the link holds its sends back)."""
 
     mode: Compression
     level: int | None
@@ -105,7 +121,7 @@ class CompressSetting:
         if text == "off":
             return cls(Compression.OFF, None)
         if text == "auto":
-            return cls(Compression.AUTO, 1)
+            return cls(Compression.AUTO, FAST_LEVEL)
         if text.startswith("zstd:"):
             try:
                 level = int(text[5:])
@@ -127,9 +143,12 @@ class CompressionPolicy:
     runs: it takes a window of PROBE_BYTES of page data without zstd and one with (each
     after SETTLE_BYTES that are not timed, plain's also not before a send waited on full
     queues, up to MAX_SETTLE_BYTES), keeps the faster (page bytes per second of
-    wall time; zstd must win by COMPRESS_GAIN) for EXPLOIT_WINDOWS windows (twice as many
-    after each probe zstd lost by moving pages slower, up to MAX_BACKOFF times; a tie
-    keeps the count), then tries both again, since links, load and content change.
+    wall time, leaving out the time QEMU sent nothing with everything sent; a tie within
+    COMPRESS_GAIN goes to zstd, which puts fewer bytes through the link that held plain
+    back) for EXPLOIT_WINDOWS windows (twice as many after each probe zstd lost, up to
+    MAX_BACKOFF times), then tries both again, since links, load and content change.
+    zstd runs at FAST_LEVEL while the CPU sets its pace and at RATIO_LEVEL while the link
+    holds its own sends back (RATIO_SHARE of a window's time).
     On a link faster than the CPU zstd only slows the agent down and loses; on a slow
     link each page costs fewer wire bytes and it wins. The zstd window is skipped when
     the plain one's sends hardly waited on the link (`waited`, under LINK_BOUND_SHARE of
@@ -141,7 +160,8 @@ class CompressionPolicy:
     through a link that is already the bottleneck can only be slower. But a busy
     receiver holds sends back as a link does, and either probe can be timed off (zstd's
     while it drains what plain queued): a zstd verdict whose windows together moved pages
-    slower than plain's probe (after EXPLOIT_WINDOWS of them) ends as a lost probe would.
+    slower than plain's probe by the margin (after EXPLOIT_WINDOWS of them) ends as a lost
+    probe would.
     On loopback here one such probe kept zstd for a whole migration: 3.3-3.5 s against
     2.1-2.6 s with plain pages. When a zstd verdict runs out, one plain window challenges
     it against the rate of all its windows, not against one fresh zstd window. A zstd probe
@@ -171,6 +191,8 @@ class CompressionPolicy:
         self._window_wire = 0                   # of the window's batches, on the wire
         self._window_start: float | None = None
         self._window_waited = 0.0
+        self._window_starved = 0.0              # of it with nothing from QEMU to send
+        self._level = setting.level             # auto: the zstd level of the next batch
         self.link_share: float | None = None    # of the last plain probe window
         self.skipped_probes = 0
         self.held_windows = 0                   # zstd windows kept on without a probe
@@ -182,13 +204,26 @@ class CompressionPolicy:
         self._incumbent: float | None = None    # zstd's verdict rate, while plain challenges
         self.demotions = 0                      # zstd verdicts ended as slower than plain
         self.inconclusive_probes = 0            # zstd probes that met incompressible pages
-        self.windows: list[tuple[bool, float, float]] = []  # (zstd, MB/s, link share)
+        self.windows: list[tuple[bool, float, float, int | None]] = []  # (zstd, MB/s, share, level)
 
     def waited(self, seconds: float) -> None:
         """A send waited this long for the link to take its bytes (back-pressure)."""
         self._window_waited += seconds
         if seconds >= FULL_QUEUE_WAIT_S:
             self._queues_full = True
+
+    def starved(self, seconds: float) -> None:
+        """Everything was sent and QEMU's stream gave nothing for this long (its dirty-log
+        sync between iterations, say). Windows leave that time out: it says nothing of
+        either mode, and timed in, it ended zstd verdicts on 1 Gbit/s at an iteration's
+        end (windows of 37-45 MB/s with sends waiting 3-7% of the time, then plain for the
+        rest of the migration: 6.9-8.8 s where zstd throughout took 6.4-6.8)."""
+        self._window_starved += seconds
+
+    @property
+    def level(self) -> int | None:
+        """The zstd level a batch compressed now gets (None: never compressed)."""
+        return self._level
 
     def seen(self) -> dict[str, object]:
         """What the decisions rest on, for the report (page bytes per second, ratio)."""
@@ -199,7 +234,7 @@ class CompressionPolicy:
                 "inconclusive_probes": self.inconclusive_probes, "demotions": self.demotions,
                 "final_round": (None if not self.paused
                                 else "zstd" if self.compress_next() else "plain"),
-                "windows": [list(w) for w in self.windows]}
+                "level": self._level, "windows": [list(w) for w in self.windows]}
 
     def compress_next(self) -> bool:
         mode = self.setting.mode
@@ -248,14 +283,18 @@ class CompressionPolicy:
         self._window_wire += wire_data_bytes
         if self._window_bytes < PROBE_BYTES:
             return
-        elapsed = max(now - self._window_start, 1e-6)
+        wall = now - self._window_start
+        elapsed = max(wall - min(self._window_starved, 0.9 * wall), 1e-6)
         rate = self._window_bytes / elapsed
         share = min(self._window_waited / elapsed, 1.0)
+        level = self._level if self._on else None
         saves = self._window_wire * COMPRESS_GAIN < self._window_bytes
         window_bytes = self._window_bytes
         self._restart_window(now)
         if len(self.windows) < MAX_WINDOWS_KEPT:
-            self.windows.append((self._on, round(rate / 1e6, 1), round(share, 2)))
+            self.windows.append((self._on, round(rate / 1e6, 1), round(share, 2), level))
+        if self._on:
+            self._step_level(share)
         plain = self.rates[False]
         if self._probing:
             self._probed(rate, share, saves)
@@ -264,7 +303,7 @@ class CompressionPolicy:
         self._verdict_s += elapsed
         self._verdict_windows += 1
         if (self._on and plain is not None and self._verdict_windows >= EXPLOIT_WINDOWS
-                and self._verdict_bytes < plain * self._verdict_s):
+                and self._verdict_bytes * COMPRESS_GAIN < plain * self._verdict_s):
             # Over its verdict zstd moved pages slower than plain's probe did: its own probe
             # was timed fast (while it drained what plain had queued, on loopback) or the
             # content changed. Count it as a lost probe: plain, probed later.
@@ -290,15 +329,20 @@ class CompressionPolicy:
                 self._probing, self._held = True, 0
                 self._switch(False)
 
-    def _begin_verdict(self, *, won: bool, slower: bool = True) -> None:
-        """A verdict begins: zstd's when it won, plain's otherwise, each for its windows.
-        `slower`: zstd lost by moving pages slower than plain (not by a tie)."""
-        # Each probe that zstd loses costs a slow window: probe half as often then. A tie
-        # cost nothing, and zstd's rate climbs as the CPU frees up (on 1 Gbit/s one tied at
-        # 138 MB/s against 132, and 12 plain windows later won at 172 against 120).
+    def _step_level(self, share: float) -> None:
+        """A zstd window ended: the faster level while the CPU set its pace, the denser one
+        while the link held its sends back."""
+        if share >= RATIO_SHARE:
+            self._level = RATIO_LEVEL
+        elif share < LINK_BOUND_SHARE:
+            self._level = FAST_LEVEL
+
+    def _begin_verdict(self, *, won: bool) -> None:
+        """A verdict begins: zstd's when it won, plain's otherwise, each for its windows."""
+        # Each probe that zstd loses costs a slow window: probe half as often then.
         if won:
             self._backoff = 1
-        elif slower:
+        else:
             self._backoff = min(self._backoff * 2, MAX_BACKOFF)
         if not won:
             self._hold_limit = FIRST_HELD
@@ -319,7 +363,7 @@ class CompressionPolicy:
                 # fresh zstd window would be one more noisy sample (on 1 Gbit/s one timed
                 # 119 MB/s against 136 plain, after 13 that averaged 143).
                 self.rates[True] = incumbent
-                won = incumbent >= rate
+                won = incumbent * COMPRESS_GAIN >= rate
                 if won:   # confirmed again: worth holding longer
                     self._hold_limit = min(self._hold_limit * 2, MAX_HELD)
                 self._switch(won)
@@ -330,7 +374,8 @@ class CompressionPolicy:
                 return
             self.skipped_probes += 1     # the CPU set the pace: plain wins
         plain, packed = self.rates[False], self.rates[True]
-        won = bool(self._on and plain and packed and packed > COMPRESS_GAIN * plain)
+        won = bool(self._on and plain and packed and saves
+                   and packed * COMPRESS_GAIN >= plain)
         if self._on and not won and not saves:
             # zstd met pages it cannot shrink (stored raw): a tie that says nothing of
             # the pages to come. Measure both again after one window, without backoff.
@@ -339,9 +384,8 @@ class CompressionPolicy:
             self._probing, self._left = False, 1
             self._reset_verdict()
             return
-        tie = bool(self._on and plain and packed and packed >= plain)
         self._switch(won)
-        self._begin_verdict(won=won, slower=not tie)
+        self._begin_verdict(won=won)
 
     def _settling(self, raw_bytes: int) -> bool:
         """Whether these page bytes still go by untimed after a switch."""
@@ -355,7 +399,7 @@ class CompressionPolicy:
 
     def _restart_window(self, now: float) -> None:
         self._window_bytes, self._window_wire = 0, 0
-        self._window_start, self._window_waited = now, 0.0
+        self._window_start, self._window_waited, self._window_starved = now, 0.0, 0.0
 
     def _switch(self, on: bool) -> None:
         if on != self._on:

@@ -235,6 +235,7 @@ class SourceJob:
     throttle_pct: int = 0                 # QEMU's auto-converge now, and the most it took
     throttle_max: int = 0
     _compression: CompressionPolicy | None = None
+    _sent_all_at: float = 0.0             # when the last translated chunk was all sent
     _zstd: concurrent.futures.ThreadPoolExecutor | None = None
     _pool: BufferPool = field(default_factory=lambda: BufferPool(BATCH_POOL))
     _disks_final: asyncio.Event = field(default_factory=asyncio.Event)
@@ -550,7 +551,9 @@ class SourceJob:
         sending: asyncio.Task[None] | None = None
         try:
             while True:
+                waiting = time.monotonic()
                 n = await self._receive(loop, conn, parser)
+                self._note_starved(waiting, sending)
                 if n == 0:
                     parser.close()
                     break
@@ -570,6 +573,12 @@ class SourceJob:
                 sending.cancel()
                 with contextlib.suppress(asyncio.CancelledError, FerryError):
                     await sending
+
+    def _note_starved(self, waiting: float, sending: asyncio.Task[None] | None) -> None:
+        """Tell auto compression how long everything was sent while QEMU sent nothing."""
+        if self._compression is not None and (sending is None or sending.done()):
+            idle_from = max(waiting, self._sent_all_at)
+            self._compression.starved(max(0.0, time.monotonic() - idle_from))
 
     @staticmethod
     async def _receive(loop: asyncio.AbstractEventLoop, conn: socket.socket,
@@ -636,7 +645,7 @@ class SourceJob:
                 pages.section is Section.END or self.iterations >= faults.DROP_FROM_ITERATION):
             pages = self._drop_a_page(pages)
         out: list[Outgoing] = []
-        level = self.encoder.compress_level
+        level = self._compression.level
         loop = asyncio.get_running_loop()
         position, total = 0, len(pages)
         while position < total:
@@ -698,6 +707,7 @@ class SourceJob:
                 await self._send(kind, payload)
                 self.counters.forward_bytes += len(payload)
             await self._emit()
+        self._sent_all_at = time.monotonic()
 
     async def _ram_done(self) -> None:
         """RAM's last section is out: the disks' final round must be too before device
