@@ -81,8 +81,15 @@ def two_more_passes(ram_path: str) -> tuple[MailboxState, MailboxState]:
 
 
 def assert_source_intact(guest: RunningGuest) -> None:
-    """The source guest runs, counts on, and found no corrupted page."""
+    """The source guest runs, counts on, and found no corrupted page; QEMU's own migration
+    (started while the destination prepares) is not left running."""
     assert guest.process.returncode is None, "source QEMU is gone"
+
+    async def migration_status() -> str:
+        async with qmp.connect(guest.qmp_path) as q:
+            return str((await q.execute("query-migrate")).get("status", "none"))
+    status = asyncio.run(migration_status())
+    assert status in ("none", "cancelled", "failed"), f"source QEMU's migration is {status}"
     before = guest.mailbox()
     after = guest.wait_until(lambda s: s.heartbeat > before.heartbeat + 50, timeout=10,
                              what="the source guest to keep running")
