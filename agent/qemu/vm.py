@@ -429,6 +429,27 @@ def _listening(path: Path) -> bool:
     return True
 
 
+QEMU_MALLOC_TUNABLES = ("glibc.malloc.trim_threshold=67108864",
+                        "glibc.malloc.mmap_threshold=8388608")
+"""glibc settings for the QEMUs ferry starts. By default glibc gives freed heap back to the
+kernel and maps large blocks afresh, so the bounce buffer QEMU allocates for every NBD
+request (3.5 MiB reads on the source, writes on the destination) was faulted in anew each
+time: on the disk bench the source QEMU spent 0.4 of its 1.0 CPU s per GB clearing fresh
+pages. Kept up to 64 MiB (blocks below 8 MiB from the heap): 0.65-0.68 s. Guest RAM is
+mapped by QEMU itself, not allocated, and is unaffected. A GLIBC_TUNABLES of the agent's
+own that names a tunable wins over ours."""
+
+
+def qemu_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment QEMU runs in: the agent's, with QEMU_MALLOC_TUNABLES added."""
+    env = dict(os.environ if base is None else base)
+    own = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+    named = {t.split("=", 1)[0] for t in own}
+    env["GLIBC_TUNABLES"] = ":".join(
+        own + [t for t in QEMU_MALLOC_TUNABLES if t.split("=", 1)[0] not in named])
+    return env
+
+
 async def launch(spec: LaunchSpec, *, argv: Sequence[str] | None = None,
                  timeout: float = DEFAULT_LAUNCH_TIMEOUT,
                  pass_fds: Sequence[int] = ()) -> QemuProcess:
@@ -448,7 +469,7 @@ async def launch(spec: LaunchSpec, *, argv: Sequence[str] | None = None,
             # Own session: a Ctrl-C meant for the agent must not reach the VM (DESIGN §6).
             popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qemu_log,
                                      stderr=subprocess.STDOUT, start_new_session=True,
-                                     pass_fds=tuple(pass_fds))
+                                     pass_fds=tuple(pass_fds), env=qemu_environment())
         except OSError as exc:
             raise QemuStartError(f"cannot run {spec.qemu_binary}: {exc.strerror}") from exc
     proc = QemuProcess(spec=spec, accel=accel, argv=argv, _popen=popen)
