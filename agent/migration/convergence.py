@@ -347,7 +347,6 @@ class CompressionPolicy:
             self._backoff = 1
         else:
             self._backoff = min(self._backoff * 2, MAX_BACKOFF)
-        if not won:
             self._hold_limit = FIRST_HELD
         self._probing, self._left, self._held = False, EXPLOIT_WINDOWS * self._backoff, 0
         self._reset_verdict()

@@ -374,9 +374,10 @@ class SourceJob:
             raise UserError(f"VM {spec.name} is already migrating (QEMU migration {migration})")
         self._compression = CompressionPolicy(self.options.compress)
         self._sent_hashes = bytearray(codec.zero_block_hash(PAGE_SIZE) * spec.npages)
+        # The encoder never compresses: batches are packed in the zstd workers, at the
+        # level the policy picks for each (_encode).
         self.encoder = codec.BatchEncoder(
-            None, PAGE_SIZE, self._sent_hashes,
-            dedup=self.options.dedup, compress_level=self.options.compress.level)
+            None, PAGE_SIZE, self._sent_hashes, dedup=self.options.dedup, compress_level=None)
         if self.options.compress.level is not None:
             self._zstd = concurrent.futures.ThreadPoolExecutor(
                 ZSTD_THREADS, thread_name_prefix=f"zstd-{self.job_id}")
@@ -397,11 +398,11 @@ class SourceJob:
         await send_control(self.link, Op.PREPARE, vm=spec.to_json(), job=self.job_id,
                            disk_map=list(self.options.disk_map),
                            disk_format=self.options.disk_format)
+        self._journal(journal.Step.PRECOPY)
         if not disks:
             # QEMU's migration setup (its dirty log started, 0.24-0.46 s under TCG here)
             # runs while the destination prepares (0.11-0.19 s): nothing is read from its
             # socket before PREPARED. With disks, their first round must come first.
-            self._journal(journal.Step.PRECOPY)
             await self._start_qemu_migration()
         reply = await self.inbox.expect({Op.PREPARED}, timeout=self.config.link_timeout_s,
                                         what="preparing the destination")
@@ -411,7 +412,6 @@ class SourceJob:
         for note in self.dest_widened:
             log.warning("%s: the destination accepts by its config: %s",
                         self.label, note)
-        self._journal(journal.Step.PRECOPY)
         self.config.run_dir.mkdir(parents=True, exist_ok=True)
         self.storage = StorageSource(self.qmp, disks, self.config.run_dir / f"{self.job_id}.nbd",
                                      self.job_id, dedup=self.options.dedup,
