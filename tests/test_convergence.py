@@ -13,6 +13,7 @@ from agent.migration.convergence import (
     FIRST_HELD,
     MAX_SETTLE_BYTES,
     MIN_RAM_SHARE,
+    PLAIN_CHECK_WINDOWS,
     PROBE_BYTES,
     RATIO_LEVEL,
     SETTLE_BYTES,
@@ -236,6 +237,34 @@ def test_one_slow_plain_window_does_not_keep_zstd_for_good():
     assert policy.rates[True] == pytest.approx(MIB / 0.0058)
 
 
+def test_a_plain_verdict_slower_than_zstd_was_ends_with_zstd_back():
+    policy, clock = zstd_won_its_probe(0.006, 0.004)
+    # zstd holds on waiting, then one plain window, timed fast (the queues zstd left
+    # empty take it at the CPU's pace), challenges its verdict and wins.
+    held = (FIRST_HELD + 1) * WINDOW
+    choices = run(policy, clock, held + PROBE, 0.004, 0.0058, ratio=0.7, link_s=0.008)
+    assert all(choices[:held]) and not any(choices[held:])
+    assert not policy.compress_next()
+    # Plain's own windows, held back by the link, are slower than zstd's were by more
+    # than the margin: after PLAIN_CHECK_WINDOWS of them zstd is back.
+    choices = run(policy, clock, PLAIN_CHECK_WINDOWS * WINDOW + 2 * WINDOW, 0.008, 0.0058,
+                  ratio=0.7, link_s=0.008)
+    assert not any(choices[:PLAIN_CHECK_WINDOWS * WINDOW])
+    assert all(choices[PLAIN_CHECK_WINDOWS * WINDOW:]) and policy.compress_next()
+    assert policy.seen()["reversals"] == 1
+    assert policy.rates[False] == pytest.approx(MIB / 0.008)
+
+
+def test_a_plain_verdict_as_fast_as_zstd_was_stays():
+    policy, clock = zstd_won_its_probe(0.006, 0.004)
+    held = (FIRST_HELD + 1) * WINDOW
+    run(policy, clock, held + PROBE, 0.004, 0.0058, ratio=0.7, link_s=0.008)
+    # Plain's windows a little slower than zstd's (within the margin): plain stays.
+    choices = run(policy, clock, 2 * EXPLOIT_WINDOWS * WINDOW, 0.0058 * (COMPRESS_GAIN - 0.05),
+                  0.0058, ratio=0.7, link_s=0.008)
+    assert not any(choices) and policy.seen()["reversals"] == 0
+
+
 def test_zstd_keeps_its_verdict_when_one_plain_window_does_not_beat_it():
     policy, clock = zstd_won_its_probe(0.008, 0.005)
     # zstd no longer beats the first probe by the margin, still holds on waiting; the
@@ -314,10 +343,30 @@ def test_a_tie_on_a_link_that_holds_plain_back_goes_to_zstd():
     # fast (a hair faster) with half the bytes: it wins.
     run(policy, clock, 2 * PROBE, 0.005, 0.00499, link_s=0.0025)
     assert policy.compress_next()
-    # A little slower (within the margin) does not win a probe: plain.
+    # A little slower (within the margin) does not win a probe, on a second look either:
+    # plain.
     slower = CompressionPolicy(CompressSetting.parse("auto"), clock)
-    run(slower, clock, 2 * PROBE, 0.005, 0.005 * (COMPRESS_GAIN - 0.05), link_s=0.0025)
-    assert not slower.compress_next()
+    run(slower, clock, 2 * PROBE + WINDOW, 0.005, 0.005 * (COMPRESS_GAIN - 0.05),
+        link_s=0.0025)
+    assert not slower.compress_next() and slower.seen()["second_looks"] == 1
+
+
+def test_a_close_zstd_probe_is_decided_on_two_windows():
+    clock = Clock()
+    policy = CompressionPolicy(CompressSetting.parse("auto"), clock)
+    # zstd's first window a little slower than plain's (within the margin): one more.
+    run(policy, clock, 2 * PROBE, 0.005, 0.00525, link_s=0.005)
+    assert policy.compress_next() and policy.seen()["second_looks"] == 1
+    # The second is fast: both together beat plain, zstd is the verdict.
+    run(policy, clock, WINDOW, 0.005, 0.004, link_s=0.005)
+    assert policy.compress_next()
+    assert policy.rates[True] == pytest.approx(2 * MIB / (0.00525 + 0.004))
+    choices = run(policy, clock, 2 * WINDOW, 0.005, 0.004, link_s=0.005)
+    assert all(choices)
+    # Slower by more than the margin: decided at once, plain.
+    slow = CompressionPolicy(CompressSetting.parse("auto"), clock)
+    run(slow, clock, 2 * PROBE, 0.005, 0.005 * (COMPRESS_GAIN + 0.05), link_s=0.005)
+    assert not slow.compress_next() and slow.seen()["second_looks"] == 0
 
 
 def test_the_final_round_goes_plain_when_the_guest_stops_during_a_zstd_probe():
