@@ -16,6 +16,7 @@ from agent.migration.convergence import (
     PLAIN_CHECK_WINDOWS,
     PROBE_BYTES,
     RATIO_LEVEL,
+    SECOND_LOOK_GAIN,
     SETTLE_BYTES,
     UNKNOWN_DISK_FINAL_S,
     Compression,
@@ -354,18 +355,18 @@ def test_a_tie_on_a_link_that_holds_plain_back_goes_to_zstd():
 def test_a_close_zstd_probe_is_decided_on_two_windows():
     clock = Clock()
     policy = CompressionPolicy(CompressSetting.parse("auto"), clock)
-    # zstd's first window a little slower than plain's (within the margin): one more.
-    run(policy, clock, 2 * PROBE, 0.005, 0.00525, link_s=0.005)
+    # zstd's first window a little slower than plain's: one more.
+    run(policy, clock, 2 * PROBE, 0.005, 0.006, link_s=0.005)
     assert policy.compress_next() and policy.seen()["second_looks"] == 1
     # The second is fast: both together beat plain, zstd is the verdict.
-    run(policy, clock, WINDOW, 0.005, 0.004, link_s=0.005)
+    run(policy, clock, WINDOW, 0.005, 0.0035, link_s=0.005)
     assert policy.compress_next()
-    assert policy.rates[True] == pytest.approx(2 * MIB / (0.00525 + 0.004))
-    choices = run(policy, clock, 2 * WINDOW, 0.005, 0.004, link_s=0.005)
+    assert policy.rates[True] == pytest.approx(2 * MIB / (0.006 + 0.0035))
+    choices = run(policy, clock, 2 * WINDOW, 0.005, 0.0035, link_s=0.005)
     assert all(choices)
-    # Slower by more than the margin: decided at once, plain.
+    # Slower by more than that: decided at once, plain.
     slow = CompressionPolicy(CompressSetting.parse("auto"), clock)
-    run(slow, clock, 2 * PROBE, 0.005, 0.005 * (COMPRESS_GAIN + 0.05), link_s=0.005)
+    run(slow, clock, 2 * PROBE, 0.005, 0.005 * (SECOND_LOOK_GAIN + 0.05), link_s=0.005)
     assert not slow.compress_next() and slow.seen()["second_looks"] == 0
 
 
@@ -373,14 +374,14 @@ def test_the_final_round_goes_plain_when_the_guest_stops_during_a_zstd_probe():
     clock = Clock()
     policy = CompressionPolicy(CompressSetting.parse("auto"), clock)
     # zstd lost its probe by moving pages slower: plain for twice the usual windows.
-    run(policy, clock, 2 * PROBE, 0.008, 0.009, link_s=0.008)
+    run(policy, clock, 2 * PROBE, 0.008, 0.011, link_s=0.008)
     assert not policy.compress_next()
     # Then plain's next probe is slow, so zstd is probed again; the guest stops during
     # that probe. zstd's rate on record is its old probe's, faster than plain's now.
-    run(policy, clock, SETTLE_BYTES // MIB + 2 * EXPLOIT_WINDOWS * WINDOW, 0.008, 0.009,
+    run(policy, clock, SETTLE_BYTES // MIB + 2 * EXPLOIT_WINDOWS * WINDOW, 0.008, 0.011,
         link_s=0.008)
-    run(policy, clock, WINDOW + 1, 0.02, 0.009, link_s=0.02)
-    assert policy.compress_next() and policy.rates[True] == pytest.approx(MIB / 0.009)
+    run(policy, clock, WINDOW + 1, 0.02, 0.011, link_s=0.02)
+    assert policy.compress_next() and policy.rates[True] == pytest.approx(MIB / 0.011)
     policy.pause()
     assert not policy.compress_next() and policy.seen()["final_round"] == "plain"
 
