@@ -11,6 +11,7 @@ from agent.migration.convergence import (
     EXPLOIT_WINDOWS,
     FAST_LEVEL,
     FIRST_HELD,
+    FIRST_RETRY_WINDOWS,
     MAX_SETTLE_BYTES,
     MIN_RAM_SHARE,
     PLAIN_CHECK_WINDOWS,
@@ -137,8 +138,11 @@ def test_auto_keeps_pages_plain_when_the_cpu_is_the_bottleneck():
     # Loopback, the link idle half the time: a MiB takes 1 ms plain (0.5 ms of it waiting
     # on the link); zstd's 2 ms of CPU would only slow it down.
     choices = run(policy, clock, 200, 0.001, 0.002, link_s=0.0005)
-    probed = UNQUEUED_PROBE + PROBE
-    assert not any(choices[probed:probed + EXPLOIT_WINDOWS * WINDOW])
+    # zstd loses its first probe, and the one FIRST_RETRY_WINDOWS later: plain from then on.
+    retried = (UNQUEUED_PROBE + PROBE + MAX_SETTLE_BYTES // MIB
+               + (FIRST_RETRY_WINDOWS + 1) * WINDOW + PROBE)
+    assert sum(choices) == 2 * PROBE and all(choices[retried - PROBE:retried])
+    assert not any(choices[retried:])
 
 
 def test_auto_does_not_even_try_zstd_while_the_link_keeps_up():
@@ -161,12 +165,13 @@ def test_auto_probes_a_link_that_holds_the_sends_back():
 def test_auto_tries_both_again_after_a_while():
     clock = Clock()
     policy = CompressionPolicy(CompressSetting.parse("auto"), clock)
-    # Plain wins the first probe (zstd tried on a link busy half the time); the next comes
-    # after twice the usual windows.
-    probed = UNQUEUED_PROBE + PROBE
+    # Plain wins the first probe (zstd tried on a link busy half the time) and the retry
+    # soon after; the next comes after twice the usual windows.
+    probed = (UNQUEUED_PROBE + PROBE + MAX_SETTLE_BYTES // MIB
+              + (FIRST_RETRY_WINDOWS + 1) * WINDOW + PROBE)
     choices = run(policy, clock, probed + MAX_SETTLE_BYTES // MIB
                   + 2 * EXPLOIT_WINDOWS * WINDOW, 0.001, 0.002, link_s=0.0005)
-    assert any(choices[UNQUEUED_PROBE:probed]) and not any(choices[probed:])
+    assert all(choices[probed - PROBE:probed]) and not any(choices[probed:])
     # The link got slow: the next probe finds zstd faster, and it is kept.
     run(policy, clock, 2 * PROBE, 0.010, 0.004, link_s=0.010)
     assert policy.compress_next()
@@ -290,6 +295,18 @@ def test_a_zstd_verdict_slower_than_plain_ends_as_a_lost_probe():
     assert policy.seen()["demotions"] == 1
 
 
+def test_a_zstd_probe_lost_at_the_start_is_tried_again_soon():
+    clock = Clock()
+    policy = CompressionPolicy(CompressSetting.parse("auto"), clock)
+    # The first zstd window, timed while the migration starts up, is slow.
+    run(policy, clock, 2 * PROBE, 0.008, 0.011, link_s=0.008)
+    assert not policy.compress_next()
+    # FIRST_RETRY_WINDOWS plain windows later zstd is probed again, at its own pace: it wins.
+    choices = run(policy, clock, SETTLE_BYTES // MIB + (FIRST_RETRY_WINDOWS + 1) * WINDOW
+                  + PROBE, 0.008, 0.005, link_s=0.008)
+    assert sum(choices) == PROBE and policy.compress_next()
+
+
 def test_auto_probes_again_soon_after_meeting_incompressible_pages():
     clock = Clock()
     policy = CompressionPolicy(CompressSetting.parse("auto"), clock)
@@ -373,8 +390,10 @@ def test_a_close_zstd_probe_is_decided_on_two_windows():
 def test_the_final_round_goes_plain_when_the_guest_stops_during_a_zstd_probe():
     clock = Clock()
     policy = CompressionPolicy(CompressSetting.parse("auto"), clock)
-    # zstd lost its probe by moving pages slower: plain for twice the usual windows.
-    run(policy, clock, 2 * PROBE, 0.008, 0.011, link_s=0.008)
+    # zstd lost its probe by moving pages slower, and again FIRST_RETRY_WINDOWS later:
+    # plain for twice the usual windows.
+    run(policy, clock, 2 * PROBE + SETTLE_BYTES // MIB + (FIRST_RETRY_WINDOWS + 1) * WINDOW
+        + PROBE, 0.008, 0.011, link_s=0.008)
     assert not policy.compress_next()
     # Then plain's next probe is slow, so zstd is probed again; the guest stops during
     # that probe. zstd's rate on record is its old probe's, faster than plain's now.

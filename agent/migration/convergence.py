@@ -47,6 +47,10 @@ PLAIN_CHECK_WINDOWS = 3
 # windows read 108-127 MB/s against plain's 121-143, where zstd's next ones averaged
 # 150-170, and the lost probe left plain on for 13 windows (runs of 7.2 s, against 5.3-5.9).
 SECOND_LOOK_GAIN = 1.25
+# The migration's first probe is timed while it starts up: zstd's first window read 107 MB/s
+# against plain's 143 there, its next ones 150-170. zstd losing it is tried again after
+# this many plain windows, without backoff.
+FIRST_RETRY_WINDOWS = 2
 # zstd is tried only where plain's sends wait on the link (LINK_BOUND_SHARE); it wins a
 # probe by moving pages at least as fast as plain, and once on it is kept until it moves
 # them slower by this much (single windows vary by a fifth). A tie puts fewer bytes
@@ -217,6 +221,7 @@ class CompressionPolicy:
         self._verdict_windows = 0               # and how many
         self._incumbent: float | None = None    # zstd's verdict rate, while plain challenges
         self.demotions = 0                      # zstd verdicts ended as slower than plain
+        self._verdicts = 0                      # verdicts begun so far
         self._verdict_waited = 0.0              # of the verdict's time, sends waiting
         self._rival: float | None = None        # the zstd rate a plain verdict beat
         self.reversals = 0                      # plain verdicts ended as slower than zstd
@@ -375,15 +380,21 @@ class CompressionPolicy:
         elif share < LINK_BOUND_SHARE:
             self._level = FAST_LEVEL
 
-    def _begin_verdict(self, *, won: bool) -> None:
-        """A verdict begins: zstd's when it won, plain's otherwise, each for its windows."""
+    def _begin_verdict(self, *, won: bool, lost_probe: bool = False) -> None:
+        """A verdict begins: zstd's when it won, plain's otherwise, each for its windows
+        (lost_probe: zstd's own probe lost)."""
         # Each probe that zstd loses costs a slow window: probe half as often then.
+        first = lost_probe and self._verdicts == 0
+        self._verdicts += 1
         if won:
             self._backoff = 1
+        elif first:
+            self._hold_limit = FIRST_HELD
         else:
             self._backoff = min(self._backoff * 2, MAX_BACKOFF)
             self._hold_limit = FIRST_HELD
-        self._probing, self._left, self._held = False, EXPLOIT_WINDOWS * self._backoff, 0
+        windows = FIRST_RETRY_WINDOWS if first else EXPLOIT_WINDOWS * self._backoff
+        self._probing, self._left, self._held = False, windows, 0
         self._reset_verdict()
 
     def _reset_verdict(self) -> None:
@@ -435,7 +446,7 @@ class CompressionPolicy:
             return
         lost = self._on and not won
         self._switch(won)
-        self._begin_verdict(won=won)
+        self._begin_verdict(won=won, lost_probe=lost)
         if lost:
             self._rival = packed
 
