@@ -41,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
         metrics_listen=parse_metrics_listen(args.metrics, "--metrics") if args.metrics
         else None)
     config.qemu_path()  # fail now, not at the first migration
+    from agent.malloc_tuning import tune_this_process
+    tune_this_process()   # per-batch zstd buffers reused, not faulted in afresh
     from agent.service.daemon import run_agent
     run_on_uvloop(run_agent(config))
     return 0

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent import procfs
+from agent import malloc_tuning, procfs
 from agent.errors import QemuError, QemuStartError, UserError, VmNotMigratableError
 from agent.qemu import qmp as qmp_mod
 from agent.qemu.vmspec import PLAIN_RAM_BLOCK, RAM_BACKEND_TYPES
@@ -429,25 +429,10 @@ def _listening(path: Path) -> bool:
     return True
 
 
-QEMU_MALLOC_TUNABLES = ("glibc.malloc.trim_threshold=67108864",
-                        "glibc.malloc.mmap_threshold=8388608")
-"""glibc settings for the QEMUs ferry starts. By default glibc gives freed heap back to the
-kernel and maps large blocks afresh, so the bounce buffer QEMU allocates for every NBD
-request (3.5 MiB reads on the source, writes on the destination) was faulted in anew each
-time: on the disk bench the source QEMU spent 0.4 of its 1.0 CPU s per GB clearing fresh
-pages. Kept up to 64 MiB (blocks below 8 MiB from the heap): 0.65-0.68 s. Guest RAM is
-mapped by QEMU itself, not allocated, and is unaffected. A GLIBC_TUNABLES of the agent's
-own that names a tunable wins over ours."""
-
-
 def qemu_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment QEMU runs in: the agent's, with QEMU_MALLOC_TUNABLES added."""
-    env = dict(os.environ if base is None else base)
-    own = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
-    named = {t.split("=", 1)[0] for t in own}
-    env["GLIBC_TUNABLES"] = ":".join(
-        own + [t for t in QEMU_MALLOC_TUNABLES if t.split("=", 1)[0] not in named])
-    return env
+    """The environment QEMU runs in: the agent's, with malloc_tuning.TUNABLES added (its
+    NBD bounce buffers reused, not faulted in afresh)."""
+    return malloc_tuning.environment(base)
 
 
 async def launch(spec: LaunchSpec, *, argv: Sequence[str] | None = None,
