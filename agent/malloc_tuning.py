@@ -17,7 +17,6 @@ operator names in GLIBC_TUNABLES wins over ours, for the agent and its QEMUs ali
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import platform
 from collections.abc import Mapping
@@ -30,17 +29,21 @@ TUNABLES = {"glibc.malloc.trim_threshold": TRIM_THRESHOLD,
 _MALLOPT_PARAMS = {"glibc.malloc.trim_threshold": -1, "glibc.malloc.mmap_threshold": -3}
 
 
-def named_tunables(env: Mapping[str, str]) -> set[str]:
-    """The tunables a GLIBC_TUNABLES in env sets."""
-    return {t.split("=", 1)[0] for t in env.get("GLIBC_TUNABLES", "").split(":") if t}
+def _settings(env: Mapping[str, str]) -> list[str]:
+    """The NAME=VALUE settings of a GLIBC_TUNABLES in env."""
+    return [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+
+
+def _names(settings: list[str]) -> set[str]:
+    return {t.split("=", 1)[0] for t in settings}
 
 
 def environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
     """An environment for a child process: base (or ours) with TUNABLES added to its
     GLIBC_TUNABLES, those it names left as they are."""
     env = dict(os.environ if base is None else base)
-    own = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
-    named = named_tunables(env)
+    own = _settings(env)
+    named = _names(own)
     env["GLIBC_TUNABLES"] = ":".join(
         own + [f"{name}={value}" for name, value in TUNABLES.items() if name not in named])
     return env
@@ -51,8 +54,8 @@ def tune_this_process(env: Mapping[str, str] | None = None) -> list[str]:
     names; the names set."""
     if platform.libc_ver()[0] != "glibc":
         return []
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    named = named_tunables(os.environ if env is None else env)
+    libc = ctypes.CDLL(None)   # this process's own symbols: glibc's mallopt among them
+    named = _names(_settings(os.environ if env is None else env))
     done = []
     for name, value in TUNABLES.items():
         if name not in named and libc.mallopt(_MALLOPT_PARAMS[name], value) == 1:

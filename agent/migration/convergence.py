@@ -380,22 +380,23 @@ class CompressionPolicy:
         elif share < LINK_BOUND_SHARE:
             self._level = FAST_LEVEL
 
-    def _begin_verdict(self, *, won: bool, lost_probe: bool = False) -> None:
+    def _begin_verdict(self, *, won: bool, lost_probe: bool = False,
+                       rival: float | None = None) -> None:
         """A verdict begins: zstd's when it won, plain's otherwise, each for its windows
-        (lost_probe: zstd's own probe lost)."""
-        # Each probe that zstd loses costs a slow window: probe half as often then.
+        (lost_probe: zstd's own probe lost; rival: the zstd rate a plain verdict beat)."""
         first = lost_probe and self._verdicts == 0
         self._verdicts += 1
         if won:
             self._backoff = 1
-        elif first:
-            self._hold_limit = FIRST_HELD
         else:
-            self._backoff = min(self._backoff * 2, MAX_BACKOFF)
             self._hold_limit = FIRST_HELD
+            if not first:
+                # Each probe that zstd loses costs a slow window: probe half as often then.
+                self._backoff = min(self._backoff * 2, MAX_BACKOFF)
         windows = FIRST_RETRY_WINDOWS if first else EXPLOIT_WINDOWS * self._backoff
         self._probing, self._left, self._held = False, windows, 0
         self._reset_verdict()
+        self._rival = rival
 
     def _reset_verdict(self) -> None:
         self._verdict_bytes, self._verdict_s, self._verdict_windows = 0, 0.0, 0
@@ -417,9 +418,7 @@ class CompressionPolicy:
                 if won:   # confirmed again: worth holding longer
                     self._hold_limit = min(self._hold_limit * 2, MAX_HELD)
                 self._switch(won)
-                self._begin_verdict(won=won)
-                if not won:
-                    self._rival = incumbent
+                self._begin_verdict(won=won, rival=None if won else incumbent)
                 return
             if share >= LINK_BOUND_SHARE:
                 self._switch(True)       # now the same with zstd
@@ -446,9 +445,7 @@ class CompressionPolicy:
             return
         lost = self._on and not won
         self._switch(won)
-        self._begin_verdict(won=won, lost_probe=lost)
-        if lost:
-            self._rival = packed
+        self._begin_verdict(won=won, lost_probe=lost, rival=packed if lost else None)
 
     def _settling(self, raw_bytes: int) -> bool:
         """Whether these page bytes still go by untimed after a switch."""

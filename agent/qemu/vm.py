@@ -429,12 +429,6 @@ def _listening(path: Path) -> bool:
     return True
 
 
-def qemu_environment(base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment QEMU runs in: the agent's, with malloc_tuning.TUNABLES added (its
-    NBD bounce buffers reused, not faulted in afresh)."""
-    return malloc_tuning.environment(base)
-
-
 async def launch(spec: LaunchSpec, *, argv: Sequence[str] | None = None,
                  timeout: float = DEFAULT_LAUNCH_TIMEOUT,
                  pass_fds: Sequence[int] = ()) -> QemuProcess:
@@ -454,7 +448,7 @@ async def launch(spec: LaunchSpec, *, argv: Sequence[str] | None = None,
             # Own session: a Ctrl-C meant for the agent must not reach the VM (DESIGN §6).
             popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=qemu_log,
                                      stderr=subprocess.STDOUT, start_new_session=True,
-                                     pass_fds=tuple(pass_fds), env=qemu_environment())
+                                     pass_fds=tuple(pass_fds), env=malloc_tuning.environment())
         except OSError as exc:
             raise QemuStartError(f"cannot run {spec.qemu_binary}: {exc.strerror}") from exc
     proc = QemuProcess(spec=spec, accel=accel, argv=argv, _popen=popen)
